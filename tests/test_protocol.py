@@ -1,0 +1,102 @@
+"""The client -> server half of the protocol, as pure functions: no sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server import BadMessage, TokenBucket, parse_action, state_event, users_event
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "delta"), [('{"action": "plus"}', 1), ('{"action": "minus"}', -1)]
+)
+def test_plus_and_minus_are_the_two_actions(message: str, delta: int) -> None:
+    assert parse_action(message) == delta
+
+
+def test_extra_keys_beside_a_valid_action_are_ignored() -> None:
+    assert parse_action('{"action": "plus", "from": "kiosk"}') == 1
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("plus", "not valid JSON"),
+        ("", "not valid JSON"),
+        ("[" * 5000, "not valid JSON"),
+        ('["plus"]', "must be a JSON object"),
+        ("42", "must be a JSON object"),
+        ("{}", 'missing "action"'),
+        ('{"type": "plus"}', 'missing "action"'),
+        ('{"action": "times"}', "unknown action"),
+        ('{"action": "PLUS"}', "unknown action"),
+        ('{"action": 1}', "unknown action"),
+        ('{"action": ["plus"]}', "unknown action"),
+        (b'{"action": "plus"}', "binary frames are not supported"),
+    ],
+)
+def test_bad_messages_are_rejected_with_a_reason(message: str | bytes, reason: str) -> None:
+    with pytest.raises(BadMessage, match=reason):
+        parse_action(message)
+
+
+@given(st.text(max_size=200))
+def test_any_text_is_an_action_or_a_bad_message(message: str) -> None:
+    try:
+        delta = parse_action(message)
+    except BadMessage:
+        return
+    assert json.loads(message)["action"] in ("plus", "minus")
+    assert delta in (1, -1)
+
+
+@given(json_values)
+def test_any_json_is_an_action_or_a_bad_message(value: object) -> None:
+    message = json.dumps(value)
+    try:
+        delta = parse_action(message)
+    except BadMessage:
+        assert not (isinstance(value, dict) and value.get("action") in ("plus", "minus"))
+        return
+    assert isinstance(value, dict)
+    assert delta == {"plus": 1, "minus": -1}[value["action"]]
+
+
+@given(st.binary(max_size=100))
+def test_any_binary_frame_is_a_bad_message(message: bytes) -> None:
+    with pytest.raises(BadMessage):
+        parse_action(message)
+
+
+def test_events_are_the_documented_json() -> None:
+    assert json.loads(users_event(3)) == {"type": "users", "count": 3}
+    assert json.loads(state_event(-7)) == {"type": "state", "value": -7}
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    bucket = TokenBucket(rate=2.0, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert not bucket.take(0.4)  # 0.8 token refilled: not yet one
+    assert bucket.take(0.5)  # one token after half a second at 2/s
+    assert not bucket.take(0.5)
+
+
+def test_token_bucket_never_saves_more_than_the_burst() -> None:
+    bucket = TokenBucket(rate=10.0, burst=2, now=0.0)
+    assert [bucket.take(100.0) for _ in range(3)] == [True, True, False]
+
+
+def test_token_bucket_ignores_a_clock_that_goes_backwards() -> None:
+    bucket = TokenBucket(rate=1.0, burst=1, now=10.0)
+    assert bucket.take(10.0)
+    assert not bucket.take(5.0)

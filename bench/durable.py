@@ -1,0 +1,173 @@
+"""Durable actions per second: group commit in the real server vs one commit per action.
+
+    python bench/durable.py [--clients 8] [--actions 100000] [--single 2000]
+
+Group commit: ``server.py --state FILE --rate 0`` runs as its own process and
+this one opens ``--clients`` connections that pipeline ``plus`` actions,
+``--actions`` in all. The clock stops when a client is shown the final value:
+the server broadcasts a value only once it is committed, so that is when the
+last action is durable. The file is read back afterwards to check.
+
+One commit per action: the same store class on a fresh file (so the same
+SQLite settings: WAL, ``synchronous=FULL``), awaited once per action, one
+transaction each: what the server would do without coalescing.
+
+Both run on this machine's disk, in a temporary directory next to this file's
+repository unless ``--dir`` says otherwise: fsync costs what that disk costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from websockets.asyncio.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUS = json.dumps({"action": "plus"})
+SEND_BATCH = 100  # sends between yields, so the readers get to run
+
+
+async def start_server(state: Path) -> tuple[asyncio.subprocess.Process, int, list[str]]:
+    """Start ``server.py --state``; return it, its port, and its log (kept drained)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "server.py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--rate",
+        "0",
+        "--state",
+        str(state),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    log: list[str] = []
+    async with asyncio.timeout(10):
+        while True:
+            line = (await process.stdout.readline()).decode()
+            if not line:
+                raise SystemExit(f"server.py exited before listening:\n{''.join(log)}")
+            log.append(line)
+            match = re.search(r"listening on ws://[^ ]+:(\d+)/", line)
+            if match:
+                break
+
+    async def drain() -> None:  # a full pipe would block the server's logging
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            log.append(raw.decode())
+
+    task = asyncio.create_task(drain())
+    process.drain_task = task  # type: ignore[attr-defined]  # kept alive with it
+    return process, int(match.group(1)), log
+
+
+async def group_commit(directory: Path, clients: int, actions: int) -> float:
+    """Seconds for the real server to commit ``actions`` sent over ``clients`` connections."""
+    state = directory / "group.sqlite"
+    process, port, log = await start_server(state)
+    share, extra = divmod(actions, clients)
+    done = asyncio.Event()
+
+    async def send(websocket: ClientConnection, count: int) -> None:
+        for sent in range(count):
+            await websocket.send(PLUS)
+            if sent % SEND_BATCH == 0:
+                await asyncio.sleep(0)
+
+    async def watch(websocket: ClientConnection) -> None:
+        async for message in websocket:
+            event = json.loads(message)
+            if event["type"] == "state" and event["value"] == actions:
+                done.set()
+
+    async with contextlib.AsyncExitStack() as stack:
+        websockets = [
+            await stack.enter_async_context(connect(f"ws://127.0.0.1:{port}/", compression=None))
+            for _ in range(clients)
+        ]
+        for websocket in websockets:  # the connect sequence: users, then state 0
+            await websocket.recv()
+            await websocket.recv()
+        watchers = [asyncio.create_task(watch(websocket)) for websocket in websockets]
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(
+                send(websocket, share + (index < extra))
+                for index, websocket in enumerate(websockets)
+            )
+        )
+        async with asyncio.timeout(120):
+            await done.wait()
+        elapsed = time.perf_counter() - started
+        for watcher in watchers:
+            watcher.cancel()
+
+    process.terminate()
+    if await process.wait() != 0:
+        raise SystemExit(f"server.py failed:\n{''.join(log)}")
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        (stored,) = db.execute("SELECT value FROM counter").fetchone()
+    if stored != actions:
+        raise SystemExit(f"the file holds {stored}, expected {actions}")
+    return elapsed
+
+
+async def commit_per_action(directory: Path, actions: int) -> float:
+    """Seconds for the same store to commit ``actions`` one transaction each."""
+    sys.path.insert(0, str(ROOT))
+    from sqlite_store import SqliteStore
+
+    store = SqliteStore(directory / "single.sqlite")
+    await store.load()
+    started = time.perf_counter()
+    for _ in range(actions):
+        await store.add(1)
+    elapsed = time.perf_counter() - started
+    await store.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--clients", type=int, default=8, help="connections sending actions")
+    parser.add_argument("--actions", type=int, default=100_000, help="actions with group commit")
+    parser.add_argument("--single", type=int, default=2_000, help="actions, one commit each")
+    parser.add_argument("--dir", type=Path, default=ROOT, help="where the files are made")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="durable-bench-", dir=args.dir) as name:
+        directory = Path(name)
+        group = asyncio.run(group_commit(directory, args.clients, args.actions))
+        single = asyncio.run(commit_per_action(directory, args.single))
+
+    group_rate = args.actions / group
+    single_rate = args.single / single
+    print(
+        f"group commit (server.py --state, {args.clients} connections): "
+        f"{args.actions:,} actions in {group:.2f} s = {group_rate:,.0f} durable actions/s"
+    )
+    print(
+        f"one commit per action (SqliteStore.add(1) each):  "
+        f"{args.single:,} actions in {single:.2f} s = {single_rate:,.0f} durable actions/s"
+    )
+    print(f"ratio: {group_rate / single_rate:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

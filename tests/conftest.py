@@ -110,7 +110,7 @@ class ServerProcess:
 
     def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", *args],
+            [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0", *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,689 @@
+"""The load generator: worker processes holding the listeners and the driver.
+
+On a two-core machine a single-process generator would compete with the
+server for one event loop's worth of CPU and become the bottleneck, so the
+listeners are split across several processes, each a picows client on a
+uvloop loop (picows parses frames in C; one connection costs a few KiB).
+One more process holds the driver, the single connection that sends actions.
+
+The bench's main process steers the workers over pipes, one command at a
+time, and every command carries its own timeout. Times are read with
+`time.monotonic()`, which is one clock for every process on the machine, so a
+send stamped by the driver and a receive stamped by a listener can be
+subtracted. A listener only records *when* it first saw a target (a users
+count, a value at or above a threshold): servers that coalesce broadcasts skip
+intermediate values, so counting messages would measure nothing useful.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing
+import resource
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, Self
+
+__all__ = ["LoadGen", "LoadGenError", "raise_fd_limit"]
+
+PLUS = b'{"action": "plus"}'
+# Linux's IP_BIND_ADDRESS_NO_PORT (Python 3.11 lacks the name): bind the source
+# address now but pick the port at connect(), per destination.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+# How long the main process waits for a reply beyond the command's own timeout.
+REPLY_MARGIN = 15.0
+
+Reply = dict[str, Any]
+
+
+class LoadGenError(RuntimeError):
+    """A worker failed, died, or did not answer in time."""
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit and return it.
+
+    Each connection is a file descriptor on both ends; the usual soft limit of
+    1024 would cap the bench long before the server under test.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --------------------------------------------------------------------------
+# Inside a worker process
+# --------------------------------------------------------------------------
+
+try:
+    from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+except ImportError:  # pragma: no cover - reported by LoadGen.start()
+    WSListener = object  # type: ignore[misc,assignment]
+
+
+class Group:
+    """The listeners of one worker, and what the main process waits for."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Listener] = []
+        self.target_users: int | None = None
+        self.target_value: int | None = None
+        self.users_reached = 0
+        self.value_reached = 0
+        self.recording = False
+        self.frames = 0
+        self.errors = 0
+        self.changed = asyncio.Event()
+
+    async def until(self, condition: Callable[[], bool], limit: float) -> bool:
+        """Wait until `condition()` holds, re-checked when a listener changes.
+
+        Listeners signal `changed` only on what a waiter can be waiting for
+        (a target reached, a first event, a close), not on every frame.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                while not condition():
+                    self.changed.clear()
+                    await self.changed.wait()
+        return condition()
+
+    def expect(self, *, users: int | None, value: int | None, record: bool) -> None:
+        """Set new targets; a listener already there counts as reached now."""
+        now = time.monotonic()
+        self.target_users, self.target_value, self.recording = users, value, record
+        self.users_reached = self.value_reached = 0
+        self.frames = 0
+        for listener in self.listeners:
+            listener.users_at = listener.value_at = None
+            listener.history = [] if record else None
+            if users is not None and listener.users == users:
+                listener.users_at = now
+                self.users_reached += 1
+            if value is not None and listener.value is not None and listener.value >= value:
+                listener.value_at = now
+                self.value_reached += 1
+
+
+class Listener(WSListener):
+    """One client that only listens: it notes when it first sees each target."""
+
+    def __init__(self, group: Group) -> None:
+        super().__init__()
+        self.group = group
+        self.transport: WSTransport | None = None
+        self.users = -1
+        self.value: int | None = None
+        self.users_at: float | None = None
+        self.value_at: float | None = None
+        self.history: list[tuple[float, int]] | None = [] if group.recording else None
+        self.closed = False
+        group.listeners.append(self)
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        now = time.monotonic()
+        if frame.msg_type == WSMsgType.TEXT:
+            group = self.group
+            group.frames += 1
+            try:
+                event = json.loads(frame.get_payload_as_bytes())
+                if event["type"] == "state":
+                    self.on_value(int(event["value"]), now)
+                elif event["type"] == "users":
+                    self.on_users(int(event["count"]), now)
+                else:  # an error event, or something the protocol lacks
+                    group.errors += 1
+            except (ValueError, TypeError, KeyError):
+                group.errors += 1
+        elif frame.msg_type == WSMsgType.CLOSE:
+            # Answer the closing handshake, then let the server close TCP.
+            if not transport.is_close_frame_sent:
+                transport.send_close()
+            transport.disconnect()
+
+    def on_users(self, users: int, now: float) -> None:
+        group = self.group
+        if self.users < 0:
+            group.changed.set()
+        self.users = users
+        if users == group.target_users and self.users_at is None:
+            self.users_at = now
+            group.users_reached += 1
+            group.changed.set()
+
+    def on_value(self, value: int, now: float) -> None:
+        group = self.group
+        if self.value is None:
+            group.changed.set()
+        self.value = value
+        if self.history is not None:
+            self.history.append((now, value))
+        target = group.target_value
+        if target is not None and value >= target and self.value_at is None:
+            self.value_at = now
+            group.value_reached += 1
+            group.changed.set()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closed = True
+        self.group.changed.set()
+
+
+class IdleListener(WSListener):
+    """A connection held open for the capacity test: it reads and drops frames."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport: WSTransport | None = None
+        self.closed = False
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            if not transport.is_close_frame_sent:
+                transport.send_close()
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closed = True
+
+
+def summarize_errors(results: list[Any]) -> list[str]:
+    """The three most common connection failures, for the report."""
+    counts = Counter(
+        f"{type(r).__name__}: {r}"[:120] for r in results if isinstance(r, BaseException)
+    )
+    return [f"{n}x {text}" for text, n in counts.most_common(3)]
+
+
+class Worker:
+    """The commands one worker process answers, one at a time."""
+
+    def __init__(self, source_ip: str | None) -> None:
+        self.source_ip = source_ip
+        self.group = Group()
+        self.idle: list[IdleListener] = []
+        self.driver_group = Group()
+        self.driver: Listener | None = None
+
+    def make_socket(self, _url: object) -> socket.socket:
+        """A client socket with its own source address and Nagle off.
+
+        Each worker connects from its own 127.x address so that 10,000
+        connections, and the TIME_WAIT ones of earlier phases, never run out of
+        ephemeral ports towards the one server port.
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.source_ip is not None:
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((self.source_ip, 0))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def open(self, factory: Callable[[], WSListener], url: str, limit: float) -> Any:
+        """Connect and complete the handshake within `limit` seconds."""
+        async with asyncio.timeout(limit):
+            _transport, listener = await ws_connect(
+                factory,
+                url,
+                websocket_handshake_timeout=limit,
+                socket_factory=self.make_socket if self.source_ip else None,
+            )
+        if listener is None:
+            # picows returns no listener when the server hung up mid-handshake.
+            raise ConnectionError("closed during the handshake")
+        return listener
+
+    # --- listeners ---
+
+    async def connect(
+        self, url: str, count: int, start_at: float, expect_users: int, limit: float
+    ) -> Reply:
+        """Open `count` listeners all at once, at `start_at` on the shared clock."""
+        self.group = Group()
+        self.group.expect(users=expect_users, value=None, record=False)
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        started = time.monotonic()
+        group = self.group
+        results = await asyncio.gather(
+            *(self.open(lambda: Listener(group), url, limit) for _ in range(count)),
+            return_exceptions=True,
+        )
+        failed = sum(isinstance(r, BaseException) for r in results)
+        return {
+            "started": started,
+            "connected": count - failed,
+            "failed": failed,
+            "errors": summarize_errors(results),
+        }
+
+    def expect(
+        self, users: int | None = None, value: int | None = None, record: bool = False
+    ) -> Reply:
+        self.group.expect(users=users, value=value, record=record)
+        return {}
+
+    async def wait(self, what: str, limit: float) -> Reply:
+        """Wait until every open listener reached the target `what` is about."""
+        group = self.group
+
+        def reached() -> int:
+            return group.users_reached if what == "users" else group.value_reached
+
+        def expected() -> int:
+            return sum(not listener.closed for listener in group.listeners)
+
+        await group.until(lambda: reached() >= expected(), limit)
+        attr = "users_at" if what == "users" else "value_at"
+        times = [t for t in (getattr(x, attr) for x in group.listeners) if t is not None]
+        return {
+            "reached": reached(),
+            "listeners": len(group.listeners),
+            "open": expected(),
+            "last": max(times, default=None),
+            "frames": group.frames,
+            "errors": group.errors,
+        }
+
+    def delays(self, sends: list[tuple[int, float]]) -> Reply:
+        """Per listener and action: time from the send to the first value >= it."""
+        out: list[float] = []
+        missing = 0
+        ordered = sorted(sends)
+        for listener in self.group.listeners:
+            history = listener.history or []
+            i = 0
+            for expected, sent_at in ordered:
+                while i < len(history) and history[i][1] < expected:
+                    i += 1
+                if i < len(history):
+                    out.append(history[i][0] - sent_at)
+                else:
+                    missing += 1
+        return {"delays": out, "missing": missing}
+
+    # --- capacity ---
+
+    async def fill(self, url: str, count: int, concurrency: int, limit: float) -> Reply:
+        """Open up to `count` idle connections, `concurrency` handshakes at a time."""
+        deadline = time.monotonic() + limit
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> Any:
+            async with gate:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("not tried: phase time is up")
+                listener = await self.open(IdleListener, url, remaining)
+                self.idle.append(listener)
+                return listener
+
+        results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+        failed = sum(isinstance(r, BaseException) for r in results)
+        return {"connected": count - failed, "failed": failed, "errors": summarize_errors(results)}
+
+    def count_open(self) -> Reply:
+        return {"open": sum(not x.closed for x in self.idle)}
+
+    def driver_status(self) -> Reply:
+        """Error events the driver got (a rate limit, say) and whether it is open."""
+        closed = self.driver is None or self.driver.closed
+        return {"errors": self.driver_group.errors, "closed": closed}
+
+    def cpu(self) -> Reply:
+        """This process's CPU seconds, to tell whether the generator kept up."""
+        return {"cpu": time.process_time()}
+
+    # --- driver ---
+
+    async def driver_connect(self, url: str, limit: float) -> Reply:
+        """Open the driver connection and return the value it was given."""
+        self.driver_group = group = Group()
+        self.driver = driver = await self.open(lambda: Listener(group), url, limit)
+        if not await group.until(lambda: driver.value is not None, limit):
+            raise TimeoutError("the driver got no state event")
+        return {"value": driver.value, "users": driver.users}
+
+    def burst(self, count: int) -> Reply:
+        """Write `count` plus actions back to back, without waiting for replies."""
+        transport = self.require_driver()
+        started = time.monotonic()
+        for _ in range(count):
+            transport.send(WSMsgType.TEXT, PLUS)
+        return {"started": started}
+
+    async def steady(self, start_value: int, rate: float, count: int) -> Reply:
+        """Send `count` plus actions at `rate` per second on a fixed schedule."""
+        transport = self.require_driver()
+        sends: list[tuple[int, float]] = []
+        start = time.monotonic() + 0.05
+        for i in range(count):
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            sent_at = time.monotonic()
+            transport.send(WSMsgType.TEXT, PLUS)
+            sends.append((start_value + i + 1, sent_at))
+        return {"sends": sends}
+
+    async def probe(self, url: str, limit: float) -> Reply:
+        """Connect once more and report the users count the server announces."""
+        group = Group()
+        listener = await self.open(lambda: Listener(group), url, limit)
+        await group.until(lambda: listener.users >= 0, limit)
+        if listener.transport is not None:
+            listener.transport.disconnect(graceful=False)
+        return {"users": listener.users if listener.users >= 0 else None}
+
+    def require_driver(self) -> WSTransport:
+        if self.driver is None or self.driver.transport is None or self.driver.closed:
+            raise RuntimeError("the driver is not connected")
+        return self.driver.transport
+
+    # --- both ---
+
+    async def reset(self) -> Reply:
+        """Drop every connection this worker holds (RST: no closing handshake)."""
+        listeners: list[Any] = [*self.group.listeners, *self.idle]
+        if self.driver is not None:
+            listeners.append(self.driver)
+        for listener in listeners:
+            if listener.transport is not None:
+                listener.transport.disconnect(graceful=False)
+        self.group = Group()
+        self.idle = []
+        self.driver = None
+        await asyncio.sleep(0.05)
+        return {"dropped": len(listeners)}
+
+
+async def serve_commands(inbox_conn: Connection, outbox: Connection, worker: Worker) -> None:
+    """Answer the main process's commands until it says stop or goes away.
+
+    Commands and replies travel on two one-way pipes: the event loop makes the
+    fd it watches non-blocking, and a large reply (the steady phase's delays)
+    must not fail with EAGAIN halfway through.
+    """
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[tuple[int, str, dict[str, Any]] | None] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            inbox.put_nowait(inbox_conn.recv())
+        except (EOFError, OSError):
+            loop.remove_reader(inbox_conn.fileno())
+            inbox.put_nowait(None)
+
+    loop.add_reader(inbox_conn.fileno(), readable)
+    while (message := await inbox.get()) is not None:
+        number, name, kwargs = message
+        if name == "stop":
+            break
+        try:
+            method: Callable[..., Reply | Awaitable[Reply]] = getattr(worker, name)
+            reply = method(**kwargs)
+            if asyncio.iscoroutine(reply):
+                reply = await reply
+        except Exception as exc:  # report it: the main process decides
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        try:
+            outbox.send((number, reply))
+        except OSError:
+            break
+    with contextlib.suppress(Exception):
+        await worker.reset()
+
+
+def worker_main(inbox: Connection, outbox: Connection, source_ip: str | None) -> None:
+    """Entry point of a worker process."""
+    raise_fd_limit()
+    # Failed handshakes are counted and reported; picows' own log is noise here.
+    logging.basicConfig(level=logging.CRITICAL)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve_commands(inbox, outbox, Worker(source_ip)))
+    else:
+        uvloop.run(serve_commands(inbox, outbox, Worker(source_ip)))
+
+
+# --------------------------------------------------------------------------
+# In the main process
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """How far the listeners got towards a target, across every worker."""
+
+    reached: int
+    open: int
+    last: float | None  # the latest time a listener reached it
+    frames: int
+    errors: int
+
+
+@dataclass
+class JoinResult:
+    """What the join storm saw, across every worker."""
+
+    connected: int
+    failed: int
+    reached: int
+    seconds: float | None
+    errors: list[str]
+
+
+class LoadGen:
+    """Controls `workers` listener processes and one driver process."""
+
+    def __init__(self, *, workers: int, host: str) -> None:
+        self.workers = workers
+        self.host = host
+        self.number = 0
+        self.commands: list[Connection] = []
+        self.replies: list[Connection] = []
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+
+    def start(self) -> None:
+        """Start the processes; fail early if picows is not installed."""
+        try:
+            import picows  # noqa: F401
+        except ImportError as exc:
+            raise LoadGenError(
+                "the load generator needs picows: pip install picows uvloop"
+            ) from exc
+        context = multiprocessing.get_context("spawn")
+        loopback = self.host.startswith("127.")
+        for index in range(self.workers + 1):
+            inbox, command = context.Pipe(duplex=False)
+            reply, outbox = context.Pipe(duplex=False)
+            source_ip = f"127.0.1.{index + 1}" if loopback else None
+            process = context.Process(
+                target=worker_main,
+                args=(inbox, outbox, source_ip),
+                daemon=True,
+                name=f"loadgen-{index}",
+            )
+            process.start()
+            inbox.close()
+            outbox.close()
+            self.commands.append(command)
+            self.replies.append(reply)
+            self.processes.append(process)
+
+    def close(self) -> None:
+        """Ask every worker to stop; kill those that do not within a few seconds."""
+        for conn in self.commands:
+            with contextlib.suppress(OSError):
+                conn.send((0, "stop", {}))
+        for process in self.processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        for conn in [*self.commands, *self.replies]:
+            conn.close()
+        self.commands, self.replies, self.processes = [], [], []
+
+    def healthy(self) -> bool:
+        return bool(self.processes) and all(p.is_alive() for p in self.processes)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def listener_ids(self) -> range:
+        return range(self.workers)
+
+    @property
+    def driver_id(self) -> int:
+        return self.workers
+
+    def ask(self, calls: dict[int, tuple[str, dict[str, Any]]], limit: float) -> dict[int, Reply]:
+        """Send each worker its command and collect every reply, or raise.
+
+        `limit` is the command's own time bound; a worker gets REPLY_MARGIN
+        more to answer before it counts as lost.
+        """
+        # Numbered, so that a late reply to a command that timed out, or to
+        # one whose sibling failed, is never taken for the answer to this one.
+        self.number += 1
+        for index, (name, kwargs) in calls.items():
+            try:
+                self.commands[index].send((self.number, name, kwargs))
+            except OSError as exc:
+                raise LoadGenError(f"worker {index} is gone: {exc}") from exc
+        pending = {self.replies[index]: index for index in calls}
+        replies: dict[int, Reply] = {}
+        deadline = time.monotonic() + limit + REPLY_MARGIN
+        while pending:
+            ready = wait(list(pending), max(0.0, deadline - time.monotonic()))
+            if not ready:
+                names = sorted(calls[i][0] for i in pending.values())
+                raise LoadGenError(f"workers did not answer {names} in time")
+            for conn in ready:
+                assert isinstance(conn, Connection)
+                try:
+                    number, reply = conn.recv()
+                except (EOFError, OSError) as exc:
+                    raise LoadGenError(f"worker {pending[conn]} died") from exc
+                if number != self.number:
+                    continue
+                index = pending.pop(conn)
+                if "error" in reply:
+                    raise LoadGenError(f"worker {index}: {reply['error']}")
+                replies[index] = reply
+        return replies
+
+    def each(self, name: str, limit: float, /, **kwargs: Any) -> list[Reply]:
+        """The same command to every listener worker (`kwargs` are its arguments)."""
+        calls = {i: (name, kwargs) for i in self.listener_ids}
+        replies = self.ask(calls, limit)
+        # In worker order, not arrival order: callers pair replies across calls.
+        return [replies[i] for i in self.listener_ids]
+
+    def drive(self, name: str, limit: float, /, **kwargs: Any) -> Reply:
+        """A command for the driver process."""
+        return self.ask({self.driver_id: (name, kwargs)}, limit)[self.driver_id]
+
+    def split(self, total: int) -> list[int]:
+        return [total // self.workers + (i < total % self.workers) for i in self.listener_ids]
+
+    # --- the steps the phases are made of ---
+
+    def join_storm(self, url: str, count: int, timeout: float) -> JoinResult:
+        """`count` listeners connect at once; time until all of them saw users == count."""
+        start_at = time.monotonic() + 0.3
+        calls = {
+            i: (
+                "connect",
+                {
+                    "url": url,
+                    "count": n,
+                    "start_at": start_at,
+                    "expect_users": count,
+                    "limit": timeout,
+                },
+            )
+            for i, n in zip(self.listener_ids, self.split(count), strict=True)
+        }
+        connected = list(self.ask(calls, timeout + 1).values())
+        started = min(r["started"] for r in connected)
+        spent = time.monotonic() - started
+        waited = self.wait("users", max(0.1, timeout - spent))
+        done = waited.reached == count and waited.last is not None
+        return JoinResult(
+            connected=sum(r["connected"] for r in connected),
+            failed=sum(r["failed"] for r in connected),
+            reached=waited.reached,
+            seconds=waited.last - started if done and waited.last is not None else None,
+            errors=[e for r in connected for e in r["errors"]],
+        )
+
+    def expect(
+        self, *, users: int | None = None, value: int | None = None, record: bool = False
+    ) -> None:
+        self.each("expect", 5, users=users, value=value, record=record)
+
+    def wait(self, what: str, timeout: float) -> Progress:
+        """Wait until every open listener reached its `what` ("users"/"value") target."""
+        replies = self.each("wait", timeout, what=what, limit=timeout)
+        return Progress(
+            reached=sum(r["reached"] for r in replies),
+            open=sum(r["open"] for r in replies),
+            last=max((r["last"] for r in replies if r["last"] is not None), default=None),
+            frames=sum(r["frames"] for r in replies),
+            errors=sum(r["errors"] for r in replies),
+        )
+
+    def delays(self, sends: list[tuple[int, float]], timeout: float) -> tuple[list[float], int]:
+        replies = self.each("delays", timeout, sends=sends)
+        return [d for r in replies for d in r["delays"]], sum(r["missing"] for r in replies)
+
+    def fill(self, url: str, count: int, concurrency: int, timeout: float) -> Reply:
+        calls = {
+            i: ("fill", {"url": url, "count": n, "concurrency": concurrency, "limit": timeout})
+            for i, n in zip(self.listener_ids, self.split(count), strict=True)
+        }
+        replies = list(self.ask(calls, timeout + 1).values())
+        return {
+            "connected": sum(r["connected"] for r in replies),
+            "failed": sum(r["failed"] for r in replies),
+            "errors": [e for r in replies for e in r["errors"]],
+        }
+
+    def count_open(self) -> int:
+        return sum(r["open"] for r in self.each("count_open", 5))
+
+    def cpu(self) -> list[float]:
+        """CPU seconds used so far by each listener worker."""
+        return [r["cpu"] for r in self.each("cpu", 5)]
+
+    def reset(self) -> None:
+        calls: dict[int, tuple[str, dict[str, Any]]] = {
+            i: ("reset", {}) for i in [*self.listener_ids, self.driver_id]
+        }
+        self.ask(calls, 10)

@@ -1,0 +1,113 @@
+"""Smoke test of the bench: every server starts, and every phase converges.
+
+One tiny `python -m bench --quick` run in a subprocess (a few listeners, a
+few actions) against every server, then one test per server reads its
+results. Nothing here compares a time or a CPU figure: a slow or busy machine
+can make the bench's numbers worse, never these tests fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from bench.floor import state_frame
+from bench.measure import percentile
+from bench.servers import REPO_ROOT, SERVERS, node_ready
+
+IN_CI = os.environ.get("CI") == "true"
+LISTENERS = 4
+BURST = 5
+MAX_CONNECTIONS = 12
+
+
+def unavailable(server: str) -> str | None:
+    """Why `server` cannot run on this machine, or None."""
+    if server == "node-ws":
+        return node_ready()
+    if server == "counter-sync" and not (REPO_ROOT / "server.py").exists():
+        return "server.py not found"
+    return None
+
+
+def skip_unless_ci(reason: str) -> None:
+    # CI installs everything the bench needs, so there a missing piece is a bug.
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true, so this is a failure, not a skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The JSON report of one small bench run over every server that can run."""
+    if importlib.util.find_spec("picows") is None:
+        skip_unless_ci("the bench's load generator needs picows: run bench/setup")
+    output = tmp_path_factory.mktemp("bench") / "smoke.json"
+    servers = [name for name in SERVERS if unavailable(name) is None]
+    command = [
+        sys.executable, "-m", "bench", "--quick", "--no-install",
+        "--servers", ",".join(servers),
+        "--listeners", str(LISTENERS), "--burst", str(BURST),
+        "--rate", "40", "--duration", "0.25",
+        "--max-connections", str(MAX_CONNECTIONS),
+        "--timeout", "30", "--capacity-timeout", "30",
+        "--output", str(output),
+    ]  # fmt: skip
+    run = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report: dict[str, Any] = json.loads(output.read_text())
+    return report
+
+
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_server_starts_and_every_phase_converges(server: str, smoke: dict[str, Any]) -> None:
+    if (reason := unavailable(server)) is not None:
+        skip_unless_ci(f"{server}: {reason}")
+    result = smoke["servers"][server]
+    assert "errors" not in result, result.get("errors")
+    assert result["join"]["connected"] == LISTENERS
+    assert result["join"]["reached"] == LISTENERS, "every listener saw users == N"
+    assert result["burst"]["converged"], "every listener saw the burst's final value"
+    assert result["burst"]["driver"] == {"errors": 0, "closed": False}
+    assert result["steady"]["converged"], "every listener saw every steady action"
+    assert result["steady"]["missing"] == 0
+    assert result["steady"]["error_events"] == 0
+    assert result["capacity"]["held"] == MAX_CONNECTIONS
+    assert result["capacity"]["server_users"] == MAX_CONNECTIONS
+
+
+def test_floor_delivers_every_frame_it_sends(smoke: dict[str, Any]) -> None:
+    floor = smoke["floor"]
+    assert floor["delivered"] == floor["messages"] == floor["rounds"] * LISTENERS
+    assert floor["would_block"] == 0
+
+
+def test_every_target_is_reported_with_its_bound(smoke: dict[str, Any]) -> None:
+    targets = {t["target"]: t for t in smoke["targets"]}
+    assert len(targets) == 6
+    assert all(t["verdict"] in {"PASS", "FAIL", "n/a"} for t in targets.values())
+    capacity = next(t for t in targets.values() if t["bound"] == 10_000)
+    assert capacity["verdict"] == "n/a", "a 12-connection run cannot show 10,000"
+
+
+def test_floor_frame_is_a_32_byte_unmasked_text_frame() -> None:
+    frame = state_frame(12345)
+    assert len(frame) == 32
+    assert frame[0] == 0x81, "FIN + text opcode"
+    assert frame[1] == len(frame) - 2, "no mask bit, one-byte length"
+    assert json.loads(frame[2:]) == {"type": "state", "value": 12345}
+
+
+def test_percentile_is_a_value_that_was_observed() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.50) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([7.0], 0.99) == 7.0

@@ -30,16 +30,17 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
-from websockets.frames import CloseCode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 __all__ = [
     "App",
@@ -47,6 +48,7 @@ __all__ = [
     "Hub",
     "MemoryStore",
     "Settings",
+    "SharedStore",
     "Store",
     "StoreError",
     "StoreUnavailable",
@@ -79,6 +81,13 @@ WRITE_BUFFER_LIMIT = 16 * 1024
 # hundreds of KiB, where a stalled reader would hoard thousands of stale
 # updates that the user-space limit above cannot see.
 SOCKET_SEND_BUFFER = 16 * 1024
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+# Flush pacing skips shorter waits: the event loop's timer resolution is a
+# millisecond, so a 20 µs sleep would cost a whole one.
+MIN_PACING_DELAY = 0.001
+# With --redis: seconds after which the users of an instance that died without
+# closing stop counting on the others (a live one refreshes well inside it).
+REDIS_EXPIRY = 15.0
 PAGE_PATH = Path(__file__).with_name("client.html")
 
 
@@ -96,6 +105,7 @@ class Settings:
     ping_interval: float = PING_INTERVAL
     ping_timeout: float = PING_TIMEOUT
     redis: str | None = None  # URL: share the counter with other instances
+    redis_expiry: float = REDIS_EXPIRY
     state: str | None = None  # SQLite file: keep the counter across restarts
 
 
@@ -133,6 +143,22 @@ class Store(Protocol):
         """Release the store; pending changes were already applied by ``add``."""
 
 
+@runtime_checkable
+class SharedStore(Store, Protocol):
+    """A store that other instances change too (``--redis``).
+
+    It reports what they did through :meth:`Hub.observe`. Its ``add`` returns
+    the newest value it knows, and it never observes a value while ``add``
+    runs: so an observed value is never older than one the hub committed.
+    """
+
+    def watch(self, hub: Hub) -> None:
+        """Report the other instances' changes to ``hub`` from now on."""
+
+    def share_users(self, here: int) -> None:
+        """Count the ``here`` users of this instance on every instance."""
+
+
 class MemoryStore:
     """The default store: the value lives in this process and dies with it."""
 
@@ -164,6 +190,17 @@ def users_event(count: int) -> str:
 def state_event(value: int) -> str:
     """Tell clients the counter's absolute value, so only the latest one matters."""
     return json.dumps({"type": "state", "value": value})
+
+
+def text_frame(message: str) -> bytes:
+    """Serialize a text frame once, to write the same bytes to every connection.
+
+    These are the bytes ``protocol.send_text()`` produces for each connection
+    inside ``broadcast()``: server frames are not masked and compression is
+    off, so nothing differs between connections (``tests/test_server.py``
+    checks it). Building the frame once saves its per-connection cost.
+    """
+    return Frame(Opcode.TEXT, message.encode()).serialize(mask=False)
 
 
 def error_event(reason: str) -> str:
@@ -252,6 +289,13 @@ class Hub:
         # Connections skipped for a full buffer, each with a catch-up task.
         self.lagging: set[ServerConnection] = set()
         self.background: set[asyncio.Task[None]] = set()
+        # Shared mode (--redis): what the other instances did, as the store
+        # reports it through observe().
+        self.shared = store if isinstance(store, SharedStore) else None
+        self.observed: int | None = None  # the newest value one of them committed
+        self.elsewhere = 0  # users connected to them
+        if self.shared is not None:
+            self.shared.watch(self)
 
     # Changes: each marks what is dirty and makes sure a flush will run.
 
@@ -272,6 +316,19 @@ class Hub:
         self.senders[websocket] = self.senders.get(websocket, 0) + 1
         self.schedule_flush()
 
+    def observe(self, *, value: int | None = None, elsewhere: int | None = None) -> None:
+        """Learn what other instances changed (a shared store calls this).
+
+        An observed value waits for the next commit(), like every value.
+        """
+        if value is not None:
+            self.observed = value
+            self.state_dirty = True
+        if elsewhere is not None:
+            self.elsewhere = elsewhere
+            self.users_dirty = True
+        self.schedule_flush()
+
     def schedule_flush(self) -> None:
         # Creating the task defers the flush to the next loop turn, after every
         # message already read in this one: that is the whole coalescing.
@@ -287,10 +344,12 @@ class Hub:
         try:
             while self.has_work():
                 delay = self.next_flush_at - loop.time()
-                if delay > 0:
+                if delay > MIN_PACING_DELAY:
                     await asyncio.sleep(delay)
                 newcomers, self.newcomers = self.newcomers, []
                 users_changed, self.users_dirty = self.users_dirty, False
+                if users_changed and self.shared is not None:
+                    self.shared.share_users(len(self.users))
                 state_changed = await self.commit()
                 started = loop.time()
                 self.publish(users_changed, state_changed, newcomers)
@@ -305,52 +364,66 @@ class Hub:
         delta, self.pending = self.pending, 0
         senders, self.senders = self.senders, {}
         changed, self.state_dirty = self.state_dirty, False
-        if not senders:
-            return changed
-        try:
-            value = await self.store.add(delta)
-        except Exception as exc:
-            # Not applied, so not counted: tell every sender instead of
-            # dropping their actions silently.
-            if not isinstance(exc, StoreUnavailable):
-                log.exception("store failed")
-            log.warning("store unavailable, actions from %d users rejected: %s", len(senders), exc)
-            for websocket, count in senders.items():
-                reason = f"store unavailable: {count} action(s) not applied"
-                broadcast([websocket], error_event(reason))
-            return changed
+        # Shared mode: another instance's value, unless add() returns a newer one.
+        value = self.value if self.observed is None else self.observed
+        self.observed = None
+        if senders:
+            healthy = self.store.healthy()
+            try:
+                value = await self.store.add(delta)
+            except Exception as exc:
+                # Not applied, so not counted: tell every sender instead of
+                # dropping their actions silently.
+                if not isinstance(exc, StoreUnavailable):
+                    log.exception("store failed")
+                if healthy:  # one warning per outage, not one per flush
+                    log.warning(
+                        "store unavailable, actions from %d users rejected: %s", len(senders), exc
+                    )
+                for websocket, count in senders.items():
+                    reason = f"store unavailable: {count} action(s) not applied"
+                    broadcast([websocket], error_event(reason))
         changed = changed or value != self.value
         self.value = value
         return changed
+
+    def count_users(self) -> int:
+        """Users here, plus in shared mode those of the other live instances."""
+        return len(self.users) + self.elsewhere
 
     def publish(
         self, users_changed: bool, state_changed: bool, newcomers: list[ServerConnection]
     ) -> None:
         """Broadcast what changed; newcomers get users, then state, in this flush."""
         if users_changed:
-            self.fan_out(users_event(len(self.users)))
+            self.fan_out(users_event(self.count_users()), self.users)
         if state_changed:
-            self.fan_out(state_event(self.value))
+            self.fan_out(state_event(self.value), self.users)
         else:
             joined = [websocket for websocket in newcomers if websocket in self.users]
-            broadcast(joined, state_event(self.value))
+            self.fan_out(state_event(self.value), joined)
 
-    def fan_out(self, message: str) -> None:
-        """Send to every user that keeps up; the others catch up when drained.
+    def fan_out(self, message: str, websockets: Iterable[ServerConnection]) -> None:
+        """Send to every connection that keeps up; the others catch up when drained.
 
         ``broadcast()`` has no backpressure: a stalled reader's buffer would
         grow by one message per update forever. Skipping it keeps its memory
         bounded, and since state messages are absolute, it loses nothing.
         """
-        ready = []
-        for websocket in self.users:
-            if websocket in self.lagging:
+        frame = text_frame(message)
+        for websocket in websockets:
+            # Like broadcast(): only open connections, and one failure never
+            # stops the others.
+            if websocket in self.lagging or websocket.protocol.state is not State.OPEN:
                 continue
-            if websocket.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            transport = websocket.transport
+            if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
                 self.start_catch_up(websocket)
-            else:
-                ready.append(websocket)
-        broadcast(ready, message)
+                continue
+            try:
+                transport.write(frame)
+            except Exception as exc:
+                log.warning("%s skipped: %s", format_peer(websocket), exc)
 
     def start_catch_up(self, websocket: ServerConnection) -> None:
         self.lagging.add(websocket)
@@ -365,9 +438,9 @@ class Hub:
         try:
             # send() returns once the buffer is below the low-water mark; by
             # then newer values may exist, so loop until the client has them.
-            while (len(self.users), self.value) != (sent_users, sent_value):
-                if len(self.users) != sent_users:
-                    sent_users = len(self.users)
+            while (self.count_users(), self.value) != (sent_users, sent_value):
+                if self.count_users() != sent_users:
+                    sent_users = self.count_users()
                     await websocket.send(users_event(sent_users))
                 else:
                     sent_value = self.value
@@ -531,7 +604,16 @@ class App:
     async def close(self) -> None:
         """Stop accepting, close every connection with 1001, release the store."""
         self.server.close()
-        await self.server.wait_closed()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+                await self.server.wait_closed()
+        except TimeoutError:
+            # close() waits for the close frame to drain, and a stalled
+            # reader never drains: without this, shutdown would wait for the
+            # keepalive timeout.
+            for websocket in self.server.connections | self.hub.users:
+                websocket.transport.abort()
+            await self.server.wait_closed()
         if self.hub.flush_task is not None:
             await self.hub.flush_task
         await self.hub.store.close()
@@ -542,7 +624,7 @@ def open_store(settings: Settings) -> Store:
     if settings.redis is not None:
         from redis_store import RedisStore
 
-        return RedisStore(settings.redis)
+        return RedisStore(settings.redis, expiry=settings.redis_expiry)
     if settings.state is not None:
         from sqlite_store import SqliteStore
 
@@ -567,6 +649,9 @@ async def start(settings: Settings) -> App:
         ping_timeout=settings.ping_timeout or None,
         close_timeout=CLOSE_TIMEOUT,
         write_limit=WRITE_BUFFER_LIMIT,
+        # asyncio's default of 100 pending connections drops SYNs when many
+        # clients reconnect at once (after a restart), costing each a 1 s retry.
+        backlog=LISTEN_BACKLOG,
     )
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
@@ -687,6 +772,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         "(redis://host:port/db, rediss://, password in the URL)",
     )
     parser.add_argument(
+        "--redis-expiry",
+        type=non_negative(float),
+        default=REDIS_EXPIRY,
+        metavar="SECONDS",
+        help="with --redis: the users of an instance that died without closing "
+        "stop counting on the others within this time",
+    )
+    parser.add_argument(
         "--state",
         metavar="PATH",
         help="keep the counter in this SQLite file so it survives restarts",
@@ -694,6 +787,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     if args.redis is not None and args.state is not None:
         parser.error("--redis and --state cannot be used together")
+    if args.redis_expiry == 0:
+        parser.error("argument --redis-expiry: 0 is too short; an instance would never count")
     return Settings(
         host=args.host,
         port=args.port,
@@ -705,8 +800,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
         redis=args.redis,
+        redis_expiry=args.redis_expiry,
         state=args.state,
     )
+
+
+def event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
+    """uvloop when it is installed (the ``fast`` extra), else asyncio's own loop.
+
+    uvloop's transports are written in C: measured with ``python -m bench``,
+    they cut the CPU of each delivered message and the memory per connection.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -716,7 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("websockets").setLevel(logging.WARNING)
     raise_open_files_limit()
     try:
-        asyncio.run(run(settings))
+        event_loop_runner()(run(settings))
     except (OSError, StoreError) as exc:  # e.g. the port is taken
         print(f"server.py: error: {exc}", file=sys.stderr)
         return 1
@@ -724,4 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Store modules do `from server import StoreError`: let that be this module,
+    # not a second copy whose exceptions main() would not catch.
+    sys.modules.setdefault("server", sys.modules[__name__])
     sys.exit(main())

@@ -7,8 +7,10 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
-from server import BadMessage, TokenBucket, parse_action, state_event, users_event
+from server import BadMessage, TokenBucket, parse_action, state_event, text_frame, users_event
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -100,3 +102,13 @@ def test_token_bucket_ignores_a_clock_that_goes_backwards() -> None:
     bucket = TokenBucket(rate=1.0, burst=1, now=10.0)
     assert bucket.take(10.0)
     assert not bucket.take(5.0)
+
+
+@pytest.mark.parametrize(
+    "message", [state_event(0), users_event(12), state_event(-(2**62)), "é" * 200]
+)
+def test_the_shared_frame_is_what_the_library_would_send_each_connection(message: str) -> None:
+    protocol = ServerProtocol()
+    protocol.state = State.OPEN
+    protocol.send_text(message.encode())
+    assert protocol.data_to_send() == [text_frame(message)]

@@ -1,0 +1,262 @@
+"""Cross-instance update latency in shared mode: ``python bench/redis_latency.py``.
+
+Starts a redis-server (free port, persistence off) and two ``server.py
+--redis`` instances, A and B, connects N clients split evenly between them,
+and has one more client, the driver, send ``plus`` on A at a fixed rate. Only
+the driver acts, so the counter only goes up: a client that is shown value v
+has been shown every action up to v.
+
+For every action and every client, the latency is the time from the driver's
+send until that client first receives a value that includes the action. The
+headline is for clients on B (the update went A -> Redis -> B); clients on A
+are the same-instance baseline. Everything runs on this machine, the bench's
+own clients included, so the figures include their scheduling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from websockets.asyncio.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 10.0  # seconds for redis-server or server.py to be ready
+DRAIN_TIMEOUT = 10.0  # seconds for the last action to reach every client
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Child:
+    """A child process whose log is drained by a thread until it says ``ready_mark``."""
+
+    def __init__(self, argv: list[str], ready_mark: str) -> None:
+        self.argv = argv
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.mark = ready_mark
+        threading.Thread(target=self.read_log, daemon=True).start()
+        if not self.ready.wait(START_TIMEOUT) or self.process.poll() is not None:
+            self.stop()
+            raise RuntimeError(f"{argv[0]} did not start:\n{''.join(self.lines)}")
+
+    def read_log(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if self.mark in line:
+                self.ready.set()
+        self.ready.set()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Receiver:
+    """A client that records when each value arrived."""
+
+    websocket: ClientConnection
+    seen: list[tuple[int, float]] = field(default_factory=list)  # (value, perf_counter)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def read(self) -> None:
+        async for message in self.websocket:
+            event = json.loads(message)
+            if event["type"] == "state":
+                self.seen.append((event["value"], time.perf_counter()))
+                self.arrived.set()
+
+    async def until(self, reached: Callable[[int], bool]) -> None:
+        """Return once the latest value satisfies ``reached``."""
+        while not (self.seen and reached(self.seen[-1][0])):
+            self.arrived.clear()
+            await self.arrived.wait()
+
+
+def latencies(receiver: Receiver, first: int, sent: list[float]) -> list[float]:
+    """Seconds from each send to the first value at least as new, for one client.
+
+    ``sent[i]`` is when the action that made the value ``first + i + 1`` was sent.
+    """
+    result = []
+    shown = iter(receiver.seen)
+    value, received = first, 0.0
+    for index, sent_at in enumerate(sent):
+        while value < first + index + 1:
+            value, received = next(shown)
+        result.append(received - sent_at)
+    return result
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def summary(label: str, samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p50, p99 = percentile(ordered, 0.50), percentile(ordered, 0.99)
+    return (
+        f"{label}: p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms, "
+        f"max {ordered[-1] * 1000:.2f} ms ({len(ordered)} samples)"
+    )
+
+
+async def measure(args: argparse.Namespace, url_a: str, url_b: str) -> dict[str, list[float]]:
+    per_instance = args.clients // 2
+    receivers = {
+        name: [Receiver(await connect(url, max_queue=None)) for _ in range(per_instance)]
+        for name, url in (("A", url_a), ("B", url_b))
+    }
+    # The driver reads too: a client that never reads stalls its connection.
+    driver = Receiver(await connect(url_a, max_queue=None))
+    everyone = [r for group in receivers.values() for r in group]
+    readers = [asyncio.create_task(r.read()) for r in [driver, *everyone]]
+
+    async def until(reached: Callable[[int], bool]) -> None:
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            await asyncio.gather(*(r.until(reached) for r in everyone))
+
+    # Everyone has the starting value: the last of the connect sequence.
+    await until(lambda value: True)
+    first = everyone[0].seen[-1][0]
+    await until(lambda value: value == first)
+
+    loop = asyncio.get_running_loop()
+    count = int(args.rate * args.seconds)
+    sent: list[float] = []
+    start = loop.time()
+    for index in range(count):
+        # Keep a fixed schedule: a late send does not push the next ones back.
+        delay = start + index / args.rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent.append(time.perf_counter())
+        await driver.websocket.send('{"action": "plus"}')
+
+    await until(lambda value: value == first + count)
+    for receiver in [driver, *everyone]:
+        await receiver.websocket.close()
+    await asyncio.gather(*readers, return_exceptions=True)
+
+    warmup = int(args.rate * args.warmup)
+    results: dict[str, list[float]] = {}
+    for name, group in receivers.items():
+        per_client = [latencies(r, first, sent)[warmup:] for r in group]
+        results[name] = [sample for client in per_client for sample in client]
+        results[f"{name} slowest"] = [max(column) for column in zip(*per_client, strict=True)]
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python bench/redis_latency.py",
+        description="Cross-instance update latency of server.py --redis.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--clients", type=int, default=200, help="split evenly over A and B")
+    parser.add_argument("--rate", type=float, default=50.0, help="driver actions per second")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long the driver acts")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds left out of figures")
+    parser.add_argument("--redis-server", default="redis-server", help="the binary to run")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also measure one in-memory instance holding all the clients, for comparison",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the figures here")
+    return parser.parse_args(argv)
+
+
+def start_instance(*options: str) -> tuple[Child, str]:
+    """Start ``server.py`` on a free port with the rate limit off; return it and its URL."""
+    port = free_port()
+    argv = [sys.executable, "server.py", "--host", "127.0.0.1", "--port", str(port)]
+    child = Child([*argv, "--rate", "0", *options], "listening on")
+    return child, f"ws://127.0.0.1:{port}/"
+
+
+def run(args: argparse.Namespace, binary: str) -> dict[str, list[float]]:
+    """Two instances sharing one Redis; and, with --baseline, one instance alone."""
+    redis_port = free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    children: list[Child] = []
+    try:
+        redis_argv = [binary, "--port", str(redis_port), "--bind", "127.0.0.1", *NO_PERSISTENCE]
+        children.append(Child(redis_argv, "Ready to accept connections"))
+        urls = []
+        for _ in ("A", "B"):
+            child, url = start_instance("--redis", redis_url)
+            children.append(child)
+            urls.append(url)
+        results = asyncio.run(measure(args, *urls))
+    finally:
+        for child in reversed(children):
+            child.stop()
+    if args.baseline:
+        child, url = start_instance()
+        try:
+            alone = asyncio.run(measure(args, url, url))
+        finally:
+            child.stop()
+        results["alone"] = alone["A"] + alone["B"]
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    binary = shutil.which(args.redis_server)
+    if binary is None:
+        print(f"redis_latency: {args.redis_server} not found", file=sys.stderr)
+        return 1
+    results = run(args, binary)
+    print(
+        f"{args.clients} clients ({args.clients // 2} on A, {args.clients // 2} on B), "
+        f"driver on A at {args.rate:g} actions/s for {args.seconds:g} s "
+        f"(first {args.warmup:g} s left out)"
+    )
+    print(summary("cross-instance, each client on B", results["B"]))
+    print(summary("cross-instance, last client on B", results["B slowest"]))
+    print(summary("same instance,  each client on A", results["A"]))
+    if "alone" in results:
+        print(summary("baseline: one in-memory instance, every client", results["alone"]))
+    if args.json:
+        figures = {
+            name: {
+                "p50": percentile(sorted(samples), 0.50),
+                "p99": percentile(sorted(samples), 0.99),
+                "max": max(samples),
+                "samples": len(samples),
+            }
+            for name, samples in results.items()
+        }
+        Path(args.json).write_text(json.dumps({"args": vars(args), **figures}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, runtime_checkable
@@ -351,11 +352,12 @@ class Hub:
                 if users_changed and self.shared is not None:
                     self.shared.share_users(len(self.users))
                 state_changed = await self.commit()
-                started = loop.time()
+                # CPU time, not wall time: a broadcast preempted by another
+                # process must not stretch the pause. And only the broadcast
+                # counts: a store's commit waits off the loop.
+                started = time.thread_time()
                 self.publish(users_changed, state_changed, newcomers)
-                finished = loop.time()
-                # Only the broadcast counts: a store's commit waits off the loop.
-                self.next_flush_at = finished + (finished - started)
+                self.next_flush_at = loop.time() + (time.thread_time() - started)
         finally:
             self.flush_task = None
 

@@ -15,7 +15,8 @@ How the server knows that a client disconnected, in the three ways it can:
   it. No pong within ``ping_timeout`` -> the library fails the connection with
   1011 and ``async for`` raises ``ConnectionClosedError``.
 
-Either way the ``finally`` block in :meth:`Hub.handler` unregisters the user.
+Whichever way it ends, the ``finally`` block in :meth:`Hub.handler` unregisters
+the user and everyone left gets the new user count.
 """
 
 from __future__ import annotations

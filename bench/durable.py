@@ -1,6 +1,6 @@
 """Durable actions per second: group commit in the real server vs one commit per action.
 
-    python bench/durable.py [--clients 8] [--actions 100000] [--single 2000]
+    python -m bench.durable [--clients 8] [--actions 100000] [--single 2000]
 
 Group commit: ``server.py --state FILE --rate 0`` runs as its own process and
 this one opens ``--clients`` connections that pipeline ``plus`` actions,
@@ -22,62 +22,25 @@ import argparse
 import asyncio
 import contextlib
 import json
-import re
 import sqlite3
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 
-ROOT = Path(__file__).resolve().parent.parent
+from counter_sync.sqlite_store import SqliteStore
+from tests.helpers import ROOT, ServerProcess
+
 PLUS = json.dumps({"action": "plus"})
 SEND_BATCH = 100  # sends between yields, so the readers get to run
-
-
-async def start_server(state: Path) -> tuple[asyncio.subprocess.Process, int, list[str]]:
-    """Start ``server.py --state``; return it, its port, and its log (kept drained)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "server.py"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--rate",
-        "0",
-        "--state",
-        str(state),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    assert process.stdout is not None
-    log: list[str] = []
-    async with asyncio.timeout(10):
-        while True:
-            line = (await process.stdout.readline()).decode()
-            if not line:
-                raise SystemExit(f"server.py exited before listening:\n{''.join(log)}")
-            log.append(line)
-            match = re.search(r"listening on ws://[^ ]+:(\d+)/", line)
-            if match:
-                break
-
-    async def drain() -> None:  # a full pipe would block the server's logging
-        assert process.stdout is not None
-        async for raw in process.stdout:
-            log.append(raw.decode())
-
-    task = asyncio.create_task(drain())
-    process.drain_task = task  # type: ignore[attr-defined]  # kept alive with it
-    return process, int(match.group(1)), log
 
 
 async def group_commit(directory: Path, clients: int, actions: int) -> float:
     """Seconds for the real server to commit ``actions`` sent over ``clients`` connections."""
     state = directory / "group.sqlite"
-    process, port, log = await start_server(state)
+    process = ServerProcess("--rate", "0", "--state", str(state))
+    port = process.port
     share, extra = divmod(actions, clients)
     done = asyncio.Event()
 
@@ -115,9 +78,9 @@ async def group_commit(directory: Path, clients: int, actions: int) -> float:
         for watcher in watchers:
             watcher.cancel()
 
-    process.terminate()
-    if await process.wait() != 0:
-        raise SystemExit(f"server.py failed:\n{''.join(log)}")
+    returncode, log = process.stop()
+    if returncode != 0:
+        raise SystemExit(f"server.py failed:\n{log}")
     with contextlib.closing(sqlite3.connect(state)) as db:
         (stored,) = db.execute("SELECT value FROM counter").fetchone()
     if stored != actions:
@@ -127,9 +90,6 @@ async def group_commit(directory: Path, clients: int, actions: int) -> float:
 
 async def commit_per_action(directory: Path, actions: int) -> float:
     """Seconds for the same store to commit ``actions`` one transaction each."""
-    sys.path.insert(0, str(ROOT))
-    from sqlite_store import SqliteStore
-
     store = SqliteStore(directory / "single.sqlite")
     await store.load()
     started = time.perf_counter()

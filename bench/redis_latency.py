@@ -1,4 +1,4 @@
-"""Cross-instance update latency in shared mode: ``python bench/redis_latency.py``.
+"""Cross-instance update latency in shared mode: ``python -m bench.redis_latency``.
 
 Starts a redis-server (free port, persistence off) and two ``server.py
 --redis`` instances, A and B, connects N clients split evenly between them,
@@ -19,10 +19,7 @@ import argparse
 import asyncio
 import json
 import shutil
-import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,50 +27,10 @@ from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import RedisServer, ServerProcess
+
 START_TIMEOUT = 10.0  # seconds for redis-server or server.py to be ready
 DRAIN_TIMEOUT = 10.0  # seconds for the last action to reach every client
-NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Child:
-    """A child process whose log is drained by a thread until it says ``ready_mark``."""
-
-    def __init__(self, argv: list[str], ready_mark: str) -> None:
-        self.argv = argv
-        self.process = subprocess.Popen(
-            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.mark = ready_mark
-        threading.Thread(target=self.read_log, daemon=True).start()
-        if not self.ready.wait(START_TIMEOUT) or self.process.poll() is not None:
-            self.stop()
-            raise RuntimeError(f"{argv[0]} did not start:\n{''.join(self.lines)}")
-
-    def read_log(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if self.mark in line:
-                self.ready.set()
-        self.ready.set()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @dataclass
@@ -174,7 +131,7 @@ async def measure(args: argparse.Namespace, url_a: str, url_b: str) -> dict[str,
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python bench/redis_latency.py",
+        prog="python -m bench.redis_latency",
         description="Cross-instance update latency of server.py --redis.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -192,37 +149,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def start_instance(*options: str) -> tuple[Child, str]:
-    """Start ``server.py`` on a free port with the rate limit off; return it and its URL."""
-    port = free_port()
-    argv = [sys.executable, "server.py", "--host", "127.0.0.1", "--port", str(port)]
-    child = Child([*argv, "--rate", "0", *options], "listening on")
-    return child, f"ws://127.0.0.1:{port}/"
+def start_instance(*options: str) -> ServerProcess:
+    """Start ``server.py`` on a free port with the rate limit off."""
+    return ServerProcess("--rate", "0", *options, timeout=START_TIMEOUT)
 
 
 def run(args: argparse.Namespace, binary: str) -> dict[str, list[float]]:
     """Two instances sharing one Redis; and, with --baseline, one instance alone."""
-    redis_port = free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    children: list[Child] = []
+    redis = RedisServer(binary)
+    redis.start()
+    instances: list[ServerProcess] = []
     try:
-        redis_argv = [binary, "--port", str(redis_port), "--bind", "127.0.0.1", *NO_PERSISTENCE]
-        children.append(Child(redis_argv, "Ready to accept connections"))
-        urls = []
         for _ in ("A", "B"):
-            child, url = start_instance("--redis", redis_url)
-            children.append(child)
-            urls.append(url)
-        results = asyncio.run(measure(args, *urls))
+            instances.append(start_instance("--redis", redis.url))
+        results = asyncio.run(measure(args, *(instance.url for instance in instances)))
     finally:
-        for child in reversed(children):
-            child.stop()
+        for instance in instances:
+            instance.stop()
+        redis.stop()
     if args.baseline:
-        child, url = start_instance()
+        alone_instance = start_instance()
         try:
-            alone = asyncio.run(measure(args, url, url))
+            alone = asyncio.run(measure(args, alone_instance.url, alone_instance.url))
         finally:
-            child.stop()
+            alone_instance.stop()
         results["alone"] = alone["A"] + alone["B"]
     return results
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers import LoggedProcess, free_port
 
 __all__ = [
     "NODE_DIR",
@@ -26,7 +26,6 @@ __all__ = [
     "RunningServer",
     "ServerSpec",
     "cpu_seconds",
-    "free_port",
     "listen_overflows",
     "node_ready",
     "rss_bytes",
@@ -90,71 +89,32 @@ def node_ready() -> str | None:
     return None
 
 
-def free_port(host: str) -> int:
-    """Ask the kernel for a port nobody listens on (racy, but fine on loopback)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class RunningServer:
-    """A started server process whose output goes to a log file."""
+    """A started server process; its output goes to a log file as well."""
 
-    def __init__(self, spec: ServerSpec, host: str, port: int, log_path: Path) -> None:
+    def __init__(self, spec: ServerSpec, host: str, log_path: Path, timeout: float) -> None:
         self.spec = spec
+        port = free_port(host)
         self.url = f"ws://{host}:{port}/"
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        # A file rather than a pipe: a server that logs every connection must
-        # never block on a reader that is busy measuring.
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                spec.command(host, port),
-                cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+        try:
+            self.child = LoggedProcess(
+                spec.command(host, port), ready=READY_MARK, timeout=timeout, log_path=log_path
             )
-        self.pid = self.process.pid
-
-    def wait_ready(self, timeout: float) -> None:
-        """Return once the log says `listening on`; raise if it never does."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if READY_MARK in self.log_path.read_text(errors="replace"):
-                return
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.spec.name} exited with {self.process.returncode}: {self.log_tail()}"
-                )
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.spec.name} not ready after {timeout:g}s: {self.log_tail()}")
-
-    def log_tail(self, lines: int = 5) -> str:
-        text = self.log_path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:]) or "(no output)"
+        except RuntimeError as exc:
+            raise RuntimeError(f"{spec.name} did not start: {exc}") from None
+        self.pid = self.child.pid
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL if the server is still busy after `timeout`."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        try:
+            self.child.stop(timeout)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
 
 
 def start_server(spec: ServerSpec, host: str, log_path: Path, timeout: float) -> RunningServer:
     """Start `spec` on a free port and wait until it is ready."""
-    server = RunningServer(spec, host, free_port(host), log_path)
-    try:
-        server.wait_ready(timeout)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return RunningServer(spec, host, log_path, timeout)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -8,16 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import ROOT, TIMEOUT, ServerProcess
-
-StartProcess = Callable[..., ServerProcess]
+from tests.conftest import StartProcess
+from tests.helpers import ROOT, TIMEOUT
 
 
 def run_server(*args: str) -> subprocess.CompletedProcess[str]:

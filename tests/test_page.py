@@ -9,7 +9,8 @@ from urllib.parse import urlencode
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from conftest import ROOT, TIMEOUT, ServerProcess, require_binary
+from tests.conftest import StartProcess
+from tests.helpers import ROOT, TIMEOUT, ServerProcess, require_binary
 
 PAGE_FILE = ROOT / "client.html"
 # Playwright's own browser download is not used: Debian's chromium is.
@@ -24,7 +25,7 @@ CHROMIUM_ARGS = [
 ]
 TIMEOUT_MS = TIMEOUT * 1000
 
-StartServer = Callable[..., ServerProcess]
+
 NewPage = Callable[[], Page]
 OpenPage = Callable[[str], Page]
 
@@ -89,7 +90,7 @@ def expect_connected(page: Page) -> None:
 
 
 def test_click_in_one_page_shows_in_every_page(
-    server_process: StartServer, open_page: OpenPage
+    server_process: StartProcess, open_page: OpenPage
 ) -> None:
     process = server_process("--port", "0", "--rate", "0")
     first = open_page(served(process))
@@ -109,7 +110,7 @@ def test_click_in_one_page_shows_in_every_page(
 
 
 def test_user_count_drops_when_a_page_closes(
-    server_process: StartServer, open_page: OpenPage
+    server_process: StartProcess, open_page: OpenPage
 ) -> None:
     process = server_process("--port", "0", "--rate", "0")
     staying = open_page(served(process))
@@ -127,7 +128,7 @@ def test_user_count_drops_when_a_page_closes(
 
 
 def test_page_served_by_the_server_connects_to_the_same_host(
-    server_process: StartServer, new_page: NewPage
+    server_process: StartProcess, new_page: NewPage
 ) -> None:
     process = server_process("--port", "0", "--rate", "0")
     page = new_page()
@@ -138,7 +139,7 @@ def test_page_served_by_the_server_connects_to_the_same_host(
 
 
 def test_page_from_disk_uses_the_server_override(
-    server_process: StartServer, open_page: OpenPage
+    server_process: StartProcess, open_page: OpenPage
 ) -> None:
     process = server_process("--port", "0", "--rate", "0")
     page = open_page(from_disk(server=process.url))
@@ -161,7 +162,7 @@ def test_page_from_disk_without_override_targets_the_default_server(new_page: Ne
 
 
 def test_page_reconnects_to_a_restarted_server_and_shows_its_state(
-    server_process: StartServer, open_page: OpenPage
+    server_process: StartProcess, open_page: OpenPage
 ) -> None:
     old = server_process("--port", "0", "--rate", "0")
     page = open_page(served(old))
@@ -200,7 +201,7 @@ def test_page_keeps_retrying_while_no_server_answers(open_page: OpenPage) -> Non
 # --- Errors -----------------------------------------------------------------------
 
 
-def test_server_error_is_shown_briefly(server_process: StartServer, new_page: NewPage) -> None:
+def test_server_error_is_shown_briefly(server_process: StartProcess, new_page: NewPage) -> None:
     process = server_process("--port", "0", "--rate", "1", "--burst", "1")
     page = new_page()
     # A fake clock lets the test skip the seconds the error stays up.
@@ -223,7 +224,7 @@ def test_server_error_is_shown_briefly(server_process: StartServer, new_page: Ne
 
 
 def test_keyboard_reaches_the_buttons_and_presses_them(
-    server_process: StartServer, open_page: OpenPage
+    server_process: StartProcess, open_page: OpenPage
 ) -> None:
     process = server_process("--port", "0", "--rate", "0")
     page = open_page(served(process))
@@ -246,7 +247,7 @@ def test_keyboard_reaches_the_buttons_and_presses_them(
 
 
 def test_keyboard_focus_returns_to_the_button_after_a_reconnect(
-    server_process: StartServer, open_page: OpenPage
+    server_process: StartProcess, open_page: OpenPage
 ) -> None:
     old = server_process("--port", "0", "--rate", "0")
     page = open_page(served(old))

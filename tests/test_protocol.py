@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from server import BadMessage, TokenBucket, parse_action, state_event, text_frame, users_event
+from counter_sync.admission import TokenBucket
+from counter_sync.counter import BadMessage, parse_action, state_event, users_event
+from counter_sync.fanout import text_frame
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -11,10 +11,8 @@ import asyncio
 import json
 import logging
 import random
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -22,21 +20,23 @@ import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 
-import server
-from conftest import (
+from counter_sync.app import App
+from counter_sync.redis_store import FLUSH_MEMORY, STATE, RedisStore
+from tests.conftest import StartProcess, StartServer
+from tests.helpers import (
     ROOT,
     TIMEOUT,
-    ServerProcess,
-    StartServer,
+    RedisServer,
+    free_port,
     join,
     require_binary,
+    room,
     url,
     wait_for_event,
     wait_for_users,
     wait_for_value,
     wait_until,
 )
-from redis_store import FLUSH_MEMORY, STATE, RedisStore
 
 PLUS = json.dumps({"action": "plus"})
 MINUS = json.dumps({"action": "minus"})
@@ -46,58 +46,10 @@ EXPIRY = 2.0
 # Scheduling slack on a busy machine, on top of the promised EXPIRY.
 SLACK = 0.5
 
-StartShared = Callable[..., Awaitable[server.App]]
+StartShared = Callable[..., Awaitable[App]]
 
 
 # --- A throwaway Redis ----------------------------------------------------------
-
-
-NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """``redis-server`` on a free port, persistence off; stop and start keep the port."""
-
-    def __init__(self, binary: str) -> None:
-        self.binary = binary
-        self.port = free_port()
-        self.process: subprocess.Popen[str] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Start it and return once it accepts connections (it says so in its log)."""
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", *NO_PERSISTENCE],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        ready = threading.Event()
-
-        def read_log(stdout: Any) -> None:
-            # Keep draining: a full pipe would block redis-server's next log line.
-            for line in stdout:
-                if "Ready to accept connections" in line:
-                    ready.set()
-            ready.set()  # exited: stop waiting either way
-
-        threading.Thread(target=read_log, args=(self.process.stdout,), daemon=True).start()
-        if not ready.wait(TIMEOUT) or self.process.poll() is not None:
-            raise AssertionError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(TIMEOUT)
 
 
 @pytest.fixture
@@ -112,7 +64,7 @@ def redis_server() -> Iterator[RedisServer]:
 def start_shared(redis_server: RedisServer, start_server: StartServer) -> StartShared:
     """Start in-process instances that share ``redis_server``."""
 
-    async def start(**overrides: Any) -> server.App:
+    async def start(**overrides: Any) -> App:
         return await start_server(redis=redis_server.url, redis_expiry=EXPIRY, **overrides)
 
     return start
@@ -149,7 +101,7 @@ def store_error(event: dict[str, Any]) -> bool:
     return event["type"] == "error" and str(event["error"]).startswith("store unavailable")
 
 
-async def health(app: server.App) -> int:
+async def health(app: App) -> int:
     """The status code of ``GET /healthz``."""
     reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -159,14 +111,14 @@ async def health(app: server.App) -> int:
     return int(status_line.split()[1])
 
 
-def idle(*apps: server.App) -> Callable[[], bool]:
+def idle(*apps: App) -> Callable[[], bool]:
     """True once every instance is connected to Redis and has flushed everything."""
-    return lambda: all(app.hub.store.healthy() and app.hub.flush_task is None for app in apps)
+    return lambda: all(room(app).store.healthy() and room(app).flush_task is None for app in apps)
 
 
-def settled(*apps: server.App, value: int) -> Callable[[], bool]:
+def settled(*apps: App, value: int) -> Callable[[], bool]:
     """True once every instance holds ``value`` and has broadcast it."""
-    return lambda: all(app.hub.value == value and app.hub.flush_task is None for app in apps)
+    return lambda: all(room(app).value == value and room(app).flush_task is None for app in apps)
 
 
 # --- Sharing ----------------------------------------------------------------------
@@ -230,7 +182,7 @@ async def test_an_instance_that_stops_leaves_the_count_at_once(start_shared: Sta
 async def test_a_killed_instance_drops_out_of_the_count_within_the_expiry(
     start_shared: StartShared,
     redis_server: RedisServer,
-    server_process: Callable[..., ServerProcess],
+    server_process: StartProcess,
 ) -> None:
     a = await start_shared()
     b = server_process("--port", "0", "--redis", redis_server.url, "--redis-expiry", str(EXPIRY))
@@ -283,7 +235,7 @@ async def test_dropped_connections_to_redis_neither_lose_nor_double_an_action(
             await asyncio.sleep(0)  # spread the actions over many flushes
 
     playing = asyncio.gather(*(play(client) for client in clients))
-    await wait_until(lambda: a.hub.value > 0)
+    await wait_until(lambda: room(a).value > 0)
     async with Redis.from_url(redis_server.url, decode_responses=True) as redis:
         # As a network blip would: every connection drops, Redis keeps its data.
         await redis.client_kill_filter(_type="normal", skipme=True)
@@ -308,7 +260,7 @@ async def test_healthz_answers_503_while_redis_is_down_and_200_once_it_is_back(
     start_shared: StartShared, redis_server: RedisServer
 ) -> None:
     app = await start_shared()
-    store = app.hub.store
+    store = room(app).store
     assert await health(app) == 200
     redis_server.stop()
     await wait_until(lambda: not store.healthy())
@@ -338,14 +290,14 @@ async def test_an_outage_is_logged_once_not_once_per_action(
         await wait_for_event(alice, store_error)
     assert log_lines("WARNING") == warnings
     redis_server.start()
-    await wait_until(app.hub.store.healthy)
+    await wait_until(room(app).store.healthy)
     assert len([line for line in log_lines("INFO") if "is back" in line]) == 1
 
 
 async def test_a_flush_whose_reply_was_lost_never_counts(start_shared: StartShared) -> None:
     app = await start_shared()
     alice = await join(app)
-    store = app.hub.store
+    store = room(app).store
     assert isinstance(store, RedisStore)
     # A flush that Redis applied but whose reply never came back: to the
     # store it failed, so its senders were told "not applied".
@@ -405,9 +357,11 @@ def test_a_bad_or_unreachable_redis_stops_start_up_with_one_line(url: str, reaso
 
 def test_without_redis_the_redis_client_is_not_even_imported() -> None:
     code = (
-        "import asyncio, sys, server\n"
+        "import asyncio, sys\n"
+        "from counter_sync.app import start\n"
+        "from counter_sync.config import Settings\n"
         "async def main():\n"
-        "    app = await server.start(server.Settings(host='127.0.0.1', port=0))\n"
+        "    app = await start(Settings(host='127.0.0.1', port=0))\n"
         "    await app.close()\n"
         "asyncio.run(main())\n"
         "print(sorted(name for name in sys.modules if name.split('.')[0] == 'redis'))\n"

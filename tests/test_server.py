@@ -19,11 +19,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-import server
-from conftest import (
+from counter_sync.app import App, start
+from counter_sync.config import CLOSE_TIMEOUT, WRITE_BUFFER_LIMIT, Settings
+from counter_sync.web import PAGE
+from tests.conftest import StartServer
+from tests.helpers import (
     TIMEOUT,
-    StartServer,
     join,
+    room,
     url,
     wait_for_event,
     wait_for_users,
@@ -35,9 +38,9 @@ PLUS = json.dumps({"action": "plus"})
 MINUS = json.dumps({"action": "minus"})
 
 
-def server_side(app: server.App, client: ClientConnection) -> ServerConnection:
+def server_side(app: App, client: ClientConnection) -> ServerConnection:
     """The server's end of a client's connection."""
-    for websocket in app.hub.users:
+    for websocket in room(app).users:
         if websocket.remote_address[:2] == client.local_address[:2]:
             return websocket
     raise AssertionError("client is not registered")
@@ -52,13 +55,13 @@ def log_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
 # --- Connecting, counting, broadcasting ---------------------------------------
 
 
-async def test_a_new_client_gets_the_user_count_then_the_state(app: server.App) -> None:
+async def test_a_new_client_gets_the_user_count_then_the_state(app: App) -> None:
     async with connect(url(app)) as client:
         assert json.loads(await client.recv()) == {"type": "users", "count": 1}
         assert json.loads(await client.recv()) == {"type": "state", "value": 0}
 
 
-async def test_plus_and_minus_reach_three_clients(app: server.App) -> None:
+async def test_plus_and_minus_reach_three_clients(app: App) -> None:
     clients = [await join(app) for _ in range(3)]
     await clients[0].send(PLUS)
     for client in clients:
@@ -67,30 +70,30 @@ async def test_plus_and_minus_reach_three_clients(app: server.App) -> None:
     await clients[2].send(MINUS)
     for client in clients:
         await wait_for_value(client, -1)
-    assert app.hub.value == -1
+    assert room(app).value == -1
 
 
-async def test_user_count_follows_joins_and_leaves(app: server.App) -> None:
+async def test_user_count_follows_joins_and_leaves(app: App) -> None:
     first = await join(app)
     second = await join(app)
     await wait_for_users(first, 2)
     await second.close()
     await wait_for_users(first, 1)
-    assert len(app.hub.users) == 1
+    assert len(room(app).users) == 1
 
 
-async def test_a_burst_in_one_loop_turn_costs_one_broadcast(app: server.App) -> None:
+async def test_a_burst_in_one_loop_turn_costs_one_broadcast(app: App) -> None:
     listener = await join(app)
     sender = server_side(app, await join(app))
     await wait_for_users(listener, 2)
     for _ in range(500):  # no await in between: one loop turn
-        app.hub.act(sender, +1)
+        room(app).act(sender, +1)
     # Without coalescing the listener would see 1, 2, 3, ... first.
     assert json.loads(await listener.recv()) == {"type": "state", "value": 500}
 
 
 async def test_a_burst_from_many_clients_ends_every_client_on_the_exact_sum(
-    app: server.App,
+    app: App,
 ) -> None:
     clients = [await join(app) for _ in range(20)]
     rng = random.Random(7)
@@ -98,14 +101,14 @@ async def test_a_burst_from_many_clients_ends_every_client_on_the_exact_sum(
     expected = sum(1 if m == PLUS else -1 for plan in plans for m in plan)
     await asyncio.gather(*(c.send(m) for c, plan in zip(clients, plans, strict=True) for m in plan))
     await asyncio.gather(*(wait_for_value(c, expected) for c in clients))
-    assert app.hub.value == expected
+    assert room(app).value == expected
 
 
 # --- How the server knows a client disconnected -------------------------------
 
 
 async def test_clean_close_ends_the_loop_quietly_and_notifies_others(
-    app: server.App, caplog: pytest.LogCaptureFixture
+    app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "counter-sync")
     watcher = await join(app)
@@ -118,7 +121,7 @@ async def test_clean_close_ends_the_loop_quietly_and_notifies_others(
 
 
 async def test_abrupt_disconnect_unregisters_and_notifies_others(
-    app: server.App, caplog: pytest.LogCaptureFixture
+    app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "counter-sync")
     watcher = await join(app)
@@ -161,7 +164,7 @@ async def test_half_open_peer_is_dropped_by_the_keepalive_ping(
     ],
 )
 async def test_bad_message_gets_an_error_and_the_connection_goes_on(
-    app: server.App, caplog: pytest.LogCaptureFixture, message: str | bytes, reason: str
+    app: App, caplog: pytest.LogCaptureFixture, message: str | bytes, reason: str
 ) -> None:
     caplog.set_level(logging.INFO, "counter-sync")
     client = await join(app)
@@ -199,7 +202,7 @@ async def test_actions_over_the_rate_limit_get_errors_and_are_not_counted(
         await client.send(PLUS)
     errors = [await wait_for_event(client, lambda e: e["type"] == "error") for _ in range(2)]
     assert all("rate limit" in e["error"] for e in errors)
-    await wait_until(lambda: app.hub.value == 3 and app.hub.flush_task is None)
+    await wait_until(lambda: room(app).value == 3 and room(app).flush_task is None)
     other = await join(app)  # the limit is per connection
     await other.send(PLUS)
     await wait_for_value(other, 4)
@@ -233,7 +236,7 @@ invalid = st.one_of(
 @given(messages=st.lists(st.one_of(valid, invalid), max_size=40))
 def test_the_count_is_the_sum_of_accepted_actions(messages: list[Message]) -> None:
     async def scenario() -> None:
-        app = await server.start(server.Settings(host="127.0.0.1", port=0, rate=0))
+        app = await start(Settings(host="127.0.0.1", port=0, rate=0))
         try:
             client = await join(app)
             for message in messages:
@@ -248,8 +251,8 @@ def test_the_count_is_the_sum_of_accepted_actions(messages: list[Message]) -> No
                 while errors < rejected + 1:
                     event: dict[str, Any] = json.loads(await client.recv())
                     errors += event["type"] == "error"
-            await wait_until(lambda: app.hub.flush_task is None)
-            assert app.hub.value == expected
+            await wait_until(lambda: room(app).flush_task is None)
+            assert room(app).value == expected
         finally:
             await app.close()
 
@@ -266,9 +269,7 @@ def kernel_unsent_bytes(websocket: ServerConnection) -> int:
     return int(struct.unpack("i", raw)[0])
 
 
-async def stall(
-    app: server.App, updates: int
-) -> tuple[ClientConnection, ServerConnection, int, int]:
+async def stall(app: App, updates: int) -> tuple[ClientConnection, ServerConnection, int, int]:
     """Make a client stop reading, then broadcast ``updates`` values one by one.
 
     Returns the client, the server's end of it, and the most bytes ever queued
@@ -280,21 +281,21 @@ async def stall(
     stalled.transport.pause_reading()  # it stops reading, and stays connected
     user_space = kernel = 0
     for _ in range(updates):
-        app.hub.act(driver, +1)
-        assert app.hub.flush_task is not None
-        await app.hub.flush_task  # one broadcast per update
+        room(app).act(driver, +1)
+        assert room(app).flush_task is not None
+        await room(app).flush_task  # one broadcast per update
         user_space = max(user_space, stalled_server_side.transport.get_write_buffer_size())
         kernel = max(kernel, kernel_unsent_bytes(stalled_server_side))
     return stalled, stalled_server_side, user_space, kernel
 
 
 async def test_a_stalled_reader_costs_bounded_memory_and_converges_when_it_resumes(
-    app: server.App,
+    app: App,
 ) -> None:
     updates = 12_000
     stalled, _, user_space, kernel = await stall(app, updates)
     # Without the skip, user space would hold every update (~30 bytes each).
-    assert user_space <= server.WRITE_BUFFER_LIMIT + 1024
+    assert user_space <= WRITE_BUFFER_LIMIT + 1024
     # Without the SO_SNDBUF cap the kernel queues ~300 KiB here. With it, Linux
     # doubles the cap and lets the packet being built grow to 64 KiB.
     assert kernel <= 64 * 1024
@@ -309,13 +310,13 @@ async def test_a_stalled_reader_costs_bounded_memory_and_converges_when_it_resum
     assert received < updates // 2, f"{received} messages for {updates} updates"
 
 
-async def test_shutdown_does_not_wait_for_a_stalled_reader(app: server.App) -> None:
+async def test_shutdown_does_not_wait_for_a_stalled_reader(app: App) -> None:
     stalled, _, user_space, _ = await stall(app, 8_000)
-    assert user_space > server.WRITE_BUFFER_LIMIT  # its close frame cannot drain
+    assert user_space > WRITE_BUFFER_LIMIT  # its close frame cannot drain
     # The keepalive (20 s + 20 s) would end it eventually; shutdown must not wait.
-    async with asyncio.timeout(server.CLOSE_TIMEOUT + 3):
+    async with asyncio.timeout(CLOSE_TIMEOUT + 3):
         await app.close()
-    assert not app.hub.users
+    assert not room(app).users
     stalled.transport.abort()
 
 
@@ -335,11 +336,11 @@ async def test_allowed_origins_connect(start_server: StartServer, origin: str | 
 
 
 @pytest.mark.parametrize("origin", ["http://evil.example", "http://127.0.0.1:1", "file://"])
-async def test_other_origins_get_403(app: server.App, origin: str) -> None:
+async def test_other_origins_get_403(app: App, origin: str) -> None:
     with pytest.raises(InvalidStatus) as rejected:
         await connect(url(app), origin=origin)  # type: ignore[arg-type]
     assert rejected.value.response.status_code == 403
-    assert not app.hub.users
+    assert not room(app).users
 
 
 async def test_connections_beyond_the_cap_get_503(start_server: StartServer) -> None:
@@ -349,7 +350,7 @@ async def test_connections_beyond_the_cap_get_503(start_server: StartServer) -> 
     with pytest.raises(InvalidStatus) as rejected:
         await connect(url(app))
     assert rejected.value.response.status_code == 503
-    assert len(app.hub.users) == 2
+    assert len(room(app).users) == 2
 
 
 def http_get(port: int, path: str) -> tuple[int, list[str], bytes]:
@@ -362,20 +363,20 @@ def http_get(port: int, path: str) -> tuple[int, list[str], bytes]:
         connection.close()
 
 
-async def test_get_root_serves_the_page_as_html(app: server.App) -> None:
+async def test_get_root_serves_the_page_as_html(app: App) -> None:
     status, content_types, body = await asyncio.to_thread(http_get, app.port, "/")
     assert status == 200
     assert content_types == ["text/html; charset=utf-8"]  # one header, not two
-    assert body == server.PAGE_PATH.read_bytes()
+    assert body == PAGE.read_bytes()
 
 
-async def test_get_root_with_a_query_still_serves_the_page(app: server.App) -> None:
+async def test_get_root_with_a_query_still_serves_the_page(app: App) -> None:
     status, _, body = await asyncio.to_thread(http_get, app.port, "/?server=ws://x:1/")
     assert status == 200
-    assert body == server.PAGE_PATH.read_bytes()
+    assert body == PAGE.read_bytes()
 
 
-async def test_healthz_reports_users_and_value(app: server.App) -> None:
+async def test_healthz_reports_users_and_value(app: App) -> None:
     client = await join(app)
     await client.send(PLUS)
     await wait_for_value(client, 1)
@@ -385,7 +386,7 @@ async def test_healthz_reports_users_and_value(app: server.App) -> None:
     assert json.loads(body) == {"status": "ok", "users": 1, "value": 1}
 
 
-async def test_other_paths_are_404(app: server.App) -> None:
+async def test_other_paths_are_404(app: App) -> None:
     status, _, _ = await asyncio.to_thread(http_get, app.port, "/admin")
     assert status == 404
     with pytest.raises(InvalidStatus) as rejected:

@@ -21,21 +21,21 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-import sqlite_store
-from conftest import (
+from counter_sync import sqlite_store
+from counter_sync.sqlite_store import APPLICATION_ID, SqliteStore
+from tests.conftest import StartProcess, StartServer
+from tests.helpers import (
     ROOT,
     TIMEOUT,
     ServerProcess,
-    StartServer,
     join,
+    room,
     wait_for_event,
     wait_for_value,
 )
-from sqlite_store import APPLICATION_ID, SqliteStore
 
 PLUS = json.dumps({"action": "plus"})
 MINUS = json.dumps({"action": "minus"})
-StartProcess = Callable[..., ServerProcess]
 
 
 # --- Helpers ------------------------------------------------------------------
@@ -154,10 +154,10 @@ async def test_failed_commit_counts_nothing_and_tells_the_sender(
         await websocket.send(PLUS)
         event = await wait_for_event(websocket, lambda e: e["type"] == "error")
         assert event["error"] == "store unavailable: 1 action(s) not applied"
-        assert not app.hub.store.healthy()
+        assert not room(app).store.healthy()
     await websocket.send(PLUS)
     await wait_for_value(websocket, 1)
-    assert app.hub.store.healthy()
+    assert room(app).store.healthy()
     assert stored_value(state) == 1
 
 

@@ -15,7 +15,7 @@ What the store promises, in the order a change goes through it:
 
 At start-up the file is checked before SQLite may write to it: a file that is
 not a counter-sync database, is corrupt, read-only, or held by another server
-is refused with one line for the operator (:exc:`server.StoreError`) and left
+is refused with one line for the operator (:exc:`counter_sync.store.StoreError`) and left
 as it was.
 """
 
@@ -30,7 +30,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from server import StoreError, StoreUnavailable
+from counter_sync.store import Observer, StoreError, StoreUnavailable
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -103,6 +103,12 @@ class SqliteStore:
     def healthy(self) -> bool:
         """False from a failed commit until the next one succeeds."""
         return self.last_commit_ok and not self.closed
+
+    def watch(self, observer: Observer) -> None:
+        pass  # only this process changes the file: nothing to observe
+
+    def share_users(self, here: int) -> None:
+        pass
 
     async def close(self) -> None:
         """Close the database and release the file for the next server."""

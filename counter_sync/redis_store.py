@@ -8,7 +8,7 @@ What shared mode promises, in the order a change goes through it:
   each value carries its place in the one order Redis applied them in.
 * No reordering. Every instance subscribes and keeps the value with the
   highest sequence number it has seen; an older message is ignored. The hub
-  learns of it through :meth:`server.Hub.observe` and shows it in its next
+  learns of it through :meth:`counter_sync.store.Observer.observe` and shows it in its next
   flush, the one place where its value changes.
 * Nothing missed. On every (re)subscription, Redis confirms the subscription
   before the value is read: a change published in between is in what is read
@@ -37,7 +37,7 @@ import json
 import logging
 import random
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
@@ -47,10 +47,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from server import StoreError, StoreUnavailable
-
-if TYPE_CHECKING:
-    from server import Hub
+from counter_sync.store import Observer, StoreError, StoreUnavailable
 
 __all__ = ["RedisStore"]
 
@@ -164,7 +161,7 @@ class RedisStore:
         self.redis: Redis | None = None
         self.scripts: dict[str, AsyncScript] = {}
         self.channel = ""
-        self.hub: Hub | None = None
+        self.observer: Observer | None = None
         # The newest value known, its sequence number, and the value the hub
         # was last handed (returned by add, or passed to observe).
         self.value = 0
@@ -182,7 +179,7 @@ class RedisStore:
         self.up = False
         self.tasks: list[asyncio.Task[None]] = []
 
-    # The Store interface (see server.Store and server.SharedStore).
+    # The Store interface (see counter_sync.store.Store).
 
     async def load(self) -> int:
         """Connect, subscribe, register this instance and read the value.
@@ -256,9 +253,9 @@ class RedisStore:
         self.up = False
         await redis.aclose()
 
-    def watch(self, hub: Hub) -> None:
-        """Tell ``hub`` from now on what the other instances change."""
-        self.hub = hub
+    def watch(self, observer: Observer) -> None:
+        """Tell ``observer`` from now on what the other instances change."""
+        self.observer = observer
         self.show()
 
     def share_users(self, here: int) -> None:
@@ -451,15 +448,15 @@ class RedisStore:
 
     def show(self) -> None:
         """Hand the hub what changed since it was last told."""
-        if self.hub is None:
+        if self.observer is None:
             return
         if self.value != self.shown and not self.adding:
             self.shown = self.value
-            self.hub.observe(value=self.value)
+            self.observer.observe(value=self.value)
         elsewhere = self.elsewhere()
         if elsewhere != self.shown_elsewhere:
             self.shown_elsewhere = elsewhere
-            self.hub.observe(elsewhere=elsewhere)
+            self.observer.observe(elsewhere=elsewhere)
 
     def elsewhere(self) -> int:
         """Users connected to the other live instances."""

@@ -1,0 +1,77 @@
+"""Every limit and default in one place, and the settings a server runs with.
+
+Each limit is a flag of the command line (see :mod:`counter_sync.cli`) or a
+named constant here, and each is documented in the README. The settings are
+one frozen dataclass, so two servers with different settings can run in one
+process (the tests do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = [
+    "BURST",
+    "CLOSE_TIMEOUT",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "FLUSH_PAUSE_RATIO",
+    "LISTEN_BACKLOG",
+    "MAX_MESSAGE_SIZE",
+    "MAX_USERS",
+    "MIN_PACING_DELAY",
+    "PING_INTERVAL",
+    "PING_TIMEOUT",
+    "RATE",
+    "REDIS_EXPIRY",
+    "SOCKET_SEND_BUFFER",
+    "WRITE_BUFFER_LIMIT",
+    "Settings",
+]
+
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 6789  # the classic example's port, so its page works unchanged
+MAX_MESSAGE_SIZE = 4 * 1024  # bytes; a valid action is ~20 bytes
+MAX_USERS = 10_000
+RATE = 20.0  # actions per second per connection; no human clicks faster
+BURST = 40  # actions a connection may send at once before RATE applies
+PING_INTERVAL = 20.0  # seconds between keepalive pings
+PING_TIMEOUT = 20.0  # seconds to wait for the pong before dropping the peer
+CLOSE_TIMEOUT = 1.0  # seconds to wait for the peer's close frame
+# Bytes queued in user space for one connection before broadcasts skip it. It
+# is also the library's write_limit, so send() waits for exactly this drain.
+WRITE_BUFFER_LIMIT = 16 * 1024
+# Kernel send buffer per connection. Without a cap Linux autotunes it to
+# hundreds of KiB, where a stalled reader would hoard thousands of stale
+# updates that the user-space limit above cannot see.
+SOCKET_SEND_BUFFER = 16 * 1024
+# Under load, the pause after a broadcast is this many times its CPU time, so
+# broadcasting takes at most a third of the time and the rest goes to reading
+# clients and handshakes. Measured with the bench (join storm, N=1000): no
+# pause 5-7 s, 1x 1.1-1.2 s, 2x 0.92-0.95 s, 3x 0.89-0.97 s but slower bursts.
+FLUSH_PAUSE_RATIO = 2
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+# Flush pacing skips shorter waits: the event loop's timer resolution is a
+# millisecond, so a 20 µs sleep would cost a whole one.
+MIN_PACING_DELAY = 0.001
+# With --redis: seconds after which the users of an instance that died without
+# closing stop counting on the others (a live one refreshes well inside it).
+REDIS_EXPIRY = 15.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the command line can change, with the documented defaults."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    origins: tuple[str, ...] = ()
+    max_users: int = MAX_USERS
+    max_message_size: int = MAX_MESSAGE_SIZE
+    rate: float = RATE
+    burst: int = BURST
+    ping_interval: float = PING_INTERVAL
+    ping_timeout: float = PING_TIMEOUT
+    redis: str | None = None  # URL: share the counter with other instances
+    redis_expiry: float = REDIS_EXPIRY
+    state: str | None = None  # SQLite file: keep the counter across restarts

@@ -1,0 +1,304 @@
+"""The counter: who is connected, the value, and the handler that serves each client.
+
+Start reading here. This is the websockets library's classic counter example
+(a set of users, ``register``, ``async for message in websocket``, ``finally:
+unregister``, ``users_event`` and ``state_event``), grown to run for real: bad
+messages get an error reply instead of closing the connection, and changes are
+coalesced into one broadcast per event-loop turn instead of one per action.
+
+How the server knows that a client disconnected, in the three ways it can:
+
+* The client closes cleanly (it sends a close frame, the browser tab closes):
+  the ``async for`` loop over the connection simply ends. It never raises
+  ``ConnectionClosedOK``.
+* The TCP connection is lost (the process is killed, the cable pulled and the
+  kernel says so): ``async for`` raises ``ConnectionClosedError``, code 1006.
+* The peer goes silent (half-open TCP: the laptop slept, the network dropped
+  without a reset): nothing arrives at all, so only the keepalive ping finds
+  it. No pong within ``ping_timeout`` -> the library fails the connection with
+  1011 and ``async for`` raises ``ConnectionClosedError``.
+
+Whichever way it ends, the ``finally`` block in :meth:`Room.serve` unregisters
+the user and everyone left gets the new user count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.frames import CloseCode
+
+from counter_sync.admission import TokenBucket
+from counter_sync.config import FLUSH_PAUSE_RATIO, MIN_PACING_DELAY, Settings
+from counter_sync.fanout import FanOut, format_peer
+from counter_sync.store import Store, StoreUnavailable
+
+__all__ = [
+    "ACTIONS",
+    "BadMessage",
+    "Room",
+    "error_event",
+    "parse_action",
+    "state_event",
+    "users_event",
+]
+
+log = logging.getLogger("counter-sync")
+
+
+# --- Events: the server -> client half of the protocol ------------------------
+
+
+def users_event(count: int) -> str:
+    """Tell clients how many connections are open."""
+    return json.dumps({"type": "users", "count": count})
+
+
+def state_event(value: int) -> str:
+    """Tell clients the counter's absolute value, so only the latest one matters."""
+    return json.dumps({"type": "state", "value": value})
+
+
+def error_event(reason: str) -> str:
+    """Tell one client why its message was rejected."""
+    return json.dumps({"type": "error", "error": reason})
+
+
+# --- Parsing: the client -> server half, pure and socket-free -----------------
+
+ACTIONS = {"plus": +1, "minus": -1}
+
+
+class BadMessage(ValueError):
+    """A client message that is not a valid action; the text is the reply."""
+
+
+def parse_action(message: str | bytes) -> int:
+    """Turn one client message into the change it asks for (+1 or -1).
+
+    Raises :exc:`BadMessage` with a short reason for anything else, so the
+    caller can reply and carry on instead of letting the handler crash.
+    """
+    if not isinstance(message, str):
+        raise BadMessage("binary frames are not supported; send JSON text")
+    try:
+        event = json.loads(message)
+    except (ValueError, RecursionError):
+        # RecursionError: deeply nested arrays fit in a few KiB.
+        raise BadMessage("message is not valid JSON") from None
+    if not isinstance(event, dict):
+        raise BadMessage("message must be a JSON object")
+    if "action" not in event:
+        raise BadMessage('missing "action"')
+    action = event["action"]
+    if not isinstance(action, str) or action not in ACTIONS:
+        raise BadMessage('unknown action; use "plus" or "minus"')
+    return ACTIONS[action]
+
+
+# --- A room: one counter, the users who watch it, one coalesced flush ---------
+
+
+class Room:
+    """One counter and the connections that share it.
+
+    Actions and joins only mark the state dirty; one flush task, scheduled on
+    the event loop, commits the net change to the store and broadcasts the
+    latest value once. A burst of K actions or J joins costs one broadcast.
+    """
+
+    def __init__(self, settings: Settings, store: Store, fan_out: FanOut, value: int) -> None:
+        self.settings = settings
+        self.store = store
+        self.fan_out = fan_out
+        self.users: set[ServerConnection] = set()
+        self.value = value
+        # Accepted actions not yet committed, and who sent them (for errors).
+        self.pending = 0
+        self.senders: dict[ServerConnection, int] = {}
+        self.newcomers: list[ServerConnection] = []
+        self.users_dirty = False
+        self.state_dirty = False
+        self.flush_task: asyncio.Task[None] | None = None
+        # Adaptive pacing: after a broadcast, the next flush waits twice as
+        # long as it took (FLUSH_PAUSE_RATIO); at low load that is microseconds.
+        self.next_flush_at = 0.0
+        # Shared mode: the newest value another instance committed, and the
+        # users connected to the other instances, as the store reports them.
+        self.observed: int | None = None
+        self.elsewhere = 0
+
+    # Changes: each marks what is dirty and makes sure a flush will run.
+
+    def register(self, websocket: ServerConnection) -> None:
+        self.users.add(websocket)
+        self.newcomers.append(websocket)
+        self.users_dirty = True
+        self.schedule_flush()
+
+    def unregister(self, websocket: ServerConnection) -> None:
+        self.users.discard(websocket)
+        self.users_dirty = True
+        self.schedule_flush()
+
+    def act(self, websocket: ServerConnection, delta: int) -> None:
+        """Count one accepted action; it is committed by the next flush."""
+        self.pending += delta
+        self.senders[websocket] = self.senders.get(websocket, 0) + 1
+        self.schedule_flush()
+
+    def observe(self, *, value: int | None = None, elsewhere: int | None = None) -> None:
+        """Learn what other instances changed; shown by the next flush, like every value."""
+        if value is not None:
+            self.observed = value
+            self.state_dirty = True
+        if elsewhere is not None:
+            self.elsewhere = elsewhere
+            self.users_dirty = True
+        self.schedule_flush()
+
+    # The flush: commit, then broadcast what changed, once.
+
+    def schedule_flush(self) -> None:
+        # Creating the task defers the flush to the next loop turn, after every
+        # message already read in this one: that is the whole coalescing.
+        if self.flush_task is None:
+            self.flush_task = asyncio.create_task(self.flush())
+
+    def has_work(self) -> bool:
+        return bool(self.senders or self.users_dirty or self.state_dirty)
+
+    async def flush(self) -> None:
+        """Commit and broadcast until nothing is dirty, pacing under load."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self.has_work():
+                delay = self.next_flush_at - loop.time()
+                if delay > MIN_PACING_DELAY:
+                    await asyncio.sleep(delay)
+                newcomers, self.newcomers = self.newcomers, []
+                users_changed, self.users_dirty = self.users_dirty, False
+                if users_changed:
+                    self.store.share_users(len(self.users))
+                state_changed = await self.commit()
+                # CPU time, not wall time: a broadcast preempted by another
+                # process must not stretch the pause. And only the broadcast
+                # counts: a store's commit waits off the loop.
+                started = time.thread_time()
+                self.publish(users_changed, state_changed, newcomers)
+                busy = time.thread_time() - started
+                self.next_flush_at = loop.time() + FLUSH_PAUSE_RATIO * busy
+        finally:
+            self.flush_task = None
+
+    async def commit(self) -> bool:
+        """The one place where the value changes. Tell whether it did."""
+        delta, self.pending = self.pending, 0
+        senders, self.senders = self.senders, {}
+        changed, self.state_dirty = self.state_dirty, False
+        # Shared mode: another instance's value, unless add() returns a newer one.
+        value = self.value if self.observed is None else self.observed
+        self.observed = None
+        if senders:
+            healthy = self.store.healthy()
+            try:
+                value = await self.store.add(delta)
+            except Exception as exc:
+                # Not applied, so not counted: tell every sender instead of
+                # dropping their actions silently.
+                if not isinstance(exc, StoreUnavailable):
+                    log.exception("store failed")
+                if healthy:  # one warning per outage, not one per flush
+                    log.warning(
+                        "store unavailable, actions from %d users rejected: %s", len(senders), exc
+                    )
+                for websocket, count in senders.items():
+                    reason = f"store unavailable: {count} action(s) not applied"
+                    broadcast([websocket], error_event(reason))
+        changed = changed or value != self.value
+        self.value = value
+        return changed
+
+    def count_users(self) -> int:
+        """Users here, plus in shared mode those of the other live instances."""
+        return len(self.users) + self.elsewhere
+
+    def users_message(self) -> str:
+        return users_event(self.count_users())
+
+    def state_message(self) -> str:
+        return state_event(self.value)
+
+    def publish(
+        self, users_changed: bool, state_changed: bool, newcomers: list[ServerConnection]
+    ) -> None:
+        """Broadcast what changed; newcomers get users, then state, in this flush."""
+        if users_changed:
+            self.fan_out.send(self.users_message(), self.users, self)
+        if state_changed:
+            self.fan_out.send(self.state_message(), self.users, self)
+        else:
+            joined = [websocket for websocket in newcomers if websocket in self.users]
+            self.fan_out.send(self.state_message(), joined, self)
+
+    # The connection handler: one per client, from connect to disconnect.
+
+    async def serve(self, websocket: ServerConnection) -> None:
+        """Serve one client; whatever ends the connection, unregister it."""
+        peer = format_peer(websocket)
+        self.register(websocket)
+        log.info("%s connected (%d here)", peer, len(self.users))
+        try:
+            await self.receive(websocket, peer)
+        except ConnectionClosedError as exc:
+            # The TCP connection was lost (1006) or the library failed it:
+            # keepalive timeout (1011), oversized message (1009).
+            log.info("%s lost: code %d, %s", peer, close_code(exc), exc)
+        else:
+            # A close handshake (1000 or 1001) ends `async for` without raising.
+            log.info(
+                "%s disconnected: code %s, reason %r",
+                peer,
+                websocket.close_code,
+                websocket.close_reason,
+            )
+        finally:
+            # Runs however the connection ends, even on a bug in receive().
+            self.unregister(websocket)
+
+    async def receive(self, websocket: ServerConnection, peer: str) -> None:
+        """Read messages until the connection ends; reject bad ones, count good ones."""
+        loop = asyncio.get_running_loop()
+        bucket = None
+        if self.settings.rate > 0:
+            bucket = TokenBucket(self.settings.rate, self.settings.burst, loop.time())
+        limited = False
+        async for message in websocket:
+            if bucket is not None and not bucket.take(loop.time()):
+                if not limited:  # one log line per episode, not per message
+                    log.warning("%s is over the rate limit", peer)
+                limited = True
+                await websocket.send(error_event("rate limit exceeded; action not counted"))
+                continue
+            limited = False
+            try:
+                delta = parse_action(message)
+            except BadMessage as exc:
+                log.warning("%s sent a bad message: %s", peer, exc)
+                await websocket.send(error_event(str(exc)))
+                continue
+            self.act(websocket, delta)
+
+
+def close_code(exc: ConnectionClosed) -> int:
+    """The code that explains the close: the peer's, else ours, else 1006."""
+    if exc.rcvd is not None:
+        return exc.rcvd.code
+    if exc.sent is not None:
+        return exc.sent.code
+    return CloseCode.ABNORMAL_CLOSURE

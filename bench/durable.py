@@ -91,10 +91,10 @@ async def group_commit(directory: Path, clients: int, actions: int) -> float:
 async def commit_per_action(directory: Path, actions: int) -> float:
     """Seconds for the same store to commit ``actions`` one transaction each."""
     store = SqliteStore(directory / "single.sqlite")
-    await store.load()
+    await store.open()
     started = time.perf_counter()
     for _ in range(actions):
-        await store.add(1)
+        await store.add("/", 1)
     elapsed = time.perf_counter() - started
     await store.close()
     return elapsed

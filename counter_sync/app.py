@@ -40,11 +40,13 @@ class App:
             # close() waits for the close frame to drain, and a stalled
             # reader never drains: without this, shutdown would wait for the
             # keepalive timeout.
-            for websocket in self.server.connections | self.hub.room.users:
-                websocket.transport.abort()
+            # (Server.connections leaves out those already closing.)
+            for room in self.hub.rooms.values():
+                for websocket in room.users:
+                    websocket.transport.abort()
             await self.server.wait_closed()
-        if self.hub.room.flush_task is not None:
-            await self.hub.room.flush_task
+        flushes = [room.flush_task for room in self.hub.rooms.values() if room.flush_task]
+        await asyncio.gather(*flushes)
         await self.hub.store.close()
 
 
@@ -58,13 +60,15 @@ def open_store(settings: Settings) -> Store:
         from counter_sync.sqlite_store import SqliteStore
 
         return SqliteStore(settings.state)
-    return MemoryStore()
+    return MemoryStore(max_counters=settings.max_rooms)
 
 
 async def start(settings: Settings) -> App:
     """Start a server (port 0 picks a free port) and return it running."""
     store = open_store(settings)
-    hub = Hub(settings, store, await store.load())
+    await store.open()
+    hub = Hub(settings, store)
+    await hub.open_default_room()
     server = await serve(
         hub.handler,
         settings.host,

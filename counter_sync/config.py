@@ -18,7 +18,9 @@ __all__ = [
     "FLUSH_PAUSE_RATIO",
     "LISTEN_BACKLOG",
     "MAX_MESSAGE_SIZE",
+    "MAX_ROOMS",
     "MAX_USERS",
+    "MAX_VALUE",
     "MIN_PACING_DELAY",
     "PING_INTERVAL",
     "PING_TIMEOUT",
@@ -33,6 +35,11 @@ DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 6789  # the classic example's port, so its page works unchanged
 MAX_MESSAGE_SIZE = 4 * 1024  # bytes; a valid action is ~20 bytes
 MAX_USERS = 10_000
+# Rooms with users at once; in memory mode also the counters kept in all.
+MAX_ROOMS = 10_000
+# Every counter stays within ±(2**53 - 1), the integers a browser's JSON.parse
+# (a double) holds exactly.
+MAX_VALUE = 2**53 - 1
 RATE = 20.0  # actions per second per connection; no human clicks faster
 BURST = 40  # actions a connection may send at once before RATE applies
 PING_INTERVAL = 20.0  # seconds between keepalive pings
@@ -67,6 +74,7 @@ class Settings:
     port: int = DEFAULT_PORT
     origins: tuple[str, ...] = ()
     max_users: int = MAX_USERS
+    max_rooms: int = MAX_ROOMS
     max_message_size: int = MAX_MESSAGE_SIZE
     rate: float = RATE
     burst: int = BURST

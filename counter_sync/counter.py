@@ -28,15 +28,16 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from websockets.frames import CloseCode
 
 from counter_sync.admission import TokenBucket
-from counter_sync.config import FLUSH_PAUSE_RATIO, MIN_PACING_DELAY, Settings
+from counter_sync.config import FLUSH_PAUSE_RATIO, MAX_VALUE, MIN_PACING_DELAY, Settings
 from counter_sync.fanout import FanOut, format_peer
-from counter_sync.store import Store, StoreUnavailable
+from counter_sync.store import OutOfRange, Store, StoreUnavailable
 
 __all__ = [
     "ACTIONS",
@@ -112,10 +113,21 @@ class Room:
     latest value once. A burst of K actions or J joins costs one broadcast.
     """
 
-    def __init__(self, settings: Settings, store: Store, fan_out: FanOut, value: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        value: int,
+        *,
+        settings: Settings,
+        store: Store,
+        fan_out: FanOut,
+        on_empty: Callable[[Room], None],
+    ) -> None:
+        self.name = name
         self.settings = settings
         self.store = store
         self.fan_out = fan_out
+        self.on_empty = on_empty  # the hub releases a room nobody is in
         self.users: set[ServerConnection] = set()
         self.value = value
         # Accepted actions not yet committed, and who sent them (for errors).
@@ -145,6 +157,10 @@ class Room:
         self.users.discard(websocket)
         self.users_dirty = True
         self.schedule_flush()
+
+    def fits(self, delta: int) -> bool:
+        """Tell whether one more action keeps the value within ±MAX_VALUE."""
+        return abs(self.value + self.pending + delta) <= MAX_VALUE
 
     def act(self, websocket: ServerConnection, delta: int) -> None:
         """Count one accepted action; it is committed by the next flush."""
@@ -184,7 +200,7 @@ class Room:
                 newcomers, self.newcomers = self.newcomers, []
                 users_changed, self.users_dirty = self.users_dirty, False
                 if users_changed:
-                    self.store.share_users(len(self.users))
+                    self.store.share_users(self.name, len(self.users))
                 state_changed = await self.commit()
                 # CPU time, not wall time: a broadcast preempted by another
                 # process must not stretch the pause. And only the broadcast
@@ -195,6 +211,8 @@ class Room:
                 self.next_flush_at = loop.time() + FLUSH_PAUSE_RATIO * busy
         finally:
             self.flush_task = None
+            if not self.users:
+                self.on_empty(self)
 
     async def commit(self) -> bool:
         """The one place where the value changes. Tell whether it did."""
@@ -207,19 +225,21 @@ class Room:
         if senders:
             healthy = self.store.healthy()
             try:
-                value = await self.store.add(delta)
+                value = await self.store.add(self.name, delta)
             except Exception as exc:
                 # Not applied, so not counted: tell every sender instead of
                 # dropping their actions silently.
+                reason = (
+                    "value out of range" if isinstance(exc, OutOfRange) else "store unavailable"
+                )
                 if not isinstance(exc, StoreUnavailable):
                     log.exception("store failed")
-                if healthy:  # one warning per outage, not one per flush
+                if healthy and not isinstance(exc, OutOfRange):  # one warning per outage
                     log.warning(
                         "store unavailable, actions from %d users rejected: %s", len(senders), exc
                     )
                 for websocket, count in senders.items():
-                    reason = f"store unavailable: {count} action(s) not applied"
-                    broadcast([websocket], error_event(reason))
+                    broadcast([websocket], error_event(f"{reason}: {count} action(s) not applied"))
         changed = changed or value != self.value
         self.value = value
         return changed
@@ -252,7 +272,7 @@ class Room:
         """Serve one client; whatever ends the connection, unregister it."""
         peer = format_peer(websocket)
         self.register(websocket)
-        log.info("%s connected (%d here)", peer, len(self.users))
+        log.info("%s connected to %s (%d here)", peer, self.name, len(self.users))
         try:
             await self.receive(websocket, peer)
         except ConnectionClosedError as exc:
@@ -291,6 +311,9 @@ class Room:
             except BadMessage as exc:
                 log.warning("%s sent a bad message: %s", peer, exc)
                 await websocket.send(error_event(str(exc)))
+                continue
+            if not self.fits(delta):
+                await websocket.send(error_event("value out of range; action not counted"))
                 continue
             self.act(websocket, delta)
 

@@ -1,10 +1,18 @@
-"""The hub: the counters of one server, the store they live in, and the way in.
+"""The hub: the rooms of one server, opened on demand, and the way into them.
 
 The library calls :meth:`Hub.handler` once per connection, after the
-handshake; it re-checks the caps and hands the connection to its room.
+handshake. It re-checks the caps, opens the connection's room if nobody here
+is in it yet (loading its value from the store), and hands the connection to
+:meth:`Room.serve <counter_sync.counter.Room.serve>`. A room whose last user
+left is released once its last flush is done: its users set and flush task
+go, its value stays in the store.
 """
 
 from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
 
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode
@@ -12,35 +20,120 @@ from websockets.frames import CloseCode
 from counter_sync.config import Settings
 from counter_sync.counter import Room
 from counter_sync.fanout import FanOut, cap_send_buffer
-from counter_sync.store import Store
+from counter_sync.store import DEFAULT_ROOM, Store
 
-__all__ = ["Hub"]
+__all__ = ["ROOM_NAME", "Hub", "room_from_path"]
+
+# /c/<name>: 1 to 64 of these characters, case-sensitive.
+ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ROOM_PREFIX = "/c/"
+
+
+def room_from_path(path: str) -> str | None:
+    """The room a request path names (``/`` or ``/c/<name>``), or None for any other path."""
+    if path == "/":
+        return DEFAULT_ROOM
+    if path.startswith(ROOM_PREFIX) and ROOM_NAME.fullmatch(name := path[len(ROOM_PREFIX) :]):
+        return name
+    return None
 
 
 class Hub:
     """Every room of one server, and the observer its store reports to."""
 
-    def __init__(self, settings: Settings, store: Store, value: int) -> None:
+    def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
         self.fan_out = FanOut()
-        self.room = Room(settings, store, self.fan_out, value)
+        self.rooms: dict[str, Room] = {}
+        # Rooms whose value is being loaded, and the handlers on their way
+        # into a room: a room is not released while someone is entering it.
+        self.opening: dict[str, asyncio.Future[Room]] = {}
+        self.entering: Counter[str] = Counter()
+        self.connections = 0
         store.watch(self)
 
-    def count_here(self) -> int:
-        """Connections open on this instance."""
-        return len(self.room.users)
+    async def open_default_room(self) -> None:
+        """Open ``/`` at start-up and keep it: ``/healthz`` shows its value."""
+        await self.enter(DEFAULT_ROOM)
 
-    def observe(self, *, value: int | None = None, elsewhere: int | None = None) -> None:
+    def count_here(self) -> int:
+        """Connections open on this instance, in every room."""
+        return self.connections
+
+    def refuse_room(self, name: str) -> str | None:
+        """Why a connection to room ``name`` cannot be let in now, or None."""
+        if name in self.rooms:
+            return None
+        if name in self.opening:
+            return None
+        # Rooms being opened count: their handlers wait for the store.
+        in_use = len(self.rooms) + len(self.opening)
+        if in_use >= self.settings.max_rooms or not self.store.has_room_for(name):
+            return "too many counters in use"
+        return None
+
+    def observe(self, room: str, *, value: int | None = None, elsewhere: int | None = None) -> None:
         """The store's news about other instances goes to the room it concerns."""
-        self.room.observe(value=value, elsewhere=elsewhere)
+        if (open_room := self.rooms.get(room)) is not None:
+            open_room.observe(value=value, elsewhere=elsewhere)
 
     async def handler(self, websocket: ServerConnection) -> None:
         """Serve one client after its handshake, in its room."""
+        assert websocket.request is not None  # the handshake is done
+        name = room_from_path(websocket.request.path.partition("?")[0])
+        assert name is not None  # process_request let only room paths through
+        # process_request refuses first; this closes the few that passed it
+        # together during a storm of concurrent handshakes.
         if self.count_here() >= self.settings.max_users:
-            # process_request answers 503 first; this closes the few that
-            # passed it together during a storm of concurrent handshakes.
             await websocket.close(CloseCode.TRY_AGAIN_LATER, "server full")
             return
+        if (reason := self.refuse_room(name)) is not None:
+            await websocket.close(CloseCode.TRY_AGAIN_LATER, reason)
+            return
         cap_send_buffer(websocket)
-        await self.room.serve(websocket)
+        self.connections += 1
+        try:
+            room = await self.enter(name)
+            await room.serve(websocket)
+        finally:
+            self.connections -= 1
+
+    async def enter(self, name: str) -> Room:
+        """The room called ``name``, opened on first use; the caller registers in it at once."""
+        self.entering[name] += 1
+        try:
+            room = self.rooms.get(name)
+            if room is None:
+                opening = self.opening.get(name)
+                if opening is None:
+                    opening = self.opening[name] = asyncio.ensure_future(self.open(name))
+                room = await asyncio.shield(opening)
+            return room
+        finally:
+            self.entering[name] -= 1
+            if not self.entering[name]:
+                del self.entering[name]
+
+    async def open(self, name: str) -> Room:
+        try:
+            value = await self.store.load(name)
+        finally:
+            del self.opening[name]
+        room = self.rooms[name] = Room(
+            name,
+            value,
+            settings=self.settings,
+            store=self.store,
+            fan_out=self.fan_out,
+            on_empty=self.release,
+        )
+        return room
+
+    def release(self, room: Room) -> None:
+        """Forget a room nobody is in or entering; its value stays in the store."""
+        if room.users or self.entering[room.name] or room.name == DEFAULT_ROOM:
+            return
+        if self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
+            self.store.release(room.name)

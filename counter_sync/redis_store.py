@@ -47,7 +47,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from counter_sync.store import Observer, StoreError, StoreUnavailable
+from counter_sync.store import DEFAULT_ROOM, Observer, StoreError, StoreUnavailable
 
 __all__ = ["RedisStore"]
 
@@ -181,7 +181,7 @@ class RedisStore:
 
     # The Store interface (see counter_sync.store.Store).
 
-    async def load(self) -> int:
+    async def open(self) -> None:
         """Connect, subscribe, register this instance and read the value.
 
         Raise :exc:`StoreError` with one line if the URL is bad or Redis cannot
@@ -205,9 +205,19 @@ class RedisStore:
             self.value,
             self.elsewhere(),
         )
+
+    async def load(self, room: str) -> int:
+        if room != DEFAULT_ROOM:
+            raise StoreUnavailable("named counters are not shared through Redis yet")
         return self.value
 
-    async def add(self, delta: int) -> int:
+    def release(self, room: str) -> None:
+        pass
+
+    def has_room_for(self, room: str) -> bool:
+        return room == DEFAULT_ROOM
+
+    async def add(self, room: str, delta: int) -> int:
         """Apply one flush's net change; return the newest value known.
 
         Raise :exc:`StoreUnavailable` if it was not applied: at once while
@@ -258,7 +268,7 @@ class RedisStore:
         self.observer = observer
         self.show()
 
-    def share_users(self, here: int) -> None:
+    def share_users(self, room: str, here: int) -> None:
         """Publish this instance's user count soon, coalescing quick changes."""
         if here != self.here:
             self.here = here
@@ -452,11 +462,11 @@ class RedisStore:
             return
         if self.value != self.shown and not self.adding:
             self.shown = self.value
-            self.observer.observe(value=self.value)
+            self.observer.observe(DEFAULT_ROOM, value=self.value)
         elsewhere = self.elsewhere()
         if elsewhere != self.shown_elsewhere:
             self.shown_elsewhere = elsewhere
-            self.observer.observe(elsewhere=elsewhere)
+            self.observer.observe(DEFAULT_ROOM, elsewhere=elsewhere)
 
     def elsewhere(self) -> int:
         """Users connected to the other live instances."""

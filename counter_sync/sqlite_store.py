@@ -30,7 +30,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from counter_sync.store import Observer, StoreError, StoreUnavailable
+from counter_sync.store import DEFAULT_ROOM, Observer, StoreError, StoreUnavailable
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -70,22 +70,34 @@ class SqliteStore:
         self.lock: int | None = None  # descriptor of the file, holding the flock
         self.last_commit_ok = True
         self.closed = False
+        self.value = 0
 
-    async def load(self) -> int:
-        """Open (or create, with value 0) the file and return the stored value.
+    async def open(self) -> None:
+        """Open (or create, with value 0) the file and read the stored value.
 
         Raise :exc:`StoreError` with one line if the file cannot be ours.
         """
         loop = asyncio.get_running_loop()
         try:
-            value, created = await loop.run_in_executor(self.worker, self.open)
+            value, created = await loop.run_in_executor(self.worker, self.open_file)
         except BaseException:
             self.worker.shutdown()
             raise
         log.info("state %s: value %d (%s)", self.name, value, "new file" if created else "loaded")
-        return value
+        self.value = value
 
-    async def add(self, delta: int) -> int:
+    async def load(self, room: str) -> int:
+        if room != DEFAULT_ROOM:
+            raise StoreUnavailable("named counters are not kept in --state files yet")
+        return self.value
+
+    def release(self, room: str) -> None:
+        pass
+
+    def has_room_for(self, room: str) -> bool:
+        return room == DEFAULT_ROOM
+
+    async def add(self, room: str, delta: int) -> int:
         """Commit ``delta`` in one durable transaction; return the new value.
 
         Raise :exc:`StoreUnavailable` if the transaction did not commit; it was
@@ -107,7 +119,7 @@ class SqliteStore:
     def watch(self, observer: Observer) -> None:
         pass  # only this process changes the file: nothing to observe
 
-    def share_users(self, here: int) -> None:
+    def share_users(self, room: str, here: int) -> None:
         pass
 
     async def close(self) -> None:
@@ -116,12 +128,12 @@ class SqliteStore:
             return
         self.closed = True
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.worker, self.release)
+        await loop.run_in_executor(self.worker, self.release_file)
         self.worker.shutdown()
 
     # The worker thread's side.
 
-    def open(self) -> tuple[int, bool]:
+    def open_file(self) -> tuple[int, bool]:
         """Check, lock, then open the file; tell whether it was created."""
         check_path(self.path, self.name)
         self.lock = hold_exclusively(self.path, self.name)
@@ -132,10 +144,10 @@ class SqliteStore:
             self.connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
             return self.prepare(self.connection)
         except sqlite3.Error as exc:
-            self.release()
+            self.release_file()
             raise StoreError(describe(exc, self.name)) from exc
         except BaseException:
-            self.release()
+            self.release_file()
             raise
 
     def prepare(self, connection: sqlite3.Connection) -> tuple[int, bool]:
@@ -184,7 +196,7 @@ class SqliteStore:
             raise
         return int(value)
 
-    def release(self) -> None:
+    def release_file(self) -> None:
         if self.connection is not None:
             try:
                 # The last connection to close checkpoints the WAL into the file.

@@ -17,9 +17,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from counter_sync.admission import refuse_upgrade
+from counter_sync.admission import Refusal, refuse_upgrade
 from counter_sync.fanout import format_peer
-from counter_sync.hub import Hub
+from counter_sync.hub import Hub, room_from_path
+from counter_sync.store import DEFAULT_ROOM
 
 __all__ = ["PAGE", "process_request"]
 
@@ -31,25 +32,33 @@ PAGE = resources.files("counter_sync") / "client.html"
 
 
 def process_request(hub: Hub, websocket: ServerConnection, request: Request) -> Response | None:
-    """Answer plain HTTP requests; let allowed WebSocket upgrades on ``/`` through."""
+    """Answer plain HTTP requests; let allowed WebSocket upgrades to a room through.
+
+    ``/`` and ``/c/<name>`` are rooms: a GET is the page, an upgrade joins.
+    """
     path = urlsplit(request.path).path
+    room = room_from_path(path)
     upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-    if path == "/" and upgrade:
-        return check_upgrade(hub, websocket, request)
-    if path == "/":
+    if room is not None and upgrade:
+        return check_upgrade(hub, websocket, request, room)
+    if room is not None:
         return html_response(websocket, PAGE.read_text(encoding="utf-8"))
     if path == "/healthz":
         return health(hub, websocket)
     return websocket.respond(http.HTTPStatus.NOT_FOUND, "Not found\n")
 
 
-def check_upgrade(hub: Hub, websocket: ServerConnection, request: Request) -> Response | None:
+def check_upgrade(
+    hub: Hub, websocket: ServerConnection, request: Request, room: str
+) -> Response | None:
     refusal = refuse_upgrade(
         hub.settings,
         origin=request.headers.get("Origin"),
         host=request.headers.get("Host"),
         users=hub.count_here(),
     )
+    if refusal is None and (reason := hub.refuse_room(room)) is not None:
+        refusal = Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, reason, f"{reason} ({room})")
     if refusal is None:
         return None
     log.warning("%s rejected: %s", format_peer(websocket), refusal.detail)
@@ -61,7 +70,8 @@ def health(hub: Hub, websocket: ServerConnection) -> Response:
     body = {
         "status": "ok" if healthy else "store unavailable",
         "users": hub.count_here(),
-        "value": hub.room.value,
+        "rooms": sum(1 for room in hub.rooms.values() if room.users),
+        "value": hub.rooms[DEFAULT_ROOM].value,
     }
     status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
     response = websocket.respond(status, json.dumps(body) + "\n")

@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from counter_sync.app import App
 from counter_sync.counter import Room
+from counter_sync.store import DEFAULT_ROOM
 
 __all__ = [
     "IN_CI",
@@ -213,9 +214,9 @@ def url(app: App) -> str:
     return f"ws://127.0.0.1:{app.port}/"
 
 
-async def join(app: App, **options: Any) -> ClientConnection:
-    """Connect a client and read its connect sequence (users, then state)."""
-    websocket = await connect(url(app), **options)
+async def join(app: App, path: str = "/", **options: Any) -> ClientConnection:
+    """Connect a client to a room's path and read its connect sequence (users, then state)."""
+    websocket = await connect(f"ws://127.0.0.1:{app.port}{path}", **options)
     first = json.loads(await asyncio.wait_for(websocket.recv(), TIMEOUT))
     second = json.loads(await asyncio.wait_for(websocket.recv(), TIMEOUT))
     assert (first["type"], second["type"]) == ("users", "state")
@@ -248,6 +249,6 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.001)
 
 
-def room(app: App) -> Room:
-    """The server's counter at ``/``, for the few tests that look inside."""
-    return app.hub.room
+def room(app: App, name: str = DEFAULT_ROOM) -> Room:
+    """A room of the server (``/`` by default), for the few tests that look inside."""
+    return app.hub.rooms[name]

@@ -76,8 +76,8 @@ def write_lock_held(path: Path) -> Iterator[None]:
 async def write_state(path: Path, value: int) -> None:
     """Make a counter-sync file holding ``value``, as a server would."""
     store = SqliteStore(path)
-    await store.load()
-    await store.add(value)
+    await store.open()
+    await store.add("/", value)
     await store.close()
 
 

@@ -1,0 +1,199 @@
+"""Named counters: ``/c/<name>`` rooms on one in-process server, in memory mode."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from counter_sync.app import App
+from tests.conftest import StartServer
+from tests.helpers import (
+    TIMEOUT,
+    join,
+    wait_for_event,
+    wait_for_users,
+    wait_for_value,
+    wait_until,
+)
+
+PLUS = json.dumps({"action": "plus"})
+MINUS = json.dumps({"action": "minus"})
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+async def health(app: App) -> dict[str, object]:
+    status, body = await asyncio.to_thread(http_get, app.port, "/healthz")
+    assert status == 200
+    result: dict[str, object] = json.loads(body)
+    return result
+
+
+async def test_values_and_user_counts_stay_in_their_room(app: App) -> None:
+    home = await join(app, "/")
+    votes = [await join(app, "/c/votes") for _ in range(2)]
+    await wait_for_users(votes[0], 2)
+    await votes[0].send(PLUS)
+    await votes[1].send(PLUS)
+    for client in votes:
+        await wait_for_value(client, 2)
+    await home.send(MINUS)
+    await wait_for_value(home, -1)
+    # A mark: the error reply to "{}" comes after anything sent before it.
+    for client in [home, *votes]:
+        await client.send("{}")
+    home_events = await events_until_mark(home)
+    votes_events = await events_until_mark(votes[0])
+    assert {"type": "state", "value": 2} not in home_events
+    assert {"type": "users", "count": 3} not in home_events + votes_events
+    assert {"type": "state", "value": -1} not in votes_events
+
+
+async def events_until_mark(client: object) -> list[dict[str, object]]:
+    from websockets.asyncio.client import ClientConnection
+
+    assert isinstance(client, ClientConnection)
+    events = []
+    async with asyncio.timeout(TIMEOUT):
+        while (event := json.loads(await client.recv()))["type"] != "error":
+            events.append(event)
+    return events
+
+
+async def test_room_names_are_case_sensitive(app: App) -> None:
+    upper = await join(app, "/c/Poll")
+    lower = await join(app, "/c/poll")
+    await upper.send(PLUS)
+    await wait_for_value(upper, 1)
+    await lower.send(MINUS)
+    await wait_for_value(lower, -1)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/c/",
+        "/c/" + "x" * 65,
+        "/c/with%20space",
+        "/c/dot.name",
+        "/c/a/b",
+        "/c/name/",
+        "/c/%C3%A9",
+        "/c",
+    ],
+)
+async def test_other_paths_under_c_are_404_for_page_and_websocket(app: App, path: str) -> None:
+    status, _ = await asyncio.to_thread(http_get, app.port, path)
+    assert status == 404
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(f"ws://127.0.0.1:{app.port}{path}")
+    assert refused.value.response.status_code == 404
+
+
+@pytest.mark.parametrize("name", ["a", "x" * 64, "Team_7-b"])
+async def test_valid_names_serve_the_page_and_join(app: App, name: str) -> None:
+    status, body = await asyncio.to_thread(http_get, app.port, f"/c/{name}")
+    assert status == 200
+    assert body.startswith(b"<!doctype html>")
+    client = await join(app, f"/c/{name}")
+    await client.send(PLUS)
+    await wait_for_value(client, 1)
+
+
+async def test_an_empty_room_is_released_and_its_value_kept(app: App) -> None:
+    client = await join(app, "/c/vote")
+    await client.send(PLUS)
+    await wait_for_value(client, 1)
+    await client.close()
+    await wait_until(lambda: "vote" not in app.hub.rooms)
+    assert (await health(app))["rooms"] == 0
+    again = await connect(f"ws://127.0.0.1:{app.port}/c/vote")
+    await wait_for_value(again, 1)  # its connect sequence shows the kept value
+
+
+async def test_a_room_back_at_zero_is_not_kept(app: App) -> None:
+    client = await join(app, "/c/temp")
+    await client.send(PLUS)
+    await wait_for_value(client, 1)
+    await client.send(MINUS)
+    await wait_for_value(client, 0)
+    await client.close()
+    await wait_until(lambda: "temp" not in app.hub.rooms)
+    assert "temp" not in app.hub.store.values  # type: ignore[attr-defined]
+
+
+async def test_healthz_counts_rooms_with_users_and_every_user(app: App) -> None:
+    await join(app, "/c/a")
+    await join(app, "/c/a")
+    await join(app, "/c/b")
+    status = await health(app)
+    assert (status["users"], status["rooms"]) == (3, 2)
+
+
+async def test_a_new_room_beyond_max_rooms_is_refused_with_503(start_server: StartServer) -> None:
+    app = await start_server(max_rooms=2)
+    await join(app, "/c/one")
+    await join(app, "/")  # the default room counts too
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(f"ws://127.0.0.1:{app.port}/c/two")
+    assert refused.value.response.status_code == 503
+    assert b"too many counters" in refused.value.response.body
+    await join(app, "/c/one")  # an open room still takes users
+
+
+async def test_memory_mode_caps_the_counters_kept_as_well(start_server: StartServer) -> None:
+    app = await start_server(max_rooms=3)
+    for name in ("a", "b"):
+        client = await join(app, f"/c/{name}")
+        await client.send(PLUS)
+        await wait_for_value(client, 1)
+        await client.close()
+        await wait_until(lambda name=name: name not in app.hub.rooms)  # type: ignore[misc]
+    # "/", "a" and "b" are kept (a and b hold 1): a fourth counter does not fit.
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(f"ws://127.0.0.1:{app.port}/c/c")
+    assert refused.value.response.status_code == 503
+
+
+async def test_a_burst_in_a_big_room_leaves_a_small_room_responsive(app: App) -> None:
+    big = [await join(app, "/c/big") for _ in range(50)]
+    small = await join(app, "/c/small")
+    for _ in range(2000):
+        await big[0].send(PLUS)
+    await small.send(PLUS)
+    await wait_for_value(small, 1)
+    await wait_for_value(big[-1], 2000)
+
+
+async def test_a_connection_refused_during_a_handshake_storm_gets_1013(
+    start_server: StartServer,
+) -> None:
+    app = await start_server(max_rooms=2)  # "/" and one more
+    results = await asyncio.gather(
+        *(connect(f"ws://127.0.0.1:{app.port}/c/r{index}") for index in range(6)),
+        return_exceptions=True,
+    )
+    opened = [result for result in results if not isinstance(result, BaseException)]
+    outcomes: list[int | str | None] = []
+    for client in opened:
+        try:
+            await client.send("{}")  # an open room answers with an error event
+            await wait_for_event(client, lambda event: event["type"] == "error")
+            outcomes.append("open")
+        except ConnectionClosed as closed:
+            outcomes.append(closed.rcvd.code if closed.rcvd else None)
+    assert outcomes.count("open") == 1
+    assert outcomes.count(1013) == len(opened) - 1

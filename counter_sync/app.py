@@ -6,17 +6,24 @@ import asyncio
 import dataclasses
 import functools
 import logging
+from typing import cast
 
-from websockets.asyncio.server import Server, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.frames import CloseCode
 
-from counter_sync.config import CLOSE_TIMEOUT, LISTEN_BACKLOG, WRITE_BUFFER_LIMIT, Settings
+from counter_sync.config import CLOSE_TIMEOUT, WRITE_BUFFER_LIMIT, Settings
+from counter_sync.connection import Connection, LivenessWatch
 from counter_sync.hub import Hub
-from counter_sync.store import MemoryStore, Store
-from counter_sync.web import process_request
+from counter_sync.store import MemoryStore, Store, StoreError
+from counter_sync.web import Web
 
 __all__ = ["App", "open_store", "start"]
 
 log = logging.getLogger("counter-sync")
+
+# Seconds a store may take to close (commit the last flushes, leave the
+# shared user count): beyond, the process exits anyway.
+STORE_CLOSE_TIMEOUT = 1.0
 
 
 @dataclasses.dataclass
@@ -25,36 +32,50 @@ class App:
 
     hub: Hub
     server: Server
+    watch: LivenessWatch
 
     @property
     def port(self) -> int:
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def close(self) -> None:
-        """Stop accepting, close every connection with 1001, release the store."""
-        self.server.close()
+    async def close(self, code: CloseCode = CloseCode.GOING_AWAY, reason: str = "") -> None:
+        """Stop accepting, close every connection (1001 by default), release the store."""
+        self.server.close(code=code, reason=reason)
+        # close() waits for the close frame to drain, and a stalled reader
+        # never drains: without the bound, shutdown would wait for the
+        # keepalive timeout. Aborting is safe: every action read is pending.
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                 await self.server.wait_closed()
         except TimeoutError:
-            # close() waits for the close frame to drain, and a stalled
-            # reader never drains: without this, shutdown would wait for the
-            # keepalive timeout.
-            # (Server.connections leaves out those already closing.)
-            for room in self.hub.rooms.values():
-                for websocket in room.users:
-                    websocket.transport.abort()
+            for websocket in self.every_user():
+                websocket.transport.abort()
             await self.server.wait_closed()
+        await self.watch.stop()
         flushes = [room.flush_task for room in self.hub.rooms.values() if room.flush_task]
-        await asyncio.gather(*flushes)
-        await self.hub.store.close()
+        await asyncio.gather(*flushes, return_exceptions=True)
+        try:
+            async with asyncio.timeout(STORE_CLOSE_TIMEOUT):
+                await self.hub.store.close()
+        except TimeoutError:
+            log.warning("the store did not close within %g s; exiting anyway", STORE_CLOSE_TIMEOUT)
+
+    def every_user(self) -> list[ServerConnection]:
+        # Not Server.connections: it leaves out those already closing.
+        return [websocket for room in self.hub.rooms.values() for websocket in room.users]
 
 
 def open_store(settings: Settings) -> Store:
     """Pick the store the flags ask for; import Redis or SQLite support only then."""
     if settings.redis is not None:
-        from counter_sync.redis_store import RedisStore
-
+        try:
+            from counter_sync.redis_store import RedisStore
+        except ModuleNotFoundError as exc:
+            if exc.name != "redis":
+                raise
+            raise StoreError(
+                "--redis needs the redis package: pip install 'counter-sync[redis]'"
+            ) from None
         return RedisStore(settings.redis, expiry=settings.redis_expiry)
     if settings.state is not None:
         from counter_sync.sqlite_store import SqliteStore
@@ -69,11 +90,15 @@ async def start(settings: Settings) -> App:
     await store.open()
     hub = Hub(settings, store)
     await hub.open_default_room()
+    keepalive = settings.ping_interval > 0 and settings.ping_timeout > 0
+    watch = LivenessWatch(settings.ping_interval + settings.ping_timeout if keepalive else None)
+    connection = functools.partial(Connection, gate=hub.gate, watch=watch)
     server = await serve(
-        hub.handler,
+        hub.handler,  # type: ignore[arg-type]  # it gets a Connection: create_connection
         settings.host,
         settings.port,
-        process_request=functools.partial(process_request, hub),
+        create_connection=cast(type[ServerConnection], connection),
+        process_request=Web(hub).process_request,
         # Messages are ~30 bytes: compression saves nothing and would cost
         # ~64 KiB of zlib state per connection.
         compression=None,
@@ -81,12 +106,14 @@ async def start(settings: Settings) -> App:
         ping_interval=settings.ping_interval or None,
         ping_timeout=settings.ping_timeout or None,
         close_timeout=CLOSE_TIMEOUT,
+        open_timeout=settings.handshake_timeout,
         write_limit=WRITE_BUFFER_LIMIT,
         # asyncio's default of 100 pending connections drops SYNs when many
         # clients reconnect at once (after a restart), costing each a 1 s retry.
-        backlog=LISTEN_BACKLOG,
+        backlog=settings.listen_backlog,
     )
+    watch.start()
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
         log.info("listening on ws://%s:%d/ (page at http://%s:%d/)", host, port, host, port)
-    return App(hub, server)
+    return App(hub, server, watch)

@@ -15,11 +15,17 @@ __all__ = [
     "CLOSE_TIMEOUT",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
+    "FD_HEADROOM",
     "FLUSH_PAUSE_RATIO",
+    "HANDSHAKE_TIMEOUT",
     "LISTEN_BACKLOG",
+    "LOG_INTERVAL",
     "MAX_MESSAGE_SIZE",
+    "MAX_PENDING",
+    "MAX_PENDING_PER_IP",
     "MAX_ROOMS",
     "MAX_USERS",
+    "MAX_USERS_PER_IP",
     "MAX_VALUE",
     "MIN_PACING_DELAY",
     "PING_INTERVAL",
@@ -35,6 +41,19 @@ DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 6789  # the classic example's port, so its page works unchanged
 MAX_MESSAGE_SIZE = 4 * 1024  # bytes; a valid action is ~20 bytes
 MAX_USERS = 10_000
+# Users from one client address (IPv4, or IPv6 /64) at once; beyond, 429.
+MAX_USERS_PER_IP = 100
+# Connections accepted whose handshake is not done yet, overall and per
+# address: a peer that connects and sends nothing holds at most this many.
+MAX_PENDING = 1_000
+MAX_PENDING_PER_IP = 20
+HANDSHAKE_TIMEOUT = 5.0  # seconds from accept to a finished handshake
+# Seconds between two warnings about one connection's input or one
+# address's refused handshakes; the next says how many were held back.
+LOG_INTERVAL = 10.0
+# Open files kept for everything that is not a client: the listening
+# sockets, the event loop, logs, the store's files or Redis connections.
+FD_HEADROOM = 64
 # Rooms with users at once; in memory mode also the counters kept in all.
 MAX_ROOMS = 10_000
 # Every counter stays within ±(2**53 - 1), the integers a browser's JSON.parse
@@ -74,6 +93,12 @@ class Settings:
     port: int = DEFAULT_PORT
     origins: tuple[str, ...] = ()
     max_users: int = MAX_USERS
+    max_users_per_ip: int = MAX_USERS_PER_IP
+    max_pending: int = MAX_PENDING
+    max_pending_per_ip: int = MAX_PENDING_PER_IP
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    trusted_proxies: tuple[str, ...] = ()  # addresses or networks, e.g. 10.0.0.0/8
+    listen_backlog: int = LISTEN_BACKLOG
     max_rooms: int = MAX_ROOMS
     max_message_size: int = MAX_MESSAGE_SIZE
     rate: float = RATE
@@ -82,4 +107,5 @@ class Settings:
     ping_timeout: float = PING_TIMEOUT
     redis: str | None = None  # URL: share the counter with other instances
     redis_expiry: float = REDIS_EXPIRY
-    state: str | None = None  # SQLite file: keep the counter across restarts
+    state: str | None = None  # SQLite file: keep the counters across restarts
+    log_format: str = "text"  # or "json"

@@ -36,11 +36,14 @@ from websockets.frames import CloseCode
 
 from counter_sync.admission import TokenBucket
 from counter_sync.config import FLUSH_PAUSE_RATIO, MAX_VALUE, MIN_PACING_DELAY, Settings
+from counter_sync.connection import Connection
 from counter_sync.fanout import FanOut, format_peer
+from counter_sync.logs import Throttle, fields
 from counter_sync.store import OutOfRange, Store, StoreUnavailable
 
 __all__ = [
     "ACTIONS",
+    "DELTAS",
     "BadMessage",
     "Room",
     "error_event",
@@ -72,15 +75,16 @@ def error_event(reason: str) -> str:
 
 # --- Parsing: the client -> server half, pure and socket-free -----------------
 
-ACTIONS = {"plus": +1, "minus": -1}
+ACTIONS = ("plus", "minus", "sync")
+DELTAS = {"plus": +1, "minus": -1}  # "sync" changes nothing: it asks for the state
 
 
 class BadMessage(ValueError):
     """A client message that is not a valid action; the text is the reply."""
 
 
-def parse_action(message: str | bytes) -> int:
-    """Turn one client message into the change it asks for (+1 or -1).
+def parse_action(message: str | bytes) -> str:
+    """Turn one client message into the action it asks for: "plus", "minus" or "sync".
 
     Raises :exc:`BadMessage` with a short reason for anything else, so the
     caller can reply and carry on instead of letting the handler crash.
@@ -98,8 +102,8 @@ def parse_action(message: str | bytes) -> int:
         raise BadMessage('missing "action"')
     action = event["action"]
     if not isinstance(action, str) or action not in ACTIONS:
-        raise BadMessage('unknown action; use "plus" or "minus"')
-    return ACTIONS[action]
+        raise BadMessage('unknown action; use "plus", "minus" or "sync"')
+    return action
 
 
 # --- A room: one counter, the users who watch it, one coalesced flush ---------
@@ -122,12 +126,14 @@ class Room:
         store: Store,
         fan_out: FanOut,
         on_empty: Callable[[Room], None],
+        on_doubt: Callable[[Exception], None],
     ) -> None:
         self.name = name
         self.settings = settings
         self.store = store
         self.fan_out = fan_out
         self.on_empty = on_empty  # the hub releases a room nobody is in
+        self.on_doubt = on_doubt  # the hub stops the server
         self.users: set[ServerConnection] = set()
         self.value = value
         # Accepted actions not yet committed, and who sent them (for errors).
@@ -223,26 +229,36 @@ class Room:
         value = self.value if self.observed is None else self.observed
         self.observed = None
         if senders:
-            healthy = self.store.healthy()
+            was_up = self.store.healthy()
             try:
                 value = await self.store.add(self.name, delta)
-            except Exception as exc:
+            except StoreUnavailable as exc:
                 # Not applied, so not counted: tell every sender instead of
                 # dropping their actions silently.
-                reason = (
-                    "value out of range" if isinstance(exc, OutOfRange) else "store unavailable"
-                )
-                if not isinstance(exc, StoreUnavailable):
-                    log.exception("store failed")
-                if healthy and not isinstance(exc, OutOfRange):  # one warning per outage
-                    log.warning(
-                        "store unavailable, actions from %d users rejected: %s", len(senders), exc
-                    )
-                for websocket, count in senders.items():
-                    broadcast([websocket], error_event(f"{reason}: {count} action(s) not applied"))
+                self.reject(senders, exc, outage_begins=was_up)
+            except Exception as exc:
+                # Applied or not, nobody can tell: answering "not applied"
+                # could be a lie, so answer nothing and let the hub stop.
+                self.on_doubt(exc)
+                return False
         changed = changed or value != self.value
         self.value = value
         return changed
+
+    def reject(
+        self, senders: dict[ServerConnection, int], exc: StoreUnavailable, *, outage_begins: bool
+    ) -> None:
+        """Tell each sender how many of its actions the store did not apply."""
+        reason = "value out of range" if isinstance(exc, OutOfRange) else "store unavailable"
+        if reason == "store unavailable" and outage_begins:  # one line per outage
+            log.warning(
+                "store unavailable, actions from %d users rejected: %s",
+                len(senders),
+                exc,
+                extra=fields("store_unavailable", room=self.name, reason=str(exc)),
+            )
+        for websocket, count in senders.items():
+            broadcast([websocket], error_event(f"{reason}: {count} action(s) not applied"))
 
     def count_users(self) -> int:
         """Users here, plus in shared mode those of the other live instances."""
@@ -268,17 +284,32 @@ class Room:
 
     # The connection handler: one per client, from connect to disconnect.
 
-    async def serve(self, websocket: ServerConnection) -> None:
+    async def serve(self, websocket: Connection) -> None:
         """Serve one client; whatever ends the connection, unregister it."""
         peer = format_peer(websocket)
         self.register(websocket)
-        log.info("%s connected to %s (%d here)", peer, self.name, len(self.users))
+        log.info(
+            "%s connected to %s (%d here)",
+            peer,
+            self.name,
+            len(self.users),
+            extra=fields("connect", peer=peer, room=self.name),
+        )
         try:
             await self.receive(websocket, peer)
         except ConnectionClosedError as exc:
             # The TCP connection was lost (1006) or the library failed it:
-            # keepalive timeout (1011), oversized message (1009).
-            log.info("%s lost: code %d, %s", peer, close_code(exc), exc)
+            # keepalive timeout (1011), oversized message (1009); or the
+            # liveness deadline aborted it (a drop reason says so).
+            reason = websocket.drop_reason or str(exc)
+            code = close_code(exc)
+            log.info(
+                "%s lost: code %d, %s",
+                peer,
+                code,
+                reason,
+                extra=fields("lost", peer=peer, room=self.name, code=code, reason=reason),
+            )
         else:
             # A close handshake (1000 or 1001) ends `async for` without raising.
             log.info(
@@ -286,36 +317,50 @@ class Room:
                 peer,
                 websocket.close_code,
                 websocket.close_reason,
+                extra=fields(
+                    "disconnect",
+                    peer=peer,
+                    room=self.name,
+                    code=websocket.close_code,
+                    reason=websocket.close_reason,
+                ),
             )
         finally:
             # Runs however the connection ends, even on a bug in receive().
             self.unregister(websocket)
 
-    async def receive(self, websocket: ServerConnection, peer: str) -> None:
+    async def receive(self, websocket: Connection, peer: str) -> None:
         """Read messages until the connection ends; reject bad ones, count good ones."""
         loop = asyncio.get_running_loop()
         bucket = None
         if self.settings.rate > 0:
             bucket = TokenBucket(self.settings.rate, self.settings.burst, loop.time())
-        limited = False
+        # One warning per interval for this connection, however much it sends.
+        warnings = Throttle()
         async for message in websocket:
             if bucket is not None and not bucket.take(loop.time()):
-                if not limited:  # one log line per episode, not per message
-                    log.warning("%s is over the rate limit", peer)
-                limited = True
+                warnings.warning(log, "%s is over the rate limit", peer, **rejected(peer, self))
                 await websocket.send(error_event("rate limit exceeded; action not counted"))
                 continue
-            limited = False
             try:
-                delta = parse_action(message)
+                action = parse_action(message)
             except BadMessage as exc:
-                log.warning("%s sent a bad message: %s", peer, exc)
+                warnings.warning(
+                    log, "%s sent a bad message: %s", peer, exc, **rejected(peer, self)
+                )
                 await websocket.send(error_event(str(exc)))
                 continue
-            if not self.fits(delta):
+            if action == "sync":
+                await websocket.send(self.users_message())
+                await websocket.send(self.state_message())
+            elif not self.fits(DELTAS[action]):
                 await websocket.send(error_event("value out of range; action not counted"))
-                continue
-            self.act(websocket, delta)
+            else:
+                self.act(websocket, DELTAS[action])
+
+
+def rejected(peer: str, room: Room) -> dict[str, object]:
+    return fields("rejected", peer=peer, room=room.name)
 
 
 def close_code(exc: ConnectionClosed) -> int:

@@ -11,22 +11,31 @@ go, its value stays in the store.
 from __future__ import annotations
 
 import asyncio
+import http
+import logging
 import re
 from collections import Counter
 
-from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
 from websockets.frames import CloseCode
 
+from counter_sync.admission import Gate, Refusal
 from counter_sync.config import Settings
+from counter_sync.connection import Connection
 from counter_sync.counter import Room
-from counter_sync.fanout import FanOut, cap_send_buffer
-from counter_sync.store import DEFAULT_ROOM, Store
+from counter_sync.fanout import FanOut, cap_send_buffer, format_peer
+from counter_sync.logs import fields
+from counter_sync.store import DEFAULT_ROOM, Store, StoreUnavailable
 
 __all__ = ["ROOM_NAME", "Hub", "room_from_path"]
+
+log = logging.getLogger("counter-sync")
 
 # /c/<name>: 1 to 64 of these characters, case-sensitive.
 ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ROOM_PREFIX = "/c/"
+# Headers admission reads one value of: two would make it guess which counts.
+SINGLE_HEADERS = ("Host", "Origin", "X-Forwarded-For")
 
 
 def room_from_path(path: str) -> str | None:
@@ -39,11 +48,12 @@ def room_from_path(path: str) -> str | None:
 
 
 class Hub:
-    """Every room of one server, and the observer its store reports to."""
+    """Every room of one server, the gate into them, and the observer its store reports to."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self.gate = Gate(settings)
         self.fan_out = FanOut()
         self.rooms: dict[str, Room] = {}
         # Rooms whose value is being loaded, and the handlers on their way
@@ -51,6 +61,9 @@ class Hub:
         self.opening: dict[str, asyncio.Future[Room]] = {}
         self.entering: Counter[str] = Counter()
         self.connections = 0
+        # Set when the store cannot tell whether a change was applied: the
+        # server must stop (see StoreInDoubt).
+        self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         store.watch(self)
 
     async def open_default_room(self) -> None:
@@ -61,11 +74,34 @@ class Hub:
         """Connections open on this instance, in every room."""
         return self.connections
 
+    def count_rooms_in_use(self) -> int:
+        """Rooms with users here."""
+        return sum(1 for room in self.rooms.values() if room.users)
+
+    # Who may come in: the same answer for the handshake and for the page's probe.
+
+    def refuse(self, room: str, *, peer_ip: str, headers: Headers) -> Refusal | None:
+        """Why a WebSocket to ``room`` from this request must be refused, or None."""
+        if any(len(headers.get_all(name)) > 1 for name in SINGLE_HEADERS):
+            return Refusal(
+                http.HTTPStatus.BAD_REQUEST, "malformed request", "repeated header", "malformed"
+            )
+        address = self.gate.client_address(peer_ip, headers.get("X-Forwarded-For"))
+        refusal = self.gate.refuse(
+            origin=headers.get("Origin"),
+            host=headers.get("Host"),
+            address=address,
+            users=self.count_here(),
+        )
+        if refusal is None and (reason := self.refuse_room(room)) is not None:
+            refusal = Refusal(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, reason, f"{reason} ({room})", "rooms"
+            )
+        return refusal
+
     def refuse_room(self, name: str) -> str | None:
-        """Why a connection to room ``name`` cannot be let in now, or None."""
-        if name in self.rooms:
-            return None
-        if name in self.opening:
+        """Why room ``name`` cannot take one more connection now, or None."""
+        if name in self.rooms or name in self.opening:
             return None
         # Rooms being opened count: their handlers wait for the store.
         in_use = len(self.rooms) + len(self.opening)
@@ -73,31 +109,58 @@ class Hub:
             return "too many counters in use"
         return None
 
+    # What the store reports.
+
     def observe(self, room: str, *, value: int | None = None, elsewhere: int | None = None) -> None:
         """The store's news about other instances goes to the room it concerns."""
         if (open_room := self.rooms.get(room)) is not None:
             open_room.observe(value=value, elsewhere=elsewhere)
 
-    async def handler(self, websocket: ServerConnection) -> None:
+    def store_in_doubt(self, exc: Exception) -> None:
+        """A commit's outcome is unknown: stop serving (see :exc:`StoreInDoubt`)."""
+        if not self.failed.done():
+            self.failed.set_result(f"{type(exc).__name__}: {exc}")
+
+    # The way in, after the handshake.
+
+    async def handler(self, websocket: Connection) -> None:
         """Serve one client after its handshake, in its room."""
-        assert websocket.request is not None  # the handshake is done
-        name = room_from_path(websocket.request.path.partition("?")[0])
+        request = websocket.request
+        assert request is not None  # the handshake is done
+        name = room_from_path(request.path.partition("?")[0])
         assert name is not None  # process_request let only room paths through
-        # process_request refuses first; this closes the few that passed it
-        # together during a storm of concurrent handshakes.
-        if self.count_here() >= self.settings.max_users:
-            await websocket.close(CloseCode.TRY_AGAIN_LATER, "server full")
+        # process_request refused what it could; this closes the few that
+        # passed it together during a storm of concurrent handshakes.
+        refusal = self.refuse(name, peer_ip=websocket.peer_ip, headers=request.headers)
+        if refusal is not None:
+            await websocket.close(CloseCode.TRY_AGAIN_LATER, refusal.reason)
             return
-        if (reason := self.refuse_room(name)) is not None:
-            await websocket.close(CloseCode.TRY_AGAIN_LATER, reason)
-            return
+        address = self.gate.client_address(
+            websocket.peer_ip, request.headers.get("X-Forwarded-For")
+        )
         cap_send_buffer(websocket)
         self.connections += 1
+        self.gate.user_joined(address)
         try:
             room = await self.enter(name)
+        except StoreUnavailable as exc:
+            self.unable_to_open(websocket, name, exc)
+            await websocket.close(CloseCode.TRY_AGAIN_LATER, "store unavailable")
+        else:
             await room.serve(websocket)
         finally:
             self.connections -= 1
+            self.gate.user_left(address)
+
+    def unable_to_open(self, websocket: Connection, name: str, exc: StoreUnavailable) -> None:
+        peer = format_peer(websocket)
+        log.warning(
+            "%s cannot join %s: %s",
+            peer,
+            name,
+            exc,
+            extra=fields("store_unavailable", peer=peer, room=name, reason=str(exc)),
+        )
 
     async def enter(self, name: str) -> Room:
         """The room called ``name``, opened on first use; the caller registers in it at once."""
@@ -127,6 +190,7 @@ class Hub:
             store=self.store,
             fan_out=self.fan_out,
             on_empty=self.release,
+            on_doubt=self.store_in_doubt,
         )
         return room
 

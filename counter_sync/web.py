@@ -1,8 +1,12 @@
-"""The HTTP side of the port: the page, the health check, and the gate for upgrades.
+"""The HTTP side of the port: the page, health, the admission probe, and the gate for upgrades.
 
 The library calls :func:`process_request` for every request before its
 handshake. A plain GET gets an answer here; a WebSocket upgrade gets through
-only if admission lets it (:mod:`counter_sync.admission`).
+only if the hub lets it in (:meth:`Hub.refuse <counter_sync.hub.Hub.refuse>`).
+
+Browsers do not show a page why its WebSocket handshake failed: the status
+code is hidden from scripts. So ``/admission`` answers the same question in
+JSON, for the page to show the reason in words.
 """
 
 from __future__ import annotations
@@ -11,18 +15,20 @@ import http
 import json
 import logging
 from importlib import resources
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from counter_sync.admission import Refusal, refuse_upgrade
+from counter_sync.admission import Refusal
+from counter_sync.connection import Connection
 from counter_sync.fanout import format_peer
 from counter_sync.hub import Hub, room_from_path
+from counter_sync.logs import ThrottleByKey, fields
 from counter_sync.store import DEFAULT_ROOM
 
-__all__ = ["PAGE", "process_request"]
+__all__ = ["PAGE", "Web"]
 
 log = logging.getLogger("counter-sync")
 
@@ -31,61 +37,99 @@ log = logging.getLogger("counter-sync")
 PAGE = resources.files("counter_sync") / "client.html"
 
 
-def process_request(hub: Hub, websocket: ServerConnection, request: Request) -> Response | None:
-    """Answer plain HTTP requests; let allowed WebSocket upgrades to a room through.
+class Web:
+    """Answers the requests that are not (yet) WebSockets, for one hub."""
 
-    ``/`` and ``/c/<name>`` are rooms: a GET is the page, an upgrade joins.
-    """
-    path = urlsplit(request.path).path
-    room = room_from_path(path)
-    upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-    if room is not None and upgrade:
-        return check_upgrade(hub, websocket, request, room)
-    if room is not None:
-        return html_response(websocket, PAGE.read_text(encoding="utf-8"))
-    if path == "/healthz":
-        return health(hub, websocket)
-    return websocket.respond(http.HTTPStatus.NOT_FOUND, "Not found\n")
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.page = PAGE.read_text(encoding="utf-8")
+        # One warning per client address per interval, however fast it knocks.
+        self.refusals = ThrottleByKey()
+
+    def process_request(self, websocket: ServerConnection, request: Request) -> Response | None:
+        """Answer plain HTTP requests; let allowed WebSocket upgrades to a room through.
+
+        ``/`` and ``/c/<name>`` are rooms: a GET is the page, an upgrade joins.
+        """
+        assert isinstance(websocket, Connection)
+        path = urlsplit(request.path).path
+        room = room_from_path(path)
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if room is not None and upgrade:
+            return self.check_upgrade(websocket, request, room)
+        if room is not None:
+            return respond(websocket, http.HTTPStatus.OK, self.page, "text/html; charset=utf-8")
+        if path == "/healthz":
+            return self.health(websocket)
+        if path == "/admission":
+            return self.admission(websocket, request)
+        return websocket.respond(http.HTTPStatus.NOT_FOUND, "Not found\n")
+
+    def check_upgrade(self, websocket: Connection, request: Request, room: str) -> Response | None:
+        refusal = self.hub.refuse(room, peer_ip=websocket.peer_ip, headers=request.headers)
+        if refusal is None:
+            return None
+        peer = format_peer(websocket)
+        self.refusals.warning(
+            websocket.peer_ip,
+            log,
+            "%s rejected: %s",
+            peer,
+            refusal.detail,
+            **fields(
+                "rejected", peer=peer, room=room, code=int(refusal.status), reason=refusal.reason
+            ),
+        )
+        return websocket.respond(refusal.status, f"{refusal.reason}\n")
+
+    def health(self, websocket: ServerConnection) -> Response:
+        healthy = self.hub.store.healthy()
+        body = {
+            "status": "ok" if healthy else "store unavailable",
+            "users": self.hub.count_here(),
+            "rooms": self.hub.count_rooms_in_use(),
+            "value": self.hub.rooms[DEFAULT_ROOM].value,
+        }
+        status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
+        return respond(websocket, status, json.dumps(body) + "\n", "application/json")
+
+    def admission(self, websocket: Connection, request: Request) -> Response:
+        """Would a WebSocket to this room, from this page, be let in now? Why not?
+
+        The page says its own origin in the query: a same-origin fetch sends
+        no Origin header. Nothing is granted here, so the answer is for anyone
+        (``Access-Control-Allow-Origin: *``).
+        """
+        query = parse_qs(urlsplit(request.path).query)
+        name = query.get("room", [DEFAULT_ROOM])[0]
+        room = DEFAULT_ROOM if name == DEFAULT_ROOM else room_from_path(f"/c/{name}")
+        if room is None:
+            refusal: Refusal | None = Refusal(
+                http.HTTPStatus.NOT_FOUND, "no such counter", name, "path"
+            )
+        else:
+            headers = Headers(request.headers)
+            if "Origin" in headers:
+                del headers["Origin"]
+            if "origin" in query:
+                headers["Origin"] = query["origin"][0]
+            refusal = self.hub.refuse(room, peer_ip=websocket.peer_ip, headers=headers)
+        answer: dict[str, object] = {"admitted": refusal is None}
+        if refusal is not None:
+            answer.update(status=int(refusal.status), reason=refusal.reason)
+        response = respond(
+            websocket, http.HTTPStatus.OK, json.dumps(answer) + "\n", "application/json"
+        )
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
 
-def check_upgrade(
-    hub: Hub, websocket: ServerConnection, request: Request, room: str
-) -> Response | None:
-    refusal = refuse_upgrade(
-        hub.settings,
-        origin=request.headers.get("Origin"),
-        host=request.headers.get("Host"),
-        users=hub.count_here(),
-    )
-    if refusal is None and (reason := hub.refuse_room(room)) is not None:
-        refusal = Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, reason, f"{reason} ({room})")
-    if refusal is None:
-        return None
-    log.warning("%s rejected: %s", format_peer(websocket), refusal.detail)
-    return websocket.respond(refusal.status, f"{refusal.reason}\n")
-
-
-def health(hub: Hub, websocket: ServerConnection) -> Response:
-    healthy = hub.store.healthy()
-    body = {
-        "status": "ok" if healthy else "store unavailable",
-        "users": hub.count_here(),
-        "rooms": sum(1 for room in hub.rooms.values() if room.users),
-        "value": hub.rooms[DEFAULT_ROOM].value,
-    }
-    status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
-    response = websocket.respond(status, json.dumps(body) + "\n")
-    set_content_type(response.headers, "application/json")
-    return response
-
-
-def html_response(websocket: ServerConnection, page: str) -> Response:
-    response = websocket.respond(http.HTTPStatus.OK, page)
-    set_content_type(response.headers, "text/html; charset=utf-8")
-    return response
-
-
-def set_content_type(headers: Headers, value: str) -> None:
+def respond(
+    websocket: ServerConnection, status: http.HTTPStatus, body: str, content_type: str
+) -> Response:
+    response = websocket.respond(status, body)
     # Headers is a multi-dict: assigning would add a second Content-Type.
-    del headers["Content-Type"]
-    headers["Content-Type"] = value
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = content_type
+    return response

@@ -47,8 +47,8 @@ def server_process() -> Iterator[StartProcess]:
     """Start ``python server.py`` subprocesses; any left running are killed."""
     processes: list[ServerProcess] = []
 
-    def start_process(*args: str) -> ServerProcess:
-        process = ServerProcess(*args)
+    def start_process(*args: str, **options: Any) -> ServerProcess:
+        process = ServerProcess(*args, **options)
         processes.append(process)
         return process
 

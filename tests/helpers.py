@@ -169,10 +169,21 @@ class LoggedProcess:
 class ServerProcess(LoggedProcess):
     """``python server.py`` from the checkout, ready once it logs the port it listens on."""
 
-    def __init__(self, *args: str, timeout: float = TIMEOUT, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        timeout: float = TIMEOUT,
+        log_path: Path | None = None,
+        open_files: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         argv = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0"]
+        if open_files is not None:
+            # Soft and hard: a limit the server cannot raise, as under a strict LimitNOFILE.
+            argv = ["sh", "-c", f'ulimit -n {open_files} && exec "$@"', "sh", *argv]
         super().__init__(
             [*argv, *args],
+            env=env,
             ready=r"listening on ws://[^ ]+:(\d+)/",
             timeout=timeout,
             log_path=log_path,

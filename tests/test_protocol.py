@@ -11,7 +11,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from counter_sync.admission import TokenBucket
-from counter_sync.counter import BadMessage, parse_action, state_event, users_event
+from counter_sync.counter import DELTAS, BadMessage, parse_action, state_event, users_event
 from counter_sync.fanout import text_frame
 
 json_values = st.recursive(
@@ -21,15 +21,17 @@ json_values = st.recursive(
 )
 
 
-@pytest.mark.parametrize(
-    ("message", "delta"), [('{"action": "plus"}', 1), ('{"action": "minus"}', -1)]
-)
-def test_plus_and_minus_are_the_two_actions(message: str, delta: int) -> None:
-    assert parse_action(message) == delta
+@pytest.mark.parametrize("action", ["plus", "minus", "sync"])
+def test_plus_minus_and_sync_are_the_actions(action: str) -> None:
+    assert parse_action(json.dumps({"action": action})) == action
+
+
+def test_plus_and_minus_change_the_value_by_one_and_sync_changes_nothing() -> None:
+    assert DELTAS == {"plus": 1, "minus": -1}
 
 
 def test_extra_keys_beside_a_valid_action_are_ignored() -> None:
-    assert parse_action('{"action": "plus", "from": "kiosk"}') == 1
+    assert parse_action('{"action": "plus", "from": "kiosk"}') == "plus"
 
 
 @pytest.mark.parametrize(
@@ -57,23 +59,23 @@ def test_bad_messages_are_rejected_with_a_reason(message: str | bytes, reason: s
 @given(st.text(max_size=200))
 def test_any_text_is_an_action_or_a_bad_message(message: str) -> None:
     try:
-        delta = parse_action(message)
+        action = parse_action(message)
     except BadMessage:
         return
-    assert json.loads(message)["action"] in ("plus", "minus")
-    assert delta in (1, -1)
+    assert json.loads(message)["action"] == action
+    assert action in ("plus", "minus", "sync")
 
 
 @given(json_values)
 def test_any_json_is_an_action_or_a_bad_message(value: object) -> None:
     message = json.dumps(value)
     try:
-        delta = parse_action(message)
+        action = parse_action(message)
     except BadMessage:
-        assert not (isinstance(value, dict) and value.get("action") in ("plus", "minus"))
+        assert not (isinstance(value, dict) and value.get("action") in ("plus", "minus", "sync"))
         return
     assert isinstance(value, dict)
-    assert delta == {"plus": 1, "minus": -1}[value["action"]]
+    assert action == value["action"]
 
 
 @given(st.binary(max_size=100))

@@ -1,0 +1,118 @@
+"""Logs for operators: bounded warnings, fields on every record, text or JSON lines.
+
+A hostile client can make warnings as fast as it can send: every warning
+about one connection's input, or one address's refused handshakes, goes
+through a :class:`Throttle`, which lets one line through per interval and
+says in the next how many it held back.
+
+Records about a connection carry fields (``event``, ``peer``, ``room``,
+``code``, ``reason``) besides their message: the text format shows the
+message, ``--log-format json`` writes the fields as one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from counter_sync.config import LOG_INTERVAL
+
+__all__ = ["FIELDS", "JsonFormatter", "Throttle", "ThrottleByKey", "fields", "setup_logging"]
+
+FIELDS = ("event", "peer", "room", "code", "reason")
+
+
+def fields(event: str, **values: object) -> dict[str, object]:
+    """The ``extra=`` of a log call: the event's name and what it concerns."""
+    return {"event": event, **values}
+
+
+class Throttle:
+    """At most one warning per interval; the next one says how many were held back."""
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.held_back = 0
+
+    def warning(self, logger: logging.Logger, message: str, *args: object, **extra: Any) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.held_back += 1
+            return
+        if self.held_back:
+            message += " (%d more like this held back)"
+            args = (*args, self.held_back)
+        self.held_back = 0
+        self.next_at = now + self.interval
+        logger.warning(message, *args, extra=extra)
+
+
+class ThrottleByKey:
+    """One :class:`Throttle` per key (a client address), forgetting idle keys."""
+
+    # Keys kept before the idle ones are dropped: bounds the memory an
+    # attacker with many addresses can make this hold.
+    MAX_KEYS = 4096
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.throttles: dict[str, Throttle] = {}
+
+    def warning(
+        self, key: str, logger: logging.Logger, message: str, *args: object, **extra: Any
+    ) -> None:
+        throttle = self.throttles.get(key)
+        if throttle is None:
+            if len(self.throttles) >= self.MAX_KEYS:
+                self.forget_idle()
+            throttle = self.throttles[key] = Throttle(self.interval)
+        throttle.warning(logger, message, *args, **extra)
+
+    def forget_idle(self) -> None:
+        now = time.monotonic()
+        self.throttles = {
+            key: throttle
+            for key, throttle in self.throttles.items()
+            if throttle.next_at > now or throttle.held_back
+        }
+        if len(self.throttles) >= self.MAX_KEYS:
+            self.throttles.clear()  # all busy: start over rather than grow
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, event, message and the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", "log"),
+            "message": record.getMessage(),
+        }
+        for name in FIELDS[1:]:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(log_format: str, *, levels: Mapping[str, int] | None = None) -> None:
+    """Log to stderr as readable text (the default) or as JSON lines."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    for name, level in (levels or {}).items():
+        logging.getLogger(name).setLevel(level)

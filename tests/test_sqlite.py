@@ -34,7 +34,6 @@ from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
     ROOT,
     TIMEOUT,
-    LoggedProcess,
     ServerProcess,
     join,
     require_binary,
@@ -73,15 +72,10 @@ async def connect_sequence(websocket: ClientConnection) -> int:
     return int(state["value"])
 
 
-async def value_on_start(process: LoggedProcess, name: str = "/") -> int:
+async def value_on_start(process: ServerProcess, name: str = "/") -> int:
     """The value a freshly started server shows the first client of a room."""
-    async with connect(room_url(port_of(process), name)) as websocket:
+    async with connect(room_url(process.port, name)) as websocket:
         return await connect_sequence(websocket)
-
-
-def port_of(process: LoggedProcess) -> int:
-    assert process.match is not None  # LoggedProcess waited for the port
-    return int(process.match.group(1))
 
 
 def stored_value(path: Path, name: str = "/") -> int:
@@ -207,7 +201,11 @@ class FaultyDisk:
     trigger: Path
 
     def fail(self, how: str) -> None:
-        """Make the WAL's I/O fail: ``"eio"`` or ``"enospc"``, then ``"sync"`` or ``"write"``."""
+        """Make the WAL's I/O fail: ``"eio"`` or ``"enospc"``, then maybe ``"sync"`` or ``"write"``.
+
+        With ``"sync"`` only fsync fails, so the commit's frames are written
+        first; with ``"write"`` only the writes; with neither, both.
+        """
         self.trigger.write_text(how)
 
     def heal(self) -> None:
@@ -238,29 +236,6 @@ def fault_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def faulty_disk(fault_library: Path, tmp_path: Path) -> FaultyDisk:
     return FaultyDisk(fault_library, tmp_path / "fault-trigger")
-
-
-StartOnFaultyDisk = Callable[..., LoggedProcess]
-
-
-@pytest.fixture
-def server_on_faulty_disk(faulty_disk: FaultyDisk) -> Iterator[StartOnFaultyDisk]:
-    """Start ``python server.py`` with the fault library preloaded; kill any left running."""
-    processes: list[LoggedProcess] = []
-
-    def start(*args: str) -> LoggedProcess:
-        argv = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0"]
-        process = LoggedProcess(
-            [*argv, *args],
-            ready=r"listening on ws://[^ ]+:(\d+)/",
-            env=faulty_disk.environment(),
-        )
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.kill()
 
 
 # --- The store itself ---------------------------------------------------------
@@ -714,15 +689,11 @@ async def events_until_closed_or_rejected(websocket: ClientConnection) -> list[d
 
 @pytest.mark.parametrize("fault", ["eio sync", "eio write"])
 async def test_io_error_in_a_commit_stops_the_server_without_saying_not_applied(
-    fault: str,
-    server_on_faulty_disk: StartOnFaultyDisk,
-    faulty_disk: FaultyDisk,
-    server_process: StartProcess,
-    tmp_path: Path,
+    fault: str, faulty_disk: FaultyDisk, server_process: StartProcess, tmp_path: Path
 ) -> None:
     state = str(tmp_path / "counter.sqlite")
-    process = server_on_faulty_disk("--rate", "0", "--state", state)
-    async with connect(room_url(port_of(process))) as websocket:
+    process = server_process("--rate", "0", "--state", state, env=faulty_disk.environment())
+    async with connect(process.url) as websocket:
         assert await connect_sequence(websocket) == 0
         for _ in range(3):
             await websocket.send(PLUS)
@@ -745,15 +716,12 @@ async def test_io_error_in_a_commit_stops_the_server_without_saying_not_applied(
 
 
 async def test_full_disk_in_a_commit_rejects_the_actions_and_the_server_carries_on(
-    server_on_faulty_disk: StartOnFaultyDisk,
-    faulty_disk: FaultyDisk,
-    server_process: StartProcess,
-    tmp_path: Path,
+    faulty_disk: FaultyDisk, server_process: StartProcess, tmp_path: Path
 ) -> None:
     state = str(tmp_path / "counter.sqlite")
-    process = server_on_faulty_disk("--rate", "0", "--state", state)
-    port = port_of(process)
-    async with connect(room_url(port)) as websocket:
+    process = server_process("--rate", "0", "--state", state, env=faulty_disk.environment())
+    port = process.port
+    async with connect(process.url) as websocket:
         assert await connect_sequence(websocket) == 0
         await websocket.send(PLUS)
         await wait_for_value(websocket, 1)

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import random
 from typing import cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -13,6 +14,7 @@ from websockets.frames import CloseCode
 
 from counter_sync.config import CLOSE_TIMEOUT, WRITE_BUFFER_LIMIT, Settings
 from counter_sync.connection import Connection, LivenessWatch
+from counter_sync.fanout import cap_socket_buffers
 from counter_sync.hub import Hub
 from counter_sync.store import MemoryStore, Store, StoreError
 from counter_sync.web import Web
@@ -52,6 +54,7 @@ class App:
                 websocket.transport.abort()
             await self.server.wait_closed()
         await self.watch.stop()
+        await self.hub.metrics.stop()
         flushes = [room.flush_task for room in self.hub.rooms.values() if room.flush_task]
         await asyncio.gather(*flushes, return_exceptions=True)
         try:
@@ -59,6 +62,26 @@ class App:
                 await self.hub.store.close()
         except TimeoutError:
             log.warning("the store did not close within %g s; exiting anyway", STORE_CLOSE_TIMEOUT)
+
+    async def drain(self, seconds: float) -> None:
+        """Close every connection with 1012, spread evenly over ``seconds``, then stop.
+
+        Readiness answers 503 and new handshakes are refused from the start,
+        so a load balancer sends new clients elsewhere; clients reconnect at
+        the pace they were closed, not all in the same second. Connections
+        still open keep being served: their actions count.
+        """
+        self.hub.draining = True
+        loop = asyncio.get_running_loop()
+        users = self.every_user()
+        random.shuffle(users)  # no room goes first
+        started = loop.time()
+        closing = []
+        for index, websocket in enumerate(users):
+            await asyncio.sleep(max(0.0, started + seconds * index / len(users) - loop.time()))
+            closing.append(asyncio.create_task(websocket.close(CloseCode.SERVICE_RESTART)))
+        await asyncio.gather(*closing, return_exceptions=True)
+        await self.close(CloseCode.SERVICE_RESTART)
 
     def every_user(self) -> list[ServerConnection]:
         # Not Server.connections: it leaves out those already closing.
@@ -92,7 +115,7 @@ async def start(settings: Settings) -> App:
     await hub.open_default_room()
     keepalive = settings.ping_interval > 0 and settings.ping_timeout > 0
     watch = LivenessWatch(settings.ping_interval + settings.ping_timeout if keepalive else None)
-    connection = functools.partial(Connection, gate=hub.gate, watch=watch)
+    connection = functools.partial(Connection, gate=hub.gate, watch=watch, metrics=hub.metrics)
     server = await serve(
         hub.handler,  # type: ignore[arg-type]  # it gets a Connection: create_connection
         settings.host,
@@ -111,8 +134,13 @@ async def start(settings: Settings) -> App:
         # asyncio's default of 100 pending connections drops SYNs when many
         # clients reconnect at once (after a restart), costing each a 1 s retry.
         backlog=settings.listen_backlog,
+        start_serving=False,
     )
+    for sock in server.sockets:
+        cap_socket_buffers(sock)  # before the first connection is accepted
+    await server.start_serving()
     watch.start()
+    hub.metrics.start()
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
         log.info("listening on ws://%s:%d/ (page at http://%s:%d/)", host, port, host, port)

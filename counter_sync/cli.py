@@ -188,6 +188,15 @@ def build_parser(prog: str) -> OneLineParser:
     )
     add("--state", metavar="PATH", help="keep the counters in this SQLite file across restarts")
     add(
+        "--drain-seconds",
+        type=non_negative(float),
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, refuse new connections and answer /readyz with 503 at once, then "
+        "close the open ones with 1012 (service restart) spread over this time; 0 closes "
+        "them all at once with 1001",
+    )
+    add(
         "--log-format",
         choices=("text", "json"),
         default="text",
@@ -229,11 +238,14 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = "counter-sync")
         redis_expiry=args.redis_expiry,
         state=args.state,
         log_format=args.log_format,
+        drain_seconds=args.drain_seconds,
     )
 
 
 async def run(settings: Settings) -> int:
-    """Serve until SIGINT or SIGTERM, then close every connection with 1001; return the status.
+    """Serve until SIGINT or SIGTERM, then close every connection (drained, or at once).
+
+    Return the exit status.
 
     A store that cannot tell whether a change was applied stops the server
     too: with one line, 1011 to every client, and status 1.
@@ -255,8 +267,12 @@ async def run(settings: Settings) -> int:
         )
         await app.close(CloseCode.INTERNAL_ERROR, "store failed")
         return 1
-    log.info("shutting down")
-    await app.close()
+    if settings.drain_seconds > 0:
+        log.info("draining: closing every connection with 1012 over %g s", settings.drain_seconds)
+        await app.drain(settings.drain_seconds)
+    else:
+        log.info("shutting down")
+        await app.close()
     return 0
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "PING_TIMEOUT",
     "RATE",
     "REDIS_EXPIRY",
+    "SOCKET_RECEIVE_BUFFER",
     "SOCKET_SEND_BUFFER",
     "WRITE_BUFFER_LIMIT",
     "Settings",
@@ -71,6 +72,9 @@ WRITE_BUFFER_LIMIT = 16 * 1024
 # hundreds of KiB, where a stalled reader would hoard thousands of stale
 # updates that the user-space limit above cannot see.
 SOCKET_SEND_BUFFER = 16 * 1024
+# Kernel receive buffer per connection: a client's messages are tiny, and a
+# flood of pings is read (and answered) at most this much at a time.
+SOCKET_RECEIVE_BUFFER = 16 * 1024
 # Under load, the pause after a broadcast is this many times its CPU time, so
 # broadcasting takes at most a third of the time and the rest goes to reading
 # clients and handshakes. Measured with the bench (join storm, N=1000): no
@@ -109,3 +113,4 @@ class Settings:
     redis_expiry: float = REDIS_EXPIRY
     state: str | None = None  # SQLite file: keep the counters across restarts
     log_format: str = "text"  # or "json"
+    drain_seconds: float = 0.0  # SIGTERM: close with 1012 spread over this time

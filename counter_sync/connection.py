@@ -32,6 +32,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from counter_sync.admission import Gate
+from counter_sync.metrics import Metrics
 
 __all__ = ["Connection", "LivenessWatch"]
 
@@ -50,10 +51,12 @@ class Connection(ServerConnection):
         *,
         gate: Gate,
         watch: LivenessWatch,
+        metrics: Metrics,
         **options: Any,
     ) -> None:
         super().__init__(protocol, server, **options)
         self.gate = gate
+        self.metrics = metrics
         self.watch = watch
         self.peer_ip = ""
         self.pending = False  # counted among the handshakes in progress
@@ -79,6 +82,7 @@ class Connection(ServerConnection):
             self.pending = True
         else:
             # Before a byte is read: an open file costs more than a reset.
+            self.metrics.handshakes_rejected.labels("pending").inc()
             self.transport.abort()
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:

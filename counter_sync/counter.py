@@ -39,6 +39,7 @@ from counter_sync.config import FLUSH_PAUSE_RATIO, MAX_VALUE, MIN_PACING_DELAY, 
 from counter_sync.connection import Connection
 from counter_sync.fanout import FanOut, format_peer
 from counter_sync.logs import Throttle, fields
+from counter_sync.metrics import Metrics
 from counter_sync.store import OutOfRange, Store, StoreUnavailable
 
 __all__ = [
@@ -125,6 +126,7 @@ class Room:
         settings: Settings,
         store: Store,
         fan_out: FanOut,
+        metrics: Metrics,
         on_empty: Callable[[Room], None],
         on_doubt: Callable[[Exception], None],
     ) -> None:
@@ -132,6 +134,7 @@ class Room:
         self.settings = settings
         self.store = store
         self.fan_out = fan_out
+        self.metrics = metrics
         self.on_empty = on_empty  # the hub releases a room nobody is in
         self.on_doubt = on_doubt  # the hub stops the server
         self.users: set[ServerConnection] = set()
@@ -203,6 +206,7 @@ class Room:
                 delay = self.next_flush_at - loop.time()
                 if delay > MIN_PACING_DELAY:
                     await asyncio.sleep(delay)
+                flush_started = loop.time()
                 newcomers, self.newcomers = self.newcomers, []
                 users_changed, self.users_dirty = self.users_dirty, False
                 if users_changed:
@@ -215,6 +219,7 @@ class Room:
                 self.publish(users_changed, state_changed, newcomers)
                 busy = time.thread_time() - started
                 self.next_flush_at = loop.time() + FLUSH_PAUSE_RATIO * busy
+                self.metrics.flush_seconds.observe(loop.time() - flush_started)
         finally:
             self.flush_task = None
             if not self.users:
@@ -231,7 +236,8 @@ class Room:
         if senders:
             was_up = self.store.healthy()
             try:
-                value = await self.store.add(self.name, delta)
+                with self.metrics.store_commit_seconds.time():
+                    value = await self.store.add(self.name, delta)
             except StoreUnavailable as exc:
                 # Not applied, so not counted: tell every sender instead of
                 # dropping their actions silently.
@@ -241,6 +247,8 @@ class Room:
                 # could be a lie, so answer nothing and let the hub stop.
                 self.on_doubt(exc)
                 return False
+            else:
+                self.metrics.actions.labels("accepted").inc(sum(senders.values()))
         changed = changed or value != self.value
         self.value = value
         return changed
@@ -250,6 +258,8 @@ class Room:
     ) -> None:
         """Tell each sender how many of its actions the store did not apply."""
         reason = "value out of range" if isinstance(exc, OutOfRange) else "store unavailable"
+        result = reason.replace("value ", "").replace(" ", "_")
+        self.metrics.actions.labels(result).inc(sum(senders.values()))
         if reason == "store unavailable" and outage_begins:  # one line per outage
             log.warning(
                 "store unavailable, actions from %d users rejected: %s",
@@ -303,6 +313,7 @@ class Room:
             # liveness deadline aborted it (a drop reason says so).
             reason = websocket.drop_reason or str(exc)
             code = close_code(exc)
+            self.metrics.disconnects.labels(disconnect_kind(websocket, exc)).inc()
             log.info(
                 "%s lost: code %d, %s",
                 peer,
@@ -312,6 +323,7 @@ class Room:
             )
         else:
             # A close handshake (1000 or 1001) ends `async for` without raising.
+            self.metrics.disconnects.labels(disconnect_kind(websocket, None)).inc()
             log.info(
                 "%s disconnected: code %s, reason %r",
                 peer,
@@ -339,21 +351,25 @@ class Room:
         warnings = Throttle()
         async for message in websocket:
             if bucket is not None and not bucket.take(loop.time()):
+                self.metrics.actions.labels("rate_limited").inc()
                 warnings.warning(log, "%s is over the rate limit", peer, **rejected(peer, self))
                 await websocket.send(error_event("rate limit exceeded; action not counted"))
                 continue
             try:
                 action = parse_action(message)
             except BadMessage as exc:
+                self.metrics.actions.labels("bad_message").inc()
                 warnings.warning(
                     log, "%s sent a bad message: %s", peer, exc, **rejected(peer, self)
                 )
                 await websocket.send(error_event(str(exc)))
                 continue
             if action == "sync":
+                self.metrics.actions.labels("sync").inc()
                 await websocket.send(self.users_message())
                 await websocket.send(self.state_message())
             elif not self.fits(DELTAS[action]):
+                self.metrics.actions.labels("out_of_range").inc()
                 await websocket.send(error_event("value out of range; action not counted"))
             else:
                 self.act(websocket, DELTAS[action])
@@ -361,6 +377,24 @@ class Room:
 
 def rejected(peer: str, room: Room) -> dict[str, object]:
     return fields("rejected", peer=peer, room=room.name)
+
+
+def disconnect_kind(websocket: Connection, exc: ConnectionClosed | None) -> str:
+    """How a connection ended, in the words of the disconnects metric."""
+    if websocket.drop_reason is not None:
+        return "liveness_deadline"
+    if exc is None:  # a close handshake: who started it?
+        return "clean_close" if websocket.protocol.close_rcvd_then_sent else "shutdown"
+    if exc.rcvd is not None:  # the peer closed, with a code of its own
+        return "clean_close"
+    if exc.sent is None:  # no close frame either way: TCP went away
+        return "connection_lost"
+    # The library failed the connection: why is in the code it sent.
+    failures: dict[int, str] = {
+        CloseCode.INTERNAL_ERROR: "keepalive_timeout",
+        CloseCode.MESSAGE_TOO_BIG: "oversize",
+    }
+    return failures.get(exc.sent.code, "other")
 
 
 def close_code(exc: ConnectionClosed) -> int:

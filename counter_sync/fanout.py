@@ -21,9 +21,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-from counter_sync.config import SOCKET_SEND_BUFFER, WRITE_BUFFER_LIMIT
+from counter_sync.config import SOCKET_RECEIVE_BUFFER, SOCKET_SEND_BUFFER, WRITE_BUFFER_LIMIT
+from counter_sync.metrics import Metrics
 
-__all__ = ["Audience", "FanOut", "cap_send_buffer", "format_peer", "text_frame"]
+__all__ = ["Audience", "FanOut", "cap_socket_buffers", "format_peer", "text_frame"]
 
 log = logging.getLogger("counter-sync")
 
@@ -55,7 +56,8 @@ def text_frame(message: str) -> bytes:
 class FanOut:
     """Writes broadcasts, and owns the catch-up of the connections it skipped."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
         # Connections skipped for a full buffer, each with a catch-up task.
         self.lagging: set[ServerConnection] = set()
         self.background: set[asyncio.Task[None]] = set()
@@ -65,21 +67,31 @@ class FanOut:
     ) -> None:
         """Send to every connection that keeps up; the others catch up when drained."""
         frame = text_frame(message)
+        sent = skipped = 0
         for websocket in websockets:
             # Like broadcast(): only open connections, and one failure never
             # stops the others.
             if websocket in self.lagging or websocket.protocol.state is not State.OPEN:
+                skipped += websocket in self.lagging
                 continue
             transport = websocket.transport
             if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
                 self.start_catch_up(websocket, audience)
+                skipped += 1
                 continue
             try:
                 transport.write(frame)
             except Exception as exc:
                 log.warning("%s skipped: %s", format_peer(websocket), exc)
+            else:
+                sent += 1
+        # Counted once per broadcast, not per frame: the loop above is the hot path.
+        self.metrics.broadcasts.inc()
+        self.metrics.frames_sent.inc(sent)
+        self.metrics.slow_consumer_skips.inc(skipped)
 
     def start_catch_up(self, websocket: ServerConnection, audience: Audience) -> None:
+        self.metrics.catch_ups.inc()
         self.lagging.add(websocket)
         task = asyncio.create_task(self.catch_up(websocket, audience))
         self.background.add(task)
@@ -105,11 +117,16 @@ class FanOut:
             self.lagging.discard(websocket)
 
 
-def cap_send_buffer(websocket: ServerConnection) -> None:
-    """Cap the kernel's send buffer for this connection at ``SOCKET_SEND_BUFFER``."""
-    sock = websocket.transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
+def cap_socket_buffers(sock: socket.socket) -> None:
+    """Cap the kernel's buffers of a listening socket; the accepted ones inherit the caps.
+
+    Send side: Linux would autotune it to hundreds of KiB, where a stalled
+    reader hoards thousands of stale updates. Receive side: one read takes
+    what the kernel holds, and a client's pings are answered per read, so a
+    small buffer bounds the pongs one read can queue.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RECEIVE_BUFFER)
 
 
 def format_peer(websocket: ServerConnection) -> str:

@@ -23,8 +23,9 @@ from counter_sync.admission import Gate, Refusal
 from counter_sync.config import Settings
 from counter_sync.connection import Connection
 from counter_sync.counter import Room
-from counter_sync.fanout import FanOut, cap_send_buffer, format_peer
+from counter_sync.fanout import FanOut, format_peer
 from counter_sync.logs import fields
+from counter_sync.metrics import Metrics
 from counter_sync.store import DEFAULT_ROOM, Store, StoreUnavailable
 
 __all__ = ["ROOM_NAME", "Hub", "room_from_path"]
@@ -54,13 +55,21 @@ class Hub:
         self.settings = settings
         self.store = store
         self.gate = Gate(settings)
-        self.fan_out = FanOut()
+        self.metrics = Metrics()
+        self.metrics.read_live(
+            connections=self.count_here,
+            rooms=self.count_rooms_in_use,
+            pending_handshakes=lambda: self.gate.pending,
+        )
+        self.fan_out = FanOut(self.metrics)
         self.rooms: dict[str, Room] = {}
         # Rooms whose value is being loaded, and the handlers on their way
         # into a room: a room is not released while someone is entering it.
         self.opening: dict[str, asyncio.Future[Room]] = {}
         self.entering: Counter[str] = Counter()
         self.connections = 0
+        # Set on SIGTERM with --drain-seconds: not ready, no new connections.
+        self.draining = False
         # Set when the store cannot tell whether a change was applied: the
         # server must stop (see StoreInDoubt).
         self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -74,6 +83,14 @@ class Hub:
         """Connections open on this instance, in every room."""
         return self.connections
 
+    def not_ready(self) -> str | None:
+        """Why a load balancer should send no new clients here now, or None."""
+        if self.draining:
+            return "draining"
+        if not self.store.healthy():
+            return "store unavailable"
+        return None
+
     def count_rooms_in_use(self) -> int:
         """Rooms with users here."""
         return sum(1 for room in self.rooms.values() if room.users)
@@ -82,6 +99,13 @@ class Hub:
 
     def refuse(self, room: str, *, peer_ip: str, headers: Headers) -> Refusal | None:
         """Why a WebSocket to ``room`` from this request must be refused, or None."""
+        if self.draining:
+            return Refusal(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "server is restarting",
+                "draining",
+                "draining",
+            )
         if any(len(headers.get_all(name)) > 1 for name in SINGLE_HEADERS):
             return Refusal(
                 http.HTTPStatus.BAD_REQUEST, "malformed request", "repeated header", "malformed"
@@ -133,12 +157,12 @@ class Hub:
         # passed it together during a storm of concurrent handshakes.
         refusal = self.refuse(name, peer_ip=websocket.peer_ip, headers=request.headers)
         if refusal is not None:
+            self.metrics.handshakes_rejected.labels(refusal.kind).inc()
             await websocket.close(CloseCode.TRY_AGAIN_LATER, refusal.reason)
             return
         address = self.gate.client_address(
             websocket.peer_ip, request.headers.get("X-Forwarded-For")
         )
-        cap_send_buffer(websocket)
         self.connections += 1
         self.gate.user_joined(address)
         try:
@@ -189,6 +213,7 @@ class Hub:
             settings=self.settings,
             store=self.store,
             fan_out=self.fan_out,
+            metrics=self.metrics,
             on_empty=self.release,
             on_doubt=self.store_in_doubt,
         )

@@ -61,14 +61,19 @@ class Web:
             return respond(websocket, http.HTTPStatus.OK, self.page, "text/html; charset=utf-8")
         if path == "/healthz":
             return self.health(websocket)
+        if path == "/readyz":
+            return self.readiness(websocket)
         if path == "/admission":
             return self.admission(websocket, request)
+        if path == "/metrics":
+            return self.metrics(websocket, request)
         return websocket.respond(http.HTTPStatus.NOT_FOUND, "Not found\n")
 
     def check_upgrade(self, websocket: Connection, request: Request, room: str) -> Response | None:
         refusal = self.hub.refuse(room, peer_ip=websocket.peer_ip, headers=request.headers)
         if refusal is None:
             return None
+        self.hub.metrics.handshakes_rejected.labels(refusal.kind).inc()
         peer = format_peer(websocket)
         self.refusals.warning(
             websocket.peer_ip,
@@ -83,15 +88,36 @@ class Web:
         return websocket.respond(refusal.status, f"{refusal.reason}\n")
 
     def health(self, websocket: ServerConnection) -> Response:
-        healthy = self.hub.store.healthy()
+        """Liveness: 200 while the process serves, with what it holds."""
         body = {
-            "status": "ok" if healthy else "store unavailable",
+            "status": "ok",
             "users": self.hub.count_here(),
             "rooms": self.hub.count_rooms_in_use(),
             "value": self.hub.rooms[DEFAULT_ROOM].value,
+            "store": "ok" if self.hub.store.healthy() else "unavailable",
         }
-        status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
+        return respond(websocket, http.HTTPStatus.OK, json.dumps(body) + "\n", "application/json")
+
+    def readiness(self, websocket: ServerConnection) -> Response:
+        """Readiness: 503 while the store is unreachable or the server drains."""
+        reason = self.hub.not_ready()
+        body: dict[str, object] = {"ready": reason is None}
+        status = http.HTTPStatus.OK
+        if reason is not None:
+            body["reason"] = reason
+            status = http.HTTPStatus.SERVICE_UNAVAILABLE
         return respond(websocket, status, json.dumps(body) + "\n", "application/json")
+
+    def metrics(self, websocket: ServerConnection, request: Request) -> Response:
+        """The Prometheus scrape, in the format the scraper asked for."""
+        body, content_type = self.hub.metrics.exposition(request.headers.get("Accept"))
+        response = websocket.respond(http.HTTPStatus.OK, "")
+        response.body = body
+        del response.headers["Content-Type"]
+        del response.headers["Content-Length"]
+        response.headers["Content-Type"] = content_type
+        response.headers["Content-Length"] = str(len(body))
+        return response
 
     def admission(self, websocket: Connection, request: Request) -> Response:
         """Would a WebSocket to this room, from this page, be let in now? Why not?

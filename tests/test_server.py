@@ -383,7 +383,13 @@ async def test_healthz_reports_users_and_value(app: App) -> None:
     status, content_types, body = await asyncio.to_thread(http_get, app.port, "/healthz")
     assert status == 200
     assert content_types == ["application/json"]
-    assert json.loads(body) == {"status": "ok", "users": 1, "rooms": 1, "value": 1}
+    assert json.loads(body) == {
+        "status": "ok",
+        "users": 1,
+        "rooms": 1,
+        "value": 1,
+        "store": "ok",
+    }
 
 
 async def test_other_paths_are_404(app: App) -> None:

@@ -1,0 +1,156 @@
+"""What operators watch: Prometheus metrics, through ``prometheus_client``, at ``GET /metrics``.
+
+Each server has a registry of its own (two servers in one process, as in
+the tests, do not mix their figures). Gauges read live state when scraped,
+so they can never drift from ``/healthz``; counters are incremented where
+the event happens, once per broadcast or flush rather than once per frame
+where that is the same information, so the hot path stays as fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+__all__ = ["ACTION_RESULTS", "DISCONNECT_KINDS", "REJECT_REASONS", "Metrics"]
+
+ACTION_RESULTS = (
+    "accepted",
+    "bad_message",
+    "rate_limited",
+    "store_unavailable",
+    "out_of_range",
+    "sync",
+)
+REJECT_REASONS = ("origin", "full", "per_address", "rooms", "pending", "draining", "malformed")
+DISCONNECT_KINDS = (
+    "clean_close",
+    "connection_lost",
+    "keepalive_timeout",
+    "liveness_deadline",
+    "oversize",
+    "shutdown",
+    "other",
+)
+# Seconds between two looks at the event loop's lag.
+LAG_PERIOD = 0.25
+# Flushes and commits take microseconds to milliseconds; a lagging loop, more.
+FAST_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0
+)  # fmt: skip
+
+
+class Metrics:
+    """The metrics of one server, in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.connections = Gauge(
+            "counter_sync_connections", "Open WebSocket connections.", registry=registry
+        )
+        self.rooms = Gauge("counter_sync_rooms", "Rooms with users.", registry=registry)
+        self.pending_handshakes = Gauge(
+            "counter_sync_pending_handshakes",
+            "Connections accepted whose handshake is not done yet.",
+            registry=registry,
+        )
+        self.actions = Counter(
+            "counter_sync_actions",
+            "Client messages by what became of them.",
+            ["result"],
+            registry=registry,
+        )
+        self.handshakes_rejected = Counter(
+            "counter_sync_handshakes_rejected",
+            "Connections refused before or at the handshake, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.broadcasts = Counter(
+            "counter_sync_broadcasts", "Messages sent to a room's users.", registry=registry
+        )
+        self.frames_sent = Counter(
+            "counter_sync_frames_sent",
+            "Broadcast frames written to connections.",
+            registry=registry,
+        )
+        self.slow_consumer_skips = Counter(
+            "counter_sync_slow_consumer_skips",
+            "Broadcast frames not written because the connection's buffer was full.",
+            registry=registry,
+        )
+        self.catch_ups = Counter(
+            "counter_sync_catch_ups",
+            "Skipped connections sent the latest state once drained.",
+            registry=registry,
+        )
+        self.disconnects = Counter(
+            "counter_sync_disconnects",
+            "Connections that ended, by how.",
+            ["kind"],
+            registry=registry,
+        )
+        self.flush_seconds = Histogram(
+            "counter_sync_flush_seconds",
+            "Time of one flush of a room: commit, then broadcast.",
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.store_commit_seconds = Histogram(
+            "counter_sync_store_commit_seconds",
+            "Time the store took to apply one flush's change.",
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.event_loop_lag_seconds = Histogram(
+            "counter_sync_event_loop_lag_seconds",
+            f"How late a timer due every {LAG_PERIOD} s fires: the event loop's lag.",
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        # Every label shows from the start, at 0: a rate() needs the zero.
+        for result in ACTION_RESULTS:
+            self.actions.labels(result)
+        for reason in REJECT_REASONS:
+            self.handshakes_rejected.labels(reason)
+        for kind in DISCONNECT_KINDS:
+            self.disconnects.labels(kind)
+        self.lag_task: asyncio.Task[None] | None = None
+
+    def read_live(
+        self,
+        *,
+        connections: Callable[[], float],
+        rooms: Callable[[], float],
+        pending_handshakes: Callable[[], float],
+    ) -> None:
+        """Read the gauges from live state at each scrape."""
+        self.connections.set_function(connections)
+        self.rooms.set_function(rooms)
+        self.pending_handshakes.set_function(pending_handshakes)
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The scrape's body and content type, in the format the scraper accepts."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    def start(self) -> None:
+        self.lag_task = asyncio.create_task(self.watch_lag())
+
+    async def stop(self) -> None:
+        if self.lag_task is not None:
+            self.lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.lag_task
+
+    async def watch_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_PERIOD
+            await asyncio.sleep(LAG_PERIOD)
+            self.event_loop_lag_seconds.observe(max(0.0, loop.time() - due))

@@ -1,0 +1,245 @@
+"""What operators rely on: metrics, liveness and readiness, graceful drain, JSON logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from counter_sync.app import App
+from tests.conftest import StartProcess, StartServer
+from tests.helpers import (
+    TIMEOUT,
+    join,
+    wait_for_event,
+    wait_for_users,
+    wait_for_value,
+    wait_until,
+)
+
+PLUS = json.dumps({"action": "plus"})
+
+
+async def http_get(port: int, path: str, accept: str = "") -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    extra = f"Accept: {accept}\r\n" if accept else ""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
+    async with asyncio.timeout(TIMEOUT):
+        response = await reader.read()
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    return int(status_line.split()[1]), headers, body
+
+
+async def scrape(port: int) -> dict[str, float]:
+    """Every sample of ``/metrics`` by name and labels, e.g. ``actions_total{result=accepted}``."""
+    status, headers, body = await http_get(port, "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            name = sample.name.removeprefix("counter_sync_")
+            samples[f"{name}{{{labels}}}" if labels else name] = sample.value
+    return samples
+
+
+async def health(port: int) -> dict[str, object]:
+    status, _, body = await http_get(port, "/healthz")
+    assert status == 200
+    result: dict[str, object] = json.loads(body)
+    return result
+
+
+# --- Metrics ----------------------------------------------------------------------------
+
+
+async def test_gauges_equal_healthz_after_joins_leaves_and_aborts(app: App) -> None:
+    clients = [await join(app, path) for path in ["/", "/", "/c/a", "/c/a", "/c/b", "/c/c"]]
+    await clients[0].close()
+    clients[2].transport.abort()  # lost, not closed
+    clients[4].transport.abort()  # the last user of room b
+    await wait_until(lambda: app.hub.count_here() == 3 and "b" not in app.hub.rooms)
+    status = await health(app.port)
+    samples = await scrape(app.port)
+    assert (samples["connections"], samples["rooms"]) == (status["users"], status["rooms"])
+    assert (status["users"], status["rooms"]) == (3, 3)
+    assert samples["disconnects_total{kind=clean_close}"] == 1
+    assert samples["disconnects_total{kind=connection_lost}"] == 2
+
+
+async def test_actions_are_counted_by_result(start_server: StartServer) -> None:
+    app = await start_server(rate=1000.0, burst=3)
+    client = await join(app)
+    for message in [PLUS, PLUS, "nonsense", json.dumps({"action": "sync"}), PLUS, PLUS]:
+        await client.send(message)
+    # A burst of 3 at 1000/s: some of the 7 messages are over the limit, the
+    # rest are accepted, a bad message or a sync; every one is counted once.
+    await client.send(PLUS)
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            samples = await scrape(app.port)
+            counted = sum(
+                samples[f"actions_total{{result={result}}}"]
+                for result in ("accepted", "bad_message", "rate_limited", "sync")
+            )
+            if counted == 7 and app.hub.rooms["/"].flush_task is None:
+                break
+            await asyncio.sleep(0.01)
+    assert samples["actions_total{result=bad_message}"] == 1
+    assert samples["actions_total{result=accepted}"] == app.hub.rooms["/"].value
+    assert samples["actions_total{result=rate_limited}"] >= 1
+
+
+async def test_refused_handshakes_are_counted_by_reason(start_server: StartServer) -> None:
+    app = await start_server(max_users=1)
+    await join(app)
+    with pytest.raises(InvalidStatus):
+        await connect(f"ws://127.0.0.1:{app.port}/")
+    with pytest.raises(InvalidStatus):
+        await connect(f"ws://127.0.0.1:{app.port}/", origin="http://evil.example")  # type: ignore[arg-type]
+    samples = await scrape(app.port)
+    assert samples["handshakes_rejected_total{reason=full}"] == 1
+    assert samples["handshakes_rejected_total{reason=origin}"] == 1
+
+
+async def test_broadcasts_and_frames_are_counted(app: App) -> None:
+    listeners = [await join(app) for _ in range(3)]
+    before = await scrape(app.port)
+    await listeners[0].send(PLUS)
+    for listener in listeners:
+        await wait_for_value(listener, 1)
+    after = await scrape(app.port)
+    assert after["broadcasts_total"] - before["broadcasts_total"] == 1
+    assert after["frames_sent_total"] - before["frames_sent_total"] == 3
+    assert after["flush_seconds_count"] > before["flush_seconds_count"]
+    assert after["store_commit_seconds_count"] > before["store_commit_seconds_count"]
+    assert "event_loop_lag_seconds_count" in after
+
+
+async def test_openmetrics_is_served_to_a_scraper_that_asks_for_it(app: App) -> None:
+    status, headers, body = await http_get(
+        app.port, "/metrics", accept="application/openmetrics-text; version=1.0.0"
+    )
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
+
+
+# --- Liveness and readiness ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def write_lock_held(path: Path) -> Iterator[None]:
+    """Hold SQLite's write lock from another connection: the server's commits fail (busy)."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.execute("ROLLBACK")
+
+
+async def test_readyz_is_503_while_the_store_fails_and_healthz_stays_200(
+    server_process: StartProcess, tmp_path: Path
+) -> None:
+    state = tmp_path / "counter.sqlite"
+    process = server_process("--rate", "0", "--state", str(state))
+    assert (await http_get(process.port, "/readyz"))[0] == 200
+    async with connect(process.url) as client:
+        await client.recv(), await client.recv()
+        with write_lock_held(state):
+            await client.send(PLUS)  # its commit waits for the lock, then fails
+            await wait_for_event(client, lambda event: event["type"] == "error")
+            status, _, body = await http_get(process.port, "/readyz")
+            assert (status, json.loads(body)) == (
+                503,
+                {"ready": False, "reason": "store unavailable"},
+            )
+            assert (await health(process.port))["store"] == "unavailable"
+        await client.send(PLUS)
+        await wait_for_value(client, 1)
+    assert (await http_get(process.port, "/readyz"))[0] == 200
+
+
+# --- Graceful drain -------------------------------------------------------------------------
+
+
+async def closed_at(client: ClientConnection) -> tuple[float, int | None]:
+    """When the server closed this client, and with which code."""
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in client:
+            pass
+    return asyncio.get_running_loop().time(), client.close_code
+
+
+async def test_drain_spreads_1012_closes_and_refuses_newcomers(
+    server_process: StartProcess,
+) -> None:
+    seconds = 2.0
+    process = server_process("--rate", "0", "--drain-seconds", str(seconds))
+    clients = [await connect(process.url) for _ in range(40)]
+    actors = [await connect(process.url) for _ in range(3)]  # these act during the drain
+    await wait_for_users(actors[-1], 43)
+    loop = asyncio.get_running_loop()
+    closes = [asyncio.ensure_future(closed_at(client)) for client in clients]
+    started = loop.time()
+    process.process.send_signal(signal.SIGTERM)
+    # At once: not ready, and no newcomers.
+    async with asyncio.timeout(1):
+        while (await http_get(process.port, "/readyz"))[0] != 503:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # another process: asking is the only way to know
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(process.url)
+    assert refused.value.response.status_code == 503
+    # Meanwhile the connections still open are served: their actions count.
+    # (The order of the closes is random: one of three actors is still open.)
+    counted = False
+    for actor in actors:
+        with contextlib.suppress(ConnectionClosed):
+            await actor.send(PLUS)
+            await wait_for_value(actor, 1)
+            counted = True
+            break
+    assert counted
+    closes += [asyncio.ensure_future(closed_at(actor)) for actor in actors]
+    results = await asyncio.gather(*closes)
+    assert {code for _, code in results} == {1012}
+    offsets = sorted(when - started for when, _ in results)
+    # Evenly spread: no half of the drain holds more than ~60% of the closes.
+    first_half = sum(offset < seconds / 2 for offset in offsets)
+    assert 0.3 * len(offsets) <= first_half <= 0.7 * len(offsets)
+    returncode = process.process.wait(timeout=seconds + 3)  # exits by itself
+    _, log = process.stop()
+    assert returncode == 0, log
+    assert "Traceback" not in log
+
+
+# --- JSON logs --------------------------------------------------------------------------------
+
+
+async def test_json_logs_are_one_object_per_line_with_the_fields(
+    server_process: StartProcess,
+) -> None:
+    process = server_process("--log-format", "json")
+    async with connect(process.url) as client:
+        await client.recv()
+    _, log = process.stop()
+    entries = [json.loads(line) for line in log.splitlines()]
+    connect_entry = next(entry for entry in entries if entry["event"] == "connect")
+    assert {"time", "level", "event", "peer", "room", "message"} <= connect_entry.keys()
+    assert connect_entry["room"] == "/"
+    disconnect_entry = next(entry for entry in entries if entry["event"] == "disconnect")
+    assert disconnect_entry["code"] == 1000

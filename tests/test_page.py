@@ -1,18 +1,37 @@
-"""client.html in real headless Chromium, against ``python server.py`` subprocesses."""
+"""client.html in real headless Chromium, against ``python server.py`` subprocesses.
+
+A few tests talk to a tiny scripted WebSocket server instead (a real server
+on a real socket, in a thread), to send what the real one only sends in rare
+moments: a 1012 close, a 16-digit value.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import http.server
+import json
+import os
+import shutil
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from websockets.asyncio.server import Server, ServerConnection, serve
 
 from tests.conftest import StartProcess
-from tests.helpers import ROOT, TIMEOUT, ServerProcess, require_binary
+from tests.helpers import IN_CI, ROOT, TIMEOUT, ServerProcess, require_binary
 
 PAGE_FILE = ROOT / "client.html"
+AXE_SCRIPT = ROOT / "tests" / "a11y" / "node_modules" / "axe-core" / "axe.min.js"
+SCREENSHOTS = ROOT / "tests" / "screenshots"  # git-ignored
 # Playwright's own browser download is not used: Debian's chromium is.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -24,10 +43,15 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]
 TIMEOUT_MS = TIMEOUT * 1000
+# The page's timings (see its <script>), which the tests move its clock past.
+QUIET_BEFORE_SYNC_MS = 15_000
+SYNC_ANSWER_TIMEOUT_MS = 5_000
+RESTART_DELAY_MS = (1_000, 5_000)
+ANNOUNCE_EVERY_MS = 5_000
+LARGEST = 2**53 - 1  # the largest counter value: 16 digits
 
-
-NewPage = Callable[[], Page]
-OpenPage = Callable[[str], Page]
+NewPage = Callable[..., Page]
+OpenPage = Callable[..., Page]
 
 expect.set_options(timeout=TIMEOUT_MS)
 
@@ -49,8 +73,9 @@ def new_page(browser: Browser) -> Iterator[NewPage]:
     """Open a blank page in its own context, like a separate browser; all closed afterwards."""
     contexts: list[BrowserContext] = []
 
-    def new() -> Page:
-        context = browser.new_context()
+    def new(**options: Any) -> Page:
+        # A fixed locale: the page groups digits the reader's way.
+        context = browser.new_context(locale="en-US", **options)
         context.set_default_timeout(TIMEOUT_MS)
         contexts.append(context)
         return context.new_page()
@@ -64,16 +89,16 @@ def new_page(browser: Browser) -> Iterator[NewPage]:
 def open_page(new_page: NewPage) -> OpenPage:
     """Open a URL in a new page of its own context."""
 
-    def open_(url: str) -> Page:
-        page = new_page()
+    def open_(url: str, **options: Any) -> Page:
+        page = new_page(**options)
         page.goto(url)
         return page
 
     return open_
 
 
-def served(process: ServerProcess) -> str:
-    return f"http://127.0.0.1:{process.port}/"
+def served(process: ServerProcess, path: str = "/") -> str:
+    return f"http://127.0.0.1:{process.port}{path}"
 
 
 def from_disk(**query: str) -> str:
@@ -84,6 +109,212 @@ def from_disk(**query: str) -> str:
 def expect_connected(page: Page) -> None:
     expect(page.locator("body")).to_have_attribute("data-status", "connected")
     expect(page.locator("#status")).to_have_text("connected")
+
+
+def expect_reconnecting(page: Page) -> None:
+    expect(page.locator("body")).to_have_attribute("data-status", "reconnecting")
+    expect(page.locator("#status")).to_have_text("reconnecting…")
+
+
+def is_sync(payload: str | bytes) -> bool:
+    return isinstance(payload, str) and json.loads(payload) == {"action": "sync"}
+
+
+def count_sockets(page: Page) -> None:
+    """Make the page count the WebSockets it creates, in ``window.sockets``."""
+    page.add_init_script(
+        """
+        window.sockets = 0;
+        window.WebSocket = class extends WebSocket {
+          constructor(...args) { super(...args); window.sockets += 1; }
+        };
+        """
+    )
+
+
+def sockets_created(page: Page) -> int:
+    return int(page.evaluate("window.sockets"))
+
+
+# --- A scripted WebSocket server and a plain HTTP server, in threads ----------------
+
+
+class ScriptedServer:
+    """A tiny WebSocket server on a real socket: sends each client ``users`` and ``state``.
+
+    It runs an event loop in a thread; the test reaches its connections
+    through :meth:`close_connection`.
+    """
+
+    def __init__(self, *, users: int = 1, value: int = 0) -> None:
+        self.users = users
+        self.value = value
+        self.connections: list[ServerConnection] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: Server = self.run(self.start())
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(TIMEOUT)
+
+    async def start(self) -> Server:
+        return await serve(self.handler, "127.0.0.1", 0)
+
+    async def handler(self, websocket: ServerConnection) -> None:
+        self.connections.append(websocket)
+        await websocket.send(json.dumps({"type": "users", "count": self.users}))
+        await websocket.send(json.dumps({"type": "state", "value": self.value}))
+        await websocket.wait_closed()
+
+    def close_connection(self, index: int, code: int, reason: str) -> None:
+        self.run(self.connections[index].close(code, reason))
+
+    def stop(self) -> None:
+        """Stop listening and close every connection (1001, going away)."""
+
+        async def stop() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+
+        self.run(stop())
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def scripted_server(**options: int) -> Iterator[ScriptedServer]:
+    server = ScriptedServer(**options)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def static_site(directory: Path) -> Iterator[str]:
+    """Serve ``directory`` over HTTP on a free port: a site of another origin."""
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+        finally:
+            httpd.shutdown()
+            thread.join(TIMEOUT)
+
+
+# --- Checks run inside the page --------------------------------------------------------
+
+# Every visible text's contrast with what is behind it, as WCAG computes it:
+# the colour (with its alpha and every ancestor's opacity) over the composited
+# backgrounds. Disabled controls are included: the page keeps them readable.
+CONTRAST_SCRIPT = """
+() => {
+  const parse = (css) => {
+    const [r, g, b, a = 1] = css.match(/[\\d.]+/g).map(Number);
+    return { r, g, b, a };
+  };
+  const over = (top, bottom) => {
+    const mix = (k) => top[k] * top.a + bottom[k] * (1 - top.a);
+    return { r: mix("r"), g: mix("g"), b: mix("b"), a: 1 };
+  };
+  const luminance = ({ r, g, b }) => {
+    const f = (v) => ((v /= 255) <= 0.04045 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const ancestry = (el) => {
+    const chain = [];
+    for (let e = el; e; e = e.parentElement) chain.unshift(e);
+    return chain;
+  };
+  const results = [];
+  for (const el of document.body.querySelectorAll("*")) {
+    const text = [...el.childNodes]
+      .filter((node) => node.nodeType === Node.TEXT_NODE)
+      .map((node) => node.data)
+      .join("")
+      .trim();
+    const box = el.getBoundingClientRect();
+    // Visually hidden text (1 px, clipped) has no contrast to speak of.
+    if (!text || !el.checkVisibility() || box.width <= 1 || box.height <= 1) continue;
+    let background = { r: 255, g: 255, b: 255, a: 1 };
+    let opacity = 1;
+    for (const e of ancestry(el)) {
+      const style = getComputedStyle(e);
+      background = over(parse(style.backgroundColor), background);
+      opacity *= Number(style.opacity);
+    }
+    const color = parse(getComputedStyle(el).color);
+    color.a *= opacity;
+    const [light, dark] = [luminance(over(color, background)), luminance(background)].sort(
+      (a, b) => b - a
+    );
+    results.push({ text, ratio: (light + 0.05) / (dark + 0.05) });
+  }
+  return results;
+}
+"""
+
+AXE_RUN = """
+async () => {
+  const results = await axe.run(document, { resultTypes: ["violations"] });
+  return results.violations.map((v) => ({
+    id: v.id,
+    impact: v.impact,
+    help: v.help,
+    nodes: v.nodes.map((node) => node.target.join(" ")),
+  }));
+}
+"""
+
+
+def text_contrast(page: Page) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = page.evaluate(CONTRAST_SCRIPT)
+    return results
+
+
+def expect_readable(page: Page) -> None:
+    results = text_contrast(page)
+    assert results, "no visible text found"
+    low = [(r["text"], round(r["ratio"], 2)) for r in results if r["ratio"] < 4.5]
+    assert not low, f"text below 4.5:1 contrast: {low}"
+
+
+def require_axe() -> Path:
+    """axe-core from tests/a11y (npm ci there): skip without it locally, fail in CI."""
+    if AXE_SCRIPT.is_file():
+        return AXE_SCRIPT
+    reason = "axe-core is not installed (cd tests/a11y && npm ci)"
+    if IN_CI:
+        pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
+    pytest.skip(reason)
+
+
+def serious_axe_violations(page: Page) -> list[dict[str, Any]]:
+    page.add_script_tag(path=require_axe())
+    violations: list[dict[str, Any]] = page.evaluate(AXE_RUN)
+    return [v for v in violations if v["impact"] in ("serious", "critical")]
+
+
+def screenshot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
 
 
 # --- Sync between pages -------------------------------------------------------
@@ -122,6 +353,136 @@ def test_user_count_drops_when_a_page_closes(
     leaving.close()
     expect(staying.locator("#users")).to_have_text("1")
     expect(staying.locator(".users")).to_have_text("1 user online")
+
+
+# --- Rooms ------------------------------------------------------------------------
+
+
+def test_pages_in_different_rooms_do_not_see_each_others_clicks(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    red = open_page(served(process, "/c/red"))
+    blue = open_page(served(process, "/c/blue"))
+    default = open_page(served(process))
+    for page in (red, blue, default):
+        expect_connected(page)
+        expect(page.locator("#value")).to_have_text("0")
+        expect(page.locator(".users")).to_have_text("1 user online")
+
+    red.locator("#plus").click()
+    red.locator("#plus").click()
+    blue.locator("#minus").click()
+    expect(red.locator("#value")).to_have_text("2")
+    expect(blue.locator("#value")).to_have_text("-1")
+    # The default counter got one more click than the others would have shown.
+    default.locator("#plus").click()
+    expect(default.locator("#value")).to_have_text("1")
+    expect(red.locator("#value")).to_have_text("2")
+    expect(blue.locator("#value")).to_have_text("-1")
+
+
+def test_page_at_a_room_path_shows_its_name_and_joins_it(
+    server_process: StartProcess, new_page: NewPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = new_page()
+    with page.expect_websocket() as websocket:
+        page.goto(served(process, "/c/Team_42-x"))
+    assert websocket.value.url == f"ws://127.0.0.1:{process.port}/c/Team_42-x"
+    expect_connected(page)
+    expect(page.get_by_role("heading", level=1)).to_have_text("Team_42-x")
+    expect(page).to_have_title("Team_42-x · counter-sync")
+
+
+def test_page_at_the_root_shows_the_main_counter(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = open_page(served(process))
+    expect_connected(page)
+    expect(page.get_by_role("heading", level=1)).to_have_text("Main counter")
+    expect(page.get_by_role("link", name="Main counter")).to_be_hidden()
+
+
+def test_page_from_disk_joins_the_room_in_its_query(
+    server_process: StartProcess, new_page: NewPage, open_page: OpenPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = new_page()
+    with page.expect_websocket() as websocket:
+        page.goto(from_disk(server=process.url, room="green"))
+    assert websocket.value.url == f"ws://127.0.0.1:{process.port}/c/green"
+    expect_connected(page)
+    expect(page.get_by_role("heading", level=1)).to_have_text("green")
+
+    page.locator("#plus").click()
+    expect(open_page(served(process, "/c/green")).locator("#value")).to_have_text("1")
+
+
+def test_an_invalid_room_name_is_shown_as_text_and_not_joined(new_page: NewPage) -> None:
+    page = new_page()
+    count_sockets(page)
+    name = '<img src="x" onerror="window.injected = true">'
+    page.goto(from_disk(server="ws://127.0.0.1:9/", room=name))
+    expect(page.get_by_role("heading", level=1)).to_have_text(name)
+    expect(page.locator("#status")).to_contain_text("not a counter's name")
+    assert page.locator("h1 img").count() == 0
+    assert page.evaluate("window.injected") is None
+    assert sockets_created(page) == 0
+    expect(page.locator("#plus")).to_be_disabled()
+
+
+def test_open_form_goes_to_the_named_counters_page_when_served(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = open_page(served(process, "/c/first"))
+    expect_connected(page)
+    page.get_by_label("Open another counter").fill("second")
+    page.get_by_role("button", name="Open").click()
+    page.wait_for_url(served(process, "/c/second"))
+    expect(page.get_by_role("heading", level=1)).to_have_text("second")
+    expect_connected(page)
+
+    page.get_by_role("link", name="Main counter").click()
+    page.wait_for_url(served(process))
+    expect(page.get_by_role("heading", level=1)).to_have_text("Main counter")
+    expect_connected(page)
+
+
+def test_open_form_sets_the_room_query_from_disk(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = open_page(from_disk(server=process.url))
+    expect_connected(page)
+    page.get_by_label("Open another counter").fill("side")
+    with page.expect_websocket() as websocket:
+        page.get_by_label("Open another counter").press("Enter")
+    assert websocket.value.url == f"ws://127.0.0.1:{process.port}/c/side"
+    page.wait_for_url(from_disk(server=process.url, room="side"))
+    expect_connected(page)
+
+
+def test_open_form_accepts_only_counter_names(new_page: NewPage) -> None:
+    page = new_page()
+    page.goto(from_disk(server="ws://127.0.0.1:9/"))
+    name = page.get_by_label("Open another counter")
+    for good in ("a", "Z-9_z", "x" * 64):
+        name.fill(good)
+        assert name.evaluate("input => input.checkValidity()"), good
+    for bad in ("", "two words", "é", "a/b", "<b>"):
+        name.fill(bad)
+        assert not name.evaluate("input => input.checkValidity()"), bad
+    name.fill("x" * 65)
+    expect(name).to_have_value("x" * 64)  # maxlength: the 65th is not taken
+
+    before = page.url
+    name.fill("two words")
+    name.press("Enter")
+    assert page.url == before
+    expect(page.locator("#open-name:invalid")).to_have_count(1)
 
 
 # --- Which server the page talks to -------------------------------------------
@@ -172,15 +533,16 @@ def test_page_reconnects_to_a_restarted_server_and_shows_its_state(
     expect(page.locator("#value")).to_have_text("3")
 
     old.stop()
-    expect(page.locator("body")).to_have_attribute("data-status", "reconnecting")
-    expect(page.locator("#status")).to_have_text("reconnecting…")
+    expect_reconnecting(page)
     expect(page.locator("#plus")).to_be_disabled()
     expect(page.locator("#minus")).to_be_disabled()
+    expect(page.locator(".count .label")).to_have_text("Last known count")
 
     # A new process starts from 0: showing 0 proves the page took fresh state.
     server_process("--port", str(old.port), "--rate", "0")
     expect_connected(page)
     expect(page.locator("#value")).to_have_text("0")
+    expect(page.locator(".count .label")).to_have_text("Count")
     expect(page.locator("#plus")).to_be_enabled()
     page.locator("#plus").click()
     expect(page.locator("#value")).to_have_text("1")
@@ -192,10 +554,176 @@ def test_page_keeps_retrying_while_no_server_answers(open_page: OpenPage) -> Non
         closed_port.bind(("127.0.0.1", 0))
         port = closed_port.getsockname()[1]
         page = open_page(from_disk(server=f"ws://127.0.0.1:{port}/"))
-        expect(page.locator("body")).to_have_attribute("data-status", "reconnecting")
-        expect(page.locator("#status")).to_have_text("reconnecting…")
+        expect_reconnecting(page)
         expect(page.locator("#plus")).to_be_disabled()
         expect(page.locator("#minus")).to_be_disabled()
+
+
+@pytest.mark.parametrize(
+    ("random", "delay_ms"),
+    [(0.0, RESTART_DELAY_MS[0]), (0.999, RESTART_DELAY_MS[1])],
+    ids=["earliest", "latest"],
+)
+def test_page_reconnects_after_a_spread_delay_when_the_server_restarts(
+    new_page: NewPage, random: float, delay_ms: int
+) -> None:
+    page = new_page()
+    count_sockets(page)
+    # Math.random picks the delay; pinning it shows both ends of the spread.
+    page.add_init_script(f"Math.random = () => {random};")
+    page.clock.install()
+    with scripted_server(value=7) as server:
+        page.goto(from_disk(server=server.url))
+        expect_connected(page)
+        # Time stands still from here: only run_for moves it.
+        page.clock.pause_at(page.evaluate("Date.now()") + 1_000)
+
+        server.close_connection(0, 1012, "service restart")
+        expect_reconnecting(page)
+        expect(page.locator("#value")).to_have_text("7")
+        page.clock.run_for(int(delay_ms * 0.99))
+        assert sockets_created(page) == 1
+        page.clock.run_for(int(delay_ms * 0.02))
+        assert sockets_created(page) == 2
+        page.clock.resume()
+        expect_connected(page)
+
+
+def test_page_reconnects_quickly_after_an_ordinary_disconnect(new_page: NewPage) -> None:
+    page = new_page()
+    count_sockets(page)
+    page.add_init_script("Math.random = () => 0.5;")  # no jitter: exactly 0.5 s
+    page.clock.install()
+    with scripted_server() as server:
+        page.goto(from_disk(server=server.url))
+        expect_connected(page)
+        page.clock.pause_at(page.evaluate("Date.now()") + 1_000)
+
+        server.close_connection(0, 1011, "internal error")
+        expect_reconnecting(page)
+        page.clock.run_for(490)
+        assert sockets_created(page) == 1
+        page.clock.run_for(20)
+        assert sockets_created(page) == 2
+
+
+def test_a_connection_that_stops_answering_is_replaced(
+    server_process: StartProcess, new_page: NewPage
+) -> None:
+    # SIGSTOP keeps the TCP connection open while nothing answers on it: a
+    # half-open connection, as after a laptop sleeps or a NAT forgets.
+    process = server_process("--port", "0", "--rate", "0")
+    page = new_page()
+    page.clock.install()
+    with page.expect_websocket() as websocket:
+        page.goto(served(process))
+    expect_connected(page)
+    expect(page.locator("#value")).to_have_text("0")
+
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        with websocket.value.expect_event("framesent", predicate=is_sync):
+            page.clock.fast_forward(QUIET_BEFORE_SYNC_MS)
+        expect_connected(page)  # asked, not yet given up
+        page.clock.fast_forward(SYNC_ANSWER_TIMEOUT_MS)
+        expect_reconnecting(page)
+        expect(page.locator("#plus")).to_be_disabled()
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    expect_connected(page)
+
+
+def test_page_asks_for_the_state_when_it_becomes_visible(
+    server_process: StartProcess, new_page: NewPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = new_page()
+    with page.expect_websocket() as websocket:
+        page.goto(served(process))
+    expect_connected(page)
+    # Headless tabs are always visible: the event is what a tab switch fires.
+    with websocket.value.expect_event("framesent", predicate=is_sync):
+        page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    expect_connected(page)
+
+
+def test_page_asks_for_the_state_when_the_browser_comes_back_online(
+    server_process: StartProcess, new_page: NewPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = new_page()
+    with page.expect_websocket() as websocket:
+        page.goto(served(process))
+    expect_connected(page)
+    page.context.set_offline(True)
+    with websocket.value.expect_event("framesent", predicate=is_sync):
+        page.context.set_offline(False)
+
+
+def test_sync_is_answered_with_the_state(server_process: StartProcess, new_page: NewPage) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = new_page()
+    with page.expect_websocket() as websocket:
+        page.goto(served(process))
+    expect_connected(page)
+    answers: list[Any] = []
+    websocket.value.on("framereceived", lambda payload: answers.append(json.loads(payload)))
+    with websocket.value.expect_event("framereceived", predicate=lambda p: "state" in p):
+        page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    assert answers == [{"type": "users", "count": 1}, {"type": "state", "value": 0}]
+    expect(page.locator("#error")).to_be_hidden()
+
+
+# --- Refusals ----------------------------------------------------------------------
+
+
+def test_a_full_server_is_shown_as_a_refusal_and_retried(
+    server_process: StartProcess, open_page: OpenPage, new_page: NewPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0", "--max-users", "1")
+    first = open_page(served(process))
+    expect_connected(first)
+
+    second = new_page()
+    second.clock.install()
+    second.goto(served(process))
+    expect_reconnecting(second)
+    problem = second.locator("#problem")
+    expect(problem).to_contain_text("The server refused the connection: server full.")
+    expect(problem).to_contain_text("Trying again in")
+    expect_readable(second)
+
+    first.close()
+    second.clock.fast_forward(15_000)  # past the longest backoff
+    expect_connected(second)
+    expect(problem).to_have_text("")
+
+
+def test_too_many_counters_is_shown_as_a_refusal(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    # The default counter is always open, so with two, one room fills it.
+    process = server_process("--port", "0", "--rate", "0", "--max-rooms", "2")
+    expect_connected(open_page(served(process, "/c/first")))
+
+    page = open_page(served(process, "/c/second"))
+    expect_reconnecting(page)
+    expect(page.locator("#problem")).to_contain_text(
+        "The server refused the connection: too many counters in use."
+    )
+
+
+def test_a_page_from_another_origin_is_shown_as_a_refusal(
+    server_process: StartProcess, open_page: OpenPage, tmp_path: Path
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    shutil.copy(PAGE_FILE, tmp_path / "client.html")
+    with static_site(tmp_path) as site:
+        page = open_page(f"{site}client.html?{urlencode({'server': process.url})}")
+        expect_reconnecting(page)
+        expect(page.locator("#problem")).to_contain_text(
+            "The server refused the connection: origin not allowed."
+        )
 
 
 # --- Errors -----------------------------------------------------------------------
@@ -264,3 +792,103 @@ def test_keyboard_focus_returns_to_the_button_after_a_reconnect(
     expect(increase).to_be_focused()
     page.keyboard.press("Enter")
     expect(page.locator("#value")).to_have_text("1")
+
+
+# --- Accessibility and layout ---------------------------------------------------------
+
+
+def test_value_changes_are_announced_politely_at_most_every_few_seconds(
+    server_process: StartProcess, new_page: NewPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = new_page()
+    page.clock.install()
+    page.goto(served(process))
+    expect_connected(page)
+    announce = page.locator("#announce")
+    expect(announce).to_have_attribute("aria-live", "polite")
+    expect(announce).to_have_text("")  # the first value is not news
+    # The visible number is in no live region: it may change many times a second.
+    live = "el => el.closest('[aria-live], [role=status], [role=alert], [role=log], output')"
+    assert page.locator("#value").evaluate(live) is None
+
+    page.locator("#plus").click()
+    expect(announce).to_have_text("Count: 1")
+    for _ in range(3):
+        page.locator("#plus").click()
+    expect(page.locator("#value")).to_have_text("4")
+    expect(announce).to_have_text("Count: 1")
+
+    page.clock.fast_forward(ANNOUNCE_EVERY_MS)
+    expect(announce).to_have_text("Count: 4")
+
+
+@pytest.mark.parametrize("state", ["connected", "disconnected"])
+def test_axe_finds_no_serious_violations(
+    server_process: StartProcess, open_page: OpenPage, state: str
+) -> None:
+    require_axe()
+    process = server_process("--port", "0", "--rate", "0")
+    page = open_page(served(process, "/c/axe"))
+    expect_connected(page)
+    page.locator("#plus").click()
+    expect(page.locator("#value")).to_have_text("1")
+    if state == "disconnected":
+        process.stop()
+        expect_reconnecting(page)
+    assert serious_axe_violations(page) == []
+
+
+@pytest.mark.parametrize("state", ["connected", "disconnected"])
+def test_every_text_meets_aa_contrast(
+    server_process: StartProcess, open_page: OpenPage, state: str
+) -> None:
+    # --rate 1: a third click is refused, so the error box is on screen too.
+    process = server_process("--port", "0", "--rate", "1", "--burst", "1")
+    page = open_page(served(process, "/c/contrast"))
+    expect_connected(page)
+    for _ in range(3):
+        page.locator("#plus").click()
+    expect(page.locator("#error")).to_be_visible()
+    if state == "disconnected":
+        process.stop()
+        expect_reconnecting(page)
+        expect(page.locator("#plus")).to_be_disabled()
+    expect_readable(page)
+
+
+def test_long_values_wrap_between_digit_groups_on_a_narrow_screen(new_page: NewPage) -> None:
+    page = new_page(viewport={"width": 320, "height": 640})
+    with scripted_server(users=12_345, value=-LARGEST) as server:
+        page.goto(from_disk(server=server.url, room="n" * 64))
+        expect_connected(page)
+        value = page.locator("#value")
+        expect(value).to_have_text("-9,007,199,254,740,991")
+        expect(page.locator(".users")).to_have_text("12,345 users online")
+        screenshot(page, "long-value-320")
+
+        groups = value.locator(".group")
+        assert groups.all_text_contents() == ["-9,", "007,", "199,", "254,", "740,", "991"]
+        # An inline box split over two lines has two rectangles.
+        assert groups.evaluate_all("gs => gs.map(g => g.getClientRects().length)") == [1] * 6
+        tops = groups.evaluate_all("gs => gs.map(g => g.getBoundingClientRect().top)")
+        assert len(set(tops)) > 1, "expected the value to wrap at 320 px"
+        value_right = value.evaluate("v => v.getBoundingClientRect().right")
+        plus_left = page.locator("#plus").evaluate("b => b.getBoundingClientRect().left")
+        assert value_right <= plus_left
+        assert page.evaluate("document.documentElement.scrollWidth") <= 320
+
+
+@pytest.mark.parametrize("width", [1280, 375])
+@pytest.mark.parametrize("state", ["connected", "disconnected"])
+def test_page_fits_the_screen_width(new_page: NewPage, width: int, state: str) -> None:
+    page = new_page(viewport={"width": width, "height": 720})
+    with scripted_server(users=3, value=1_234_567) as server:
+        page.goto(from_disk(server=server.url, room="team-42"))
+        expect_connected(page)
+        expect(page.locator("#value")).to_have_text("1,234,567")
+        if state == "disconnected":
+            server.stop()
+            expect_reconnecting(page)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        screenshot(page, f"{state}-{width}")

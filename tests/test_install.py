@@ -126,3 +126,19 @@ def test_python_dash_m_runs_the_same_command_line(installed: Installed) -> None:
     output = run(installed.bin / "python", "-m", "counter_sync", "--help", cwd=installed.workdir)
     assert "--max-users" in output
     assert output.startswith("usage: python -m counter_sync")
+
+
+def test_redis_mode_without_the_redis_package_says_how_to_install_it(
+    installed: Installed,
+) -> None:
+    result = subprocess.run(
+        [installed.bin / "counter-sync", "--port", "0", "--redis", "redis://127.0.0.1:1/0"],
+        cwd=installed.workdir,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "counter-sync: error: --redis needs the redis package: pip install 'counter-sync[redis]'"
+    ]

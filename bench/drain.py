@@ -1,0 +1,143 @@
+"""Graceful drain, measured: ``python -m bench.drain``.
+
+Starts ``server.py --drain-seconds N`` (default 4), connects C clients
+(default 1,000, spread over source addresses 127.0.2.x so the per-address cap
+holds at its default), sends SIGTERM, and records when each client was
+closed and with which code, and when the server exited. The targets (issue
+11): no one-second window holds more than 40% of the closes, every close is
+1012 (service restart), and the process exits 0 within N + 2 s.
+
+The clients live in this process; the server is its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from bench.loadgen import raise_fd_limit
+from tests.helpers import ServerProcess
+
+RESULTS = Path(__file__).resolve().parent / "results" / "drain.json"
+PER_SOURCE = 100  # clients per source address: the default --max-users-per-ip
+WINDOW_SHARE_TARGET = 0.40
+EXIT_MARGIN = 2.0  # seconds after the drain within which the process must exit
+
+
+async def open_client(url: str, port: int, source: str) -> ClientConnection:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await connect(url, sock=sock, compression=None, ping_interval=None)
+
+
+async def closed_at(client: ClientConnection) -> tuple[float, int | None]:
+    """When the server closed this client (monotonic clock), and with which code."""
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in client:
+            pass
+    return time.monotonic(), client.close_code
+
+
+async def measure(
+    server: ServerProcess, clients: int
+) -> tuple[float, list[tuple[float, int | None]]]:
+    # Round robin over the sources: each batch of handshakes in flight comes
+    # from many addresses, as the default --max-pending-per-ip expects.
+    addresses = -(-clients // PER_SOURCE)
+    sources = [f"127.0.2.{1 + index % addresses}" for index in range(clients)]
+    connections = []
+    for start in range(0, clients, 100):  # 100 handshakes in flight at a time
+        batch = sources[start : start + 100]
+        connections += await asyncio.gather(
+            *(open_client(server.url, server.port, source) for source in batch)
+        )
+    closes = [asyncio.ensure_future(closed_at(client)) for client in connections]
+    await asyncio.sleep(0.5)  # every connect sequence read, the server idle
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    results = await asyncio.gather(*closes)
+    return signalled, results
+
+
+def report(
+    seconds: float,
+    signalled: float,
+    results: list[tuple[float, int | None]],
+    exited: float,
+    code: int,
+) -> dict[str, object]:
+    offsets = sorted(when - signalled for when, _ in results)
+    windows: dict[int, int] = {}
+    for offset in offsets:
+        windows[int(offset)] = windows.get(int(offset), 0) + 1
+    busiest = max(windows.values()) / len(offsets)
+    codes = sorted({str(close_code) for _, close_code in results})
+    exit_after = exited - signalled
+    checks = {
+        f"busiest one-second window <= {WINDOW_SHARE_TARGET:.0%} of closes": busiest
+        <= WINDOW_SHARE_TARGET,
+        "every close is 1012": codes == ["1012"],
+        f"exit 0 within {seconds + EXIT_MARGIN:g} s": code == 0
+        and exit_after <= seconds + EXIT_MARGIN,
+    }
+    print(f"{len(offsets)} clients, --drain-seconds {seconds:g}")
+    print(
+        "closes per second after SIGTERM: "
+        + ", ".join(f"{w}s: {n}" for w, n in sorted(windows.items()))
+    )
+    print(f"first close {offsets[0]:.3f} s, last close {offsets[-1]:.3f} s after SIGTERM")
+    print(f"busiest window: {busiest:.1%} of closes; close codes: {', '.join(codes)}")
+    print(f"server exited with {code} after {exit_after:.3f} s")
+    for check, passed in checks.items():
+        print(f"  {'PASS' if passed else 'FAIL'}  {check}")
+    return {
+        "clients": len(offsets),
+        "drain_seconds": seconds,
+        "closes_per_second": windows,
+        "busiest_window_share": busiest,
+        "close_codes": codes,
+        "exit_code": code,
+        "exit_after_seconds": exit_after,
+        "checks": checks,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.drain",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--clients", type=int, default=1000, help="connected clients")
+    parser.add_argument("--drain-seconds", type=float, default=4.0, help="the server's flag")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results")
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    server = ServerProcess("--rate", "0", "--drain-seconds", str(args.drain_seconds))
+    try:
+        signalled, results = asyncio.run(measure(server, args.clients))
+        code = server.process.wait(args.drain_seconds + 10)
+        exited = time.monotonic()
+    finally:
+        server.kill()
+    result = report(args.drain_seconds, signalled, results, exited, code)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if all(result["checks"].values()) else 1  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -172,14 +172,23 @@ def snapshot(directory: Path) -> dict[str, bytes | None]:
     }
 
 
-async def health_status(port: int) -> int:
-    """The status code of ``GET /healthz``."""
+async def http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    """The status code and JSON body of ``GET path`` (``/healthz``, ``/readyz``)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    status_line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+    async with asyncio.timeout(TIMEOUT):
+        response = await reader.read()
     writer.close()
     await writer.wait_closed()
-    return int(status_line.split()[1])
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+async def store_health(port: int) -> tuple[int, str]:
+    """What the operator's probes say: ``/readyz``'s status and ``/healthz``'s store field."""
+    ready_status, _ = await http_get(port, "/readyz")
+    _, health = await http_get(port, "/healthz")
+    return ready_status, health["store"]
 
 
 def not_applied(event: dict[str, Any]) -> bool:
@@ -729,11 +738,11 @@ async def test_full_disk_in_a_commit_rejects_the_actions_and_the_server_carries_
         await websocket.send(PLUS)
         event = await wait_for_event(websocket, lambda e: e["type"] == "error")
         assert event["error"] == "store unavailable: 1 action(s) not applied"
-        assert await health_status(port) == 503
+        assert await store_health(port) == (503, "unavailable")  # alive, not ready
         faulty_disk.heal()
         await websocket.send(PLUS)
         await wait_for_value(websocket, 2)
-        assert await health_status(port) == 200
+        assert await store_health(port) == (200, "ok")
     returncode, log = process.stop()
     assert returncode == 0, log
     restarted = server_process("--port", "0", "--state", state)

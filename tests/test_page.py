@@ -589,6 +589,36 @@ def test_page_reconnects_after_a_spread_delay_when_the_server_restarts(
         expect_connected(page)
 
 
+def test_page_comes_back_after_a_draining_server_closes_it_with_1012(
+    server_process: StartProcess, new_page: NewPage
+) -> None:
+    old = server_process("--port", "0", "--rate", "0", "--drain-seconds", "1")
+    page = new_page()
+    page.add_init_script(
+        """
+        window.closeCodes = [];
+        window.WebSocket = class extends WebSocket {
+          constructor(...args) {
+            super(...args);
+            this.addEventListener("close", (event) => window.closeCodes.push(event.code));
+          }
+        };
+        """
+    )
+    page.goto(served(old, "/c/drained"))
+    expect_connected(page)
+    page.locator("#plus").click()
+    expect(page.locator("#value")).to_have_text("1")
+
+    old.stop()  # SIGTERM: closes every connection with 1012 over a second, then exits
+    expect_reconnecting(page)
+    # The first close is the drain's; a retry may already have met the exiting server.
+    assert page.evaluate("window.closeCodes[0]") == 1012
+    server_process("--port", str(old.port), "--rate", "0")
+    expect_connected(page)  # within the 1-5 s the page waits after a 1012
+    expect(page.locator("#value")).to_have_text("0")
+
+
 def test_page_reconnects_quickly_after_an_ordinary_disconnect(new_page: NewPage) -> None:
     page = new_page()
     count_sockets(page)

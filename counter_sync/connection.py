@@ -28,13 +28,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from counter_sync.admission import Gate
 from counter_sync.metrics import Metrics
 
-__all__ = ["Connection", "LivenessWatch"]
+__all__ = ["Connection", "LivenessWatch", "disconnect_kind"]
 
 log = logging.getLogger("counter-sync")
 
@@ -196,3 +198,21 @@ class LivenessWatch:
         for connection in self.stalled:
             if connection.stalled_since is not None and now - connection.stalled_since > deadline:
                 yield connection
+
+
+def disconnect_kind(websocket: Connection, exc: ConnectionClosed | None) -> str:
+    """How a connection ended, in the words of the disconnects metric."""
+    if websocket.drop_reason is not None:
+        return "liveness_deadline"
+    if exc is None:  # a close handshake: who started it?
+        return "clean_close" if websocket.protocol.close_rcvd_then_sent else "shutdown"
+    if exc.rcvd is not None:  # the peer closed, with a code of its own
+        return "clean_close"
+    if exc.sent is None:  # no close frame either way: TCP went away
+        return "connection_lost"
+    # The library failed the connection: why is in the code it sent.
+    failures: dict[int, str] = {
+        CloseCode.INTERNAL_ERROR: "keepalive_timeout",
+        CloseCode.MESSAGE_TOO_BIG: "oversize",
+    }
+    return failures.get(exc.sent.code, "other")

@@ -36,7 +36,7 @@ from websockets.frames import CloseCode
 
 from counter_sync.admission import TokenBucket
 from counter_sync.config import FLUSH_PAUSE_RATIO, MAX_VALUE, MIN_PACING_DELAY, Settings
-from counter_sync.connection import Connection
+from counter_sync.connection import Connection, disconnect_kind
 from counter_sync.fanout import FanOut, format_peer
 from counter_sync.logs import Throttle, fields
 from counter_sync.metrics import Metrics
@@ -377,24 +377,6 @@ class Room:
 
 def rejected(peer: str, room: Room) -> dict[str, object]:
     return fields("rejected", peer=peer, room=room.name)
-
-
-def disconnect_kind(websocket: Connection, exc: ConnectionClosed | None) -> str:
-    """How a connection ended, in the words of the disconnects metric."""
-    if websocket.drop_reason is not None:
-        return "liveness_deadline"
-    if exc is None:  # a close handshake: who started it?
-        return "clean_close" if websocket.protocol.close_rcvd_then_sent else "shutdown"
-    if exc.rcvd is not None:  # the peer closed, with a code of its own
-        return "clean_close"
-    if exc.sent is None:  # no close frame either way: TCP went away
-        return "connection_lost"
-    # The library failed the connection: why is in the code it sent.
-    failures: dict[int, str] = {
-        CloseCode.INTERNAL_ERROR: "keepalive_timeout",
-        CloseCode.MESSAGE_TOO_BIG: "oversize",
-    }
-    return failures.get(exc.sent.code, "other")
 
 
 def close_code(exc: ConnectionClosed) -> int:

@@ -243,3 +243,18 @@ async def test_json_logs_are_one_object_per_line_with_the_fields(
     assert connect_entry["room"] == "/"
     disconnect_entry = next(entry for entry in entries if entry["event"] == "disconnect")
     assert disconnect_entry["code"] == 1000
+
+
+async def test_disconnects_are_counted_by_how_they_ended(start_server: StartServer) -> None:
+    app = await start_server(ping_interval=0.2, ping_timeout=0.2, max_message_size=64)
+    watcher = await join(app, ping_interval=None)
+    oversize = await join(app, ping_interval=None)
+    silent = await join(app, ping_interval=None)
+    await wait_for_users(watcher, 3)
+    await oversize.send("x" * 100)  # over --max-message-size: closed with 1009
+    silent.transport.pause_reading()  # answers no ping: dropped with 1011
+    await wait_for_users(watcher, 1)
+    samples = await scrape(app.port)
+    assert samples["disconnects_total{kind=oversize}"] == 1
+    assert samples["disconnects_total{kind=keepalive_timeout}"] == 1
+    silent.transport.abort()

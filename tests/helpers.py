@@ -141,6 +141,7 @@ class LoggedProcess:
                 self.match = match
                 self.ready.set()
         self.ready.set()  # exited: stop waiting either way
+        self.process.stdout.close()
         if self.log_file is not None:
             self.log_file.close()
 

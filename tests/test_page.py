@@ -729,6 +729,19 @@ def test_a_full_server_is_shown_as_a_refusal_and_retried(
     expect(problem).to_have_text("")
 
 
+def test_too_many_connections_from_one_address_is_shown_as_a_refusal(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0", "--max-users-per-ip", "1")
+    expect_connected(open_page(served(process)))
+
+    page = open_page(served(process))
+    expect_reconnecting(page)
+    expect(page.locator("#problem")).to_contain_text(
+        "The server refused the connection: too many connections from your address."
+    )
+
+
 def test_too_many_counters_is_shown_as_a_refusal(
     server_process: StartProcess, open_page: OpenPage
 ) -> None:

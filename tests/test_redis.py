@@ -549,30 +549,44 @@ async def test_after_an_outage_every_room_resyncs(
 
 
 async def test_dropped_connections_to_redis_neither_lose_nor_double_an_action(
-    start_shared: StartShared, redis_server: RedisServer
+    start_shared: StartShared, redis_client: Redis
 ) -> None:
-    a, b = await start_shared(), await start_shared()
+    a, b = await start_shared(redis_expiry=NO_RENEWAL), await start_shared(redis_expiry=NO_RENEWAL)
     clients = [await join(app) for app in (a, b) for _ in range(5)]
-    sent = 40
+    await until(lambda: has_users(redis_client, DEFAULT_ROOM, len(clients)))  # none is due
+    before, during, after = 15, 20, 5
+    sent = before + during + after
 
-    async def play(websocket: ClientConnection) -> None:
-        # Only "plus": a client's error replies say how many did not count.
-        for _ in range(sent):
-            await websocket.send(PLUS)
-            await asyncio.sleep(0)  # spread the actions over many flushes
+    async def play(count: int) -> None:
+        async def one(websocket: ClientConnection) -> None:
+            # Only "plus": a client's error replies say how many did not count.
+            for _ in range(count):
+                await websocket.send(PLUS)
+                await asyncio.sleep(0)  # spread the actions over many flushes
 
-    playing = asyncio.gather(*(play(client) for client in clients))
-    await wait_until(lambda: room(a).value > 0)
-    async with Redis.from_url(redis_server.url, decode_responses=True) as redis:
+        await asyncio.gather(*(one(client) for client in clients))
+
+    await play(before)
+    await wait_until(settled(a, b, value=before * len(clients)))
+    # Redis holds every script from now on, unexecuted. Once both instances
+    # have a flush held there, each has actions in flight when the blip
+    # comes: those cannot be counted, and their senders are told so.
+    await redis_client.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+    try:
+        playing = asyncio.ensure_future(play(during))
+        await until(lambda: held_by(redis_client, 2))
         # As a network blip would: every connection drops, Redis keeps its data.
-        await redis.client_kill_filter(_type="normal", skipme=True)
-        await redis.client_kill_filter(_type="pubsub")
+        await redis_client.client_kill_filter(_type="normal", skipme=True)
+        await redis_client.client_kill_filter(_type="pubsub")
+    finally:
+        await redis_client.execute_command("CLIENT", "UNPAUSE")
     await playing
+    await wait_until(idle(a, b))
+    await play(after)
     # Once a client's mark comes back, its hub has all of its actions.
     events = [await events_until_now(client) for client in clients]
     await wait_until(idle(a, b))
-    async with Redis.from_url(redis_server.url, decode_responses=True) as redis:
-        stored = int(await redis.hget(room_keys(DEFAULT_ROOM, 0).state, "value") or 0)
+    stored = int(await redis_client.hget(room_keys(DEFAULT_ROOM, 0).state, "value") or 0)
     await wait_until(settled(a, b, value=stored))
     for client, seen in zip(clients, events, strict=True):
         seen += await events_until_now(client)

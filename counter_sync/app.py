@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import random
+from collections.abc import Awaitable
 from typing import cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -23,6 +24,8 @@ __all__ = ["App", "open_store", "start"]
 
 log = logging.getLogger("counter-sync")
 
+# Seconds the last flushes may take to commit at shutdown.
+FLUSH_TIMEOUT = 1.0
 # Seconds a store may take to close (commit the last flushes, leave the
 # shared user count): beyond, the process exits anyway.
 STORE_CLOSE_TIMEOUT = 1.0
@@ -46,21 +49,19 @@ class App:
         # close() waits for the close frame to drain, and a stalled reader
         # never drains: without the bound, shutdown would wait for the
         # keepalive timeout. Aborting is safe: every action read is pending.
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT + 1):
-                await self.server.wait_closed()
-        except TimeoutError:
+        if not await within(self.server.wait_closed(), CLOSE_TIMEOUT + 1):
             for websocket in self.every_user():
                 websocket.transport.abort()
-            await self.server.wait_closed()
+            # A handler may still wait for a store that hangs (Redis stopped).
+            await within(self.server.wait_closed(), CLOSE_TIMEOUT)
         await self.watch.stop()
         await self.hub.metrics.stop()
+        # Commit what was read; a store that hangs gets a bound too, and the
+        # clients see what was kept when they reconnect.
         flushes = [room.flush_task for room in self.hub.rooms.values() if room.flush_task]
-        await asyncio.gather(*flushes, return_exceptions=True)
-        try:
-            async with asyncio.timeout(STORE_CLOSE_TIMEOUT):
-                await self.hub.store.close()
-        except TimeoutError:
+        if flushes:
+            await asyncio.wait(flushes, timeout=FLUSH_TIMEOUT)
+        if not await within(self.hub.store.close(), STORE_CLOSE_TIMEOUT):
             log.warning("the store did not close within %g s; exiting anyway", STORE_CLOSE_TIMEOUT)
 
     async def drain(self, seconds: float) -> None:
@@ -80,12 +81,23 @@ class App:
         for index, websocket in enumerate(users):
             await asyncio.sleep(max(0.0, started + seconds * index / len(users) - loop.time()))
             closing.append(asyncio.create_task(websocket.close(CloseCode.SERVICE_RESTART)))
-        await asyncio.gather(*closing, return_exceptions=True)
+        if closing:  # each close is bounded; the stalled ones are aborted by close()
+            await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
         await self.close(CloseCode.SERVICE_RESTART)
 
     def every_user(self) -> list[ServerConnection]:
         # Not Server.connections: it leaves out those already closing.
         return [websocket for room in self.hub.rooms.values() for websocket in room.users]
+
+
+async def within(awaitable: Awaitable[None], seconds: float) -> bool:
+    """Await ``awaitable`` for at most ``seconds``; tell whether it finished."""
+    try:
+        async with asyncio.timeout(seconds):
+            await awaitable
+    except TimeoutError:
+        return False
+    return True
 
 
 def open_store(settings: Settings) -> Store:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import resource
 import socket
 import time
@@ -31,7 +32,19 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Self
 
-__all__ = ["LoadGen", "LoadGenError", "raise_fd_limit"]
+__all__ = [
+    "PLUS",
+    "Group",
+    "IdleListener",
+    "Listener",
+    "LoadGen",
+    "LoadGenError",
+    "Reply",
+    "Worker",
+    "raise_fd_limit",
+    "seen_after",
+    "summarize_errors",
+]
 
 PLUS = b'{"action": "plus"}'
 # Linux's IP_BIND_ADDRESS_NO_PORT (Python 3.11 lacks the name): bind the source
@@ -203,6 +216,23 @@ class IdleListener(WSListener):
         self.closed = True
 
 
+def seen_after(
+    history: list[tuple[float, int]], sends: list[tuple[int, float]]
+) -> list[float | None]:
+    """Per (value, sent_at) send, by value: the delay until `history` shows it, or None.
+
+    Values are absolute, so "a value including the action" is any value at or
+    above the one the action made, whether or not the server skipped to it.
+    """
+    out: list[float | None] = []
+    i = 0
+    for expected, sent_at in sorted(sends):
+        while i < len(history) and history[i][1] < expected:
+            i += 1
+        out.append(history[i][0] - sent_at if i < len(history) else None)
+    return out
+
+
 def summarize_errors(results: list[Any]) -> list[str]:
     """The three most common connection failures, for the report."""
     counts = Counter(
@@ -307,20 +337,9 @@ class Worker:
 
     def delays(self, sends: list[tuple[int, float]]) -> Reply:
         """Per listener and action: time from the send to the first value >= it."""
-        out: list[float] = []
-        missing = 0
-        ordered = sorted(sends)
-        for listener in self.group.listeners:
-            history = listener.history or []
-            i = 0
-            for expected, sent_at in ordered:
-                while i < len(history) and history[i][1] < expected:
-                    i += 1
-                if i < len(history):
-                    out.append(history[i][0] - sent_at)
-                else:
-                    missing += 1
-        return {"delays": out, "missing": missing}
+        seen = [d for x in self.group.listeners for d in seen_after(x.history or [], sends)]
+        out = [d for d in seen if d is not None]
+        return {"delays": out, "missing": len(seen) - len(out)}
 
     # --- capacity ---
 
@@ -420,19 +439,27 @@ async def serve_commands(inbox_conn: Connection, outbox: Connection, worker: Wor
 
     Commands and replies travel on two one-way pipes: the event loop makes the
     fd it watches non-blocking, and a large reply (the steady phase's delays)
-    must not fail with EAGAIN halfway through.
+    must not fail with EAGAIN halfway through. A command larger than the pipe's
+    buffer (a long list of rooms) arrives in pieces, so once its first bytes
+    are readable the rest is read blocking: the main process is writing it.
     """
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple[int, str, dict[str, Any]] | None] = asyncio.Queue()
+    fd = inbox_conn.fileno()
 
     def readable() -> None:
         try:
-            inbox.put_nowait(inbox_conn.recv())
+            os.set_blocking(fd, True)
+            try:
+                message = inbox_conn.recv()
+            finally:
+                os.set_blocking(fd, False)
+            inbox.put_nowait(message)
         except (EOFError, OSError):
-            loop.remove_reader(inbox_conn.fileno())
+            loop.remove_reader(fd)
             inbox.put_nowait(None)
 
-    loop.add_reader(inbox_conn.fileno(), readable)
+    loop.add_reader(fd, readable)
     while (message := await inbox.get()) is not None:
         number, name, kwargs = message
         if name == "stop":
@@ -452,17 +479,19 @@ async def serve_commands(inbox_conn: Connection, outbox: Connection, worker: Wor
         await worker.reset()
 
 
-def worker_main(inbox: Connection, outbox: Connection, source_ip: str | None) -> None:
-    """Entry point of a worker process."""
+def worker_main(
+    inbox: Connection, outbox: Connection, source_ip: str | None, kind: type[Worker] = Worker
+) -> None:
+    """Entry point of a worker process; `kind` is the class whose commands it answers."""
     raise_fd_limit()
     # Failed handshakes are counted and reported; picows' own log is noise here.
     logging.basicConfig(level=logging.CRITICAL)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve_commands(inbox, outbox, Worker(source_ip)))
+        asyncio.run(serve_commands(inbox, outbox, kind(source_ip)))
     else:
-        uvloop.run(serve_commands(inbox, outbox, Worker(source_ip)))
+        uvloop.run(serve_commands(inbox, outbox, kind(source_ip)))
 
 
 # --------------------------------------------------------------------------
@@ -493,11 +522,17 @@ class JoinResult:
 
 
 class LoadGen:
-    """Controls `workers` listener processes and one driver process."""
+    """Controls `workers` listener processes and one driver process.
 
-    def __init__(self, *, workers: int, host: str) -> None:
+    `kind` is the Worker class every process runs: a bench with commands of
+    its own (rooms, say) passes a subclass, defined at module level so that
+    the spawned processes can import it.
+    """
+
+    def __init__(self, *, workers: int, host: str, kind: type[Worker] = Worker) -> None:
         self.workers = workers
         self.host = host
+        self.kind = kind
         self.number = 0
         self.commands: list[Connection] = []
         self.replies: list[Connection] = []
@@ -519,7 +554,7 @@ class LoadGen:
             source_ip = f"127.0.1.{index + 1}" if loopback else None
             process = context.Process(
                 target=worker_main,
-                args=(inbox, outbox, source_ip),
+                args=(inbox, outbox, source_ip, self.kind),
                 daemon=True,
                 name=f"loadgen-{index}",
             )

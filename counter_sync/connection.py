@@ -8,12 +8,16 @@ And a second HTTP request pipelined behind the first one, before the
 handshake is answered, is parsed as WebSocket frames and breaks the handshake.
 :class:`Connection` closes the three holes:
 
-* **Read-side backpressure.** While the write buffer is over its limit, the
-  connection stops reading: the peer's pings, bad messages and actions wait
-  in its own socket buffers, and nothing more is produced for it.
-* **A liveness deadline.** A connection whose write buffer has not drained
-  below the limit for ``ping_interval + ping_timeout`` is aborted by
-  :class:`LivenessWatch`; the library's keepalive covers the others.
+* **Read-side backpressure.** While the write buffer is over its limit (or
+  the queue of received messages is full), the connection stops reading: the
+  peer's pings, bad messages and actions wait in its own socket buffers, and
+  nothing more is produced for it. What one read brought is handed to the
+  protocol a little at a time, so a pause leaves raw bytes waiting, not
+  thousands of parsed frames; and the pongs for one read leave in one write.
+* **A liveness deadline.** A live peer answers every keepalive ping, so it is
+  heard from at least every ``ping_interval``. :class:`LivenessWatch` aborts
+  a connection not heard from for ``ping_interval + ping_timeout``, whatever
+  its write buffer does to the library's own ping.
 * **One request per handshake.** Bytes after the first request's head are
   dropped until the handshake is answered (RFC 6455: a client waits for the
   response before it sends anything else).
@@ -24,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
@@ -34,6 +37,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from counter_sync.admission import Gate
+from counter_sync.config import CLOSE_TIMEOUT
 from counter_sync.metrics import Metrics
 
 __all__ = ["Connection", "LivenessWatch", "disconnect_kind"]
@@ -41,10 +45,32 @@ __all__ = ["Connection", "LivenessWatch", "disconnect_kind"]
 log = logging.getLogger("counter-sync")
 
 END_OF_HEAD = b"\r\n\r\n"
+# Bytes handed to the protocol at a time: one read can hold thousands of tiny
+# frames, each an object once parsed; a pause between slices leaves the rest
+# as bytes.
+FEED_SIZE = 1024
 
 
 class Connection(ServerConnection):
-    """A server connection with read-side backpressure, stall tracking and pending accounting."""
+    """A server connection with read-side backpressure, a liveness clock and pending accounting."""
+
+    # Slots: the library's connection keeps its state in a __dict__ already
+    # near a resize; what this class adds must not double it on every connection.
+    __slots__ = (
+        "drop_reason",
+        "ended_by",
+        "gate",
+        "head_seen",
+        "last_heard",
+        "metrics",
+        "paused_for_queue",
+        "paused_for_writes",
+        "peer_ip",
+        "pending",
+        "reading_paused",
+        "unread",
+        "watch",
+    )
 
     def __init__(
         self,
@@ -58,16 +84,21 @@ class Connection(ServerConnection):
     ) -> None:
         super().__init__(protocol, server, **options)
         self.gate = gate
-        self.metrics = metrics
         self.watch = watch
+        self.metrics = metrics
         self.peer_ip = ""
         self.pending = False  # counted among the handshakes in progress
-        # Why reading is paused: the library's full queue of received
-        # messages, our full write buffer, or both.
-        self.reading_held_for: set[str] = set()
+        # Reading pauses while the library's queue of received messages is
+        # full, or while our write buffer is: both must clear before it resumes.
+        self.paused_for_queue = False
+        self.paused_for_writes = False
         self.reading_paused = False
-        self.stalled_since: float | None = None
-        self.head_seen = b""  # the request head so far, until its end is seen
+        self.unread = b""  # read, not yet handed to the protocol
+        self.last_heard = self.loop.time()
+        self.head_seen = b""  # the end of the request head so far
+        # Set by whoever ends the connection on purpose: how (a disconnects
+        # metric kind), and why, for the log.
+        self.ended_by: str | None = None
         self.drop_reason: str | None = None
 
     # Admission before the handshake: count it, or refuse it at once.
@@ -76,16 +107,15 @@ class Connection(ServerConnection):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else ""
-        # The library pauses reading while its queue of received messages is
-        # full; reading must also wait for our write buffer: both must agree.
-        self.recv_messages.pause = lambda: self.hold_reading("queue", True)
-        self.recv_messages.resume = lambda: self.hold_reading("queue", False)
-        if self.gate.admit_pending(self.peer_ip):
-            self.pending = True
-        else:
+        self.recv_messages.pause = self.pause_for_queue
+        self.recv_messages.resume = self.resume_for_queue
+        if not self.gate.admit_pending(self.peer_ip):
             # Before a byte is read: an open file costs more than a reset.
             self.metrics.handshakes_rejected.labels("pending").inc()
             self.transport.abort()
+            return
+        self.pending = True
+        self.watch.connections.add(self)
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -101,50 +131,80 @@ class Connection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.end_pending()
-        self.watch.stalled.discard(self)
+        self.watch.connections.discard(self)
 
-    # One request per handshake.
+    # Reading: one request per handshake, then a little at a time.
 
     def data_received(self, data: bytes) -> None:
+        self.last_heard = self.loop.time()
         if self.protocol.state is State.CONNECTING:
             data = self.first_request_head(data)
-            if not data:
-                return
-        super().data_received(data)
+        self.unread += data
+        self.feed()
+
+    def feed(self) -> None:
+        """Hand what was read to the protocol, a slice at a time, until reading pauses."""
+        unread, offset = self.unread, 0
+        while offset < len(unread) and not self.reading_paused:
+            super().data_received(unread[offset : offset + FEED_SIZE])
+            offset += FEED_SIZE
+        self.unread = unread[offset:]
 
     def first_request_head(self, data: bytes) -> bytes:
         """The part of ``data`` up to the end of the first request's head; drop the rest."""
-        if self.head_seen.endswith(END_OF_HEAD):
+        if self.head_seen == END_OF_HEAD:
             return b""  # a pipelined request: its answer would break this one's
         # The end may straddle two reads: look at the last bytes seen too.
-        tail = self.head_seen[-3:]
-        end = (tail + data).find(END_OF_HEAD)
+        seen = self.head_seen + data
+        end = seen.find(END_OF_HEAD)
         if end >= 0:
-            data = data[: end + len(END_OF_HEAD) - len(tail)]
-        self.head_seen = (tail + data)[-len(END_OF_HEAD) :]
+            data = data[: end + len(END_OF_HEAD) - len(self.head_seen)]
+            self.head_seen = END_OF_HEAD
+        else:
+            self.head_seen = seen[-3:]
         return data
 
-    # Read-side backpressure and the stall clock.
+    def send_data(self) -> None:
+        """Write what the protocol has to send in one write, where the library makes one each.
+
+        A flood of pings read at once makes thousands of pongs; as separate
+        writes, each costs the event loop an object. An empty chunk, always
+        the last, means the end of the data: half-close, as the library does.
+        """
+        writes = self.protocol.data_to_send()
+        data = b"".join(writes)
+        if data:
+            self.transport.write(data)
+        if not all(writes):
+            if self.transport.can_write_eof():
+                with contextlib.suppress(Exception):  # uvloop may raise RuntimeError
+                    self.transport.write_eof()
+            else:
+                self.transport.close()
+
+    # Read-side backpressure.
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self.stalled_since = self.loop.time()
-        self.watch.stalled.add(self)
-        self.hold_reading("writes", True)
+        self.paused_for_writes = True
+        self.update_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self.stalled_since = None
-        self.watch.stalled.discard(self)
-        self.hold_reading("writes", False)
+        self.paused_for_writes = False
+        self.update_reading()
 
-    def hold_reading(self, reason: str, hold: bool) -> None:
-        """Pause reading while any reason holds it; resume once none does."""
-        if hold:
-            self.reading_held_for.add(reason)
-        else:
-            self.reading_held_for.discard(reason)
-        paused = bool(self.reading_held_for)
+    def pause_for_queue(self) -> None:
+        self.paused_for_queue = True
+        self.update_reading()
+
+    def resume_for_queue(self) -> None:
+        self.paused_for_queue = False
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        """Pause reading while anything holds it; resume, and feed what waits, once nothing does."""
+        paused = self.paused_for_queue or self.paused_for_writes
         if paused == self.reading_paused or self.transport.is_closing():
             return
         self.reading_paused = paused
@@ -152,24 +212,32 @@ class Connection(ServerConnection):
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
+            # Not from here: this may run inside the library's own calls.
+            self.loop.call_soon(self.feed)
 
     def drop(self, reason: str) -> None:
-        """Abort the TCP connection; the handler logs ``reason`` when it sees it go."""
+        """Abort the TCP connection as dead; the handler logs ``reason`` when it sees it go."""
+        self.ended_by = "liveness_deadline"
         self.drop_reason = reason
         self.transport.abort()
 
 
 class LivenessWatch:
-    """Aborts connections whose write buffer stays full past the deadline.
+    """Aborts connections not heard from within the deadline.
 
-    Only stalled connections are looked at, so the sweep costs nothing while
-    everyone keeps up. ``deadline`` is ``ping_interval + ping_timeout``; None
-    (keepalive off) never aborts.
+    ``deadline`` is ``ping_interval + ping_timeout``: a live peer answers each
+    ping within ``ping_timeout``, so it is heard from at least that often. A
+    peer whose writes are stuck is dropped at the deadline: the library's
+    ping waits behind them. Any other silent peer is the library's to fail
+    (1011, "keepalive ping timeout", then the close timeout); this one only
+    backs it up, a close timeout later. None (keepalive off) never aborts.
+    The sweep runs at most a second apart, so a peer goes within the
+    deadline plus a second.
     """
 
     def __init__(self, deadline: float | None) -> None:
         self.deadline = deadline
-        self.stalled: set[Connection] = set()
+        self.connections: set[Connection] = set()
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -183,27 +251,31 @@ class LivenessWatch:
                 await self.task
 
     async def run(self, deadline: float) -> None:
-        # A quarter of the deadline, at most a second apart: a stalled peer
-        # goes within the deadline plus a second.
         period = min(1.0, deadline / 4)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)
-            for connection in list(self.overdue(loop.time(), deadline)):
-                connection.drop(
-                    f"liveness deadline: write buffer full for more than {deadline:g} s"
-                )
+            now = loop.time()
+            silent = [
+                connection
+                for connection in self.connections
+                if not connection.pending and is_overdue(connection, now, deadline)
+            ]
+            for connection in silent:
+                connection.drop(f"liveness deadline: nothing heard for more than {deadline:g} s")
 
-    def overdue(self, now: float, deadline: float) -> Iterator[Connection]:
-        for connection in self.stalled:
-            if connection.stalled_since is not None and now - connection.stalled_since > deadline:
-                yield connection
+
+def is_overdue(connection: Connection, now: float, deadline: float) -> bool:
+    silent_for = now - connection.last_heard
+    if connection.paused_for_writes:
+        return silent_for > deadline
+    return silent_for > deadline + CLOSE_TIMEOUT
 
 
 def disconnect_kind(websocket: Connection, exc: ConnectionClosed | None) -> str:
     """How a connection ended, in the words of the disconnects metric."""
-    if websocket.drop_reason is not None:
-        return "liveness_deadline"
+    if websocket.ended_by is not None:
+        return websocket.ended_by
     if exc is None:  # a close handshake: who started it?
         return "clean_close" if websocket.protocol.close_rcvd_then_sent else "shutdown"
     if exc.rcvd is not None:  # the peer closed, with a code of its own

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection, broadcast
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, ConnectionClosedOK
 from websockets.frames import CloseCode
 
 from counter_sync.admission import TokenBucket
@@ -311,32 +311,13 @@ class Room:
             # The TCP connection was lost (1006) or the library failed it:
             # keepalive timeout (1011), oversized message (1009); or the
             # liveness deadline aborted it (a drop reason says so).
-            reason = websocket.drop_reason or str(exc)
-            code = close_code(exc)
-            self.metrics.disconnects.labels(disconnect_kind(websocket, exc)).inc()
-            log.info(
-                "%s lost: code %d, %s",
-                peer,
-                code,
-                reason,
-                extra=fields("lost", peer=peer, room=self.name, code=code, reason=reason),
-            )
+            self.log_lost(websocket, peer, exc)
+        except ConnectionClosedOK:
+            # A reply crossed the close handshake: a clean close all the same.
+            self.log_closed(websocket, peer)
         else:
             # A close handshake (1000 or 1001) ends `async for` without raising.
-            self.metrics.disconnects.labels(disconnect_kind(websocket, None)).inc()
-            log.info(
-                "%s disconnected: code %s, reason %r",
-                peer,
-                websocket.close_code,
-                websocket.close_reason,
-                extra=fields(
-                    "disconnect",
-                    peer=peer,
-                    room=self.name,
-                    code=websocket.close_code,
-                    reason=websocket.close_reason,
-                ),
-            )
+            self.log_closed(websocket, peer)
         finally:
             # Runs however the connection ends, even on a bug in receive().
             self.unregister(websocket)
@@ -349,12 +330,21 @@ class Room:
             bucket = TokenBucket(self.settings.rate, self.settings.burst, loop.time())
         # One warning per interval for this connection, however much it sends.
         warnings = Throttle()
+        over_limit = 0  # messages over the rate limit in a row
         async for message in websocket:
             if bucket is not None and not bucket.take(loop.time()):
                 self.metrics.actions.labels("rate_limited").inc()
                 warnings.warning(log, "%s is over the rate limit", peer, **rejected(peer, self))
+                over_limit += 1
+                if over_limit > self.settings.burst:
+                    # Told a whole burst's worth of times and still sending:
+                    # answering each one would cost everyone else.
+                    websocket.ended_by = "rate_limit"
+                    await websocket.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                    break
                 await websocket.send(error_event("rate limit exceeded; action not counted"))
                 continue
+            over_limit = 0
             try:
                 action = parse_action(message)
             except BadMessage as exc:
@@ -373,6 +363,29 @@ class Room:
                 await websocket.send(error_event("value out of range; action not counted"))
             else:
                 self.act(websocket, DELTAS[action])
+
+    def log_lost(self, websocket: Connection, peer: str, exc: ConnectionClosedError) -> None:
+        reason = websocket.drop_reason or str(exc)
+        code = close_code(exc)
+        self.metrics.disconnects.labels(disconnect_kind(websocket, exc)).inc()
+        log.info(
+            "%s lost: code %d, %s",
+            peer,
+            code,
+            reason,
+            extra=fields("lost", peer=peer, room=self.name, code=code, reason=reason),
+        )
+
+    def log_closed(self, websocket: Connection, peer: str) -> None:
+        code, reason = websocket.close_code, websocket.close_reason
+        self.metrics.disconnects.labels(disconnect_kind(websocket, None)).inc()
+        log.info(
+            "%s disconnected: code %s, reason %r",
+            peer,
+            code,
+            reason,
+            extra=fields("disconnect", peer=peer, room=self.name, code=code, reason=reason),
+        )
 
 
 def rejected(peer: str, room: Room) -> dict[str, object]:

@@ -33,6 +33,7 @@ DISCONNECT_KINDS = (
     "keepalive_timeout",
     "liveness_deadline",
     "oversize",
+    "rate_limit",
     "shutdown",
     "other",
 )

@@ -148,7 +148,7 @@ async def test_a_stalled_reader_is_dropped_within_the_keepalive_deadline(
         await driver.send(PLUS)
         await wait_for_event(driver, lambda event, value=value: event.get("value") == value)
     assert loop.time() - stalled_at < interval, "the flood must come before the first ping"
-    assert server_side(app, stalled.writer.get_extra_info("sockname")[1]).stalled_since
+    assert server_side(app, stalled.writer.get_extra_info("sockname")[1]).paused_for_writes
     async with asyncio.timeout(TIMEOUT):
         while json.loads(await watcher.recv()) != {"type": "users", "count": 2}:
             pass
@@ -303,7 +303,8 @@ def errors(caplog: pytest.LogCaptureFixture) -> AsyncIterator[None]:
     """Fail the test if anything, the library included, logs an ERROR."""
     caplog.set_level(logging.INFO)
     yield
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    records = caplog.get_records("setup") + caplog.get_records("call") + caplog.records
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []
 
 
 async def test_pipelined_requests_get_the_first_answered_and_no_error(
@@ -519,3 +520,44 @@ async def test_the_admission_probe_says_why_a_handshake_would_be_refused(
         "reason"
     ] == "origin not allowed"
     assert (await probe(app.port, "room=no%20such", source="127.0.0.3"))["status"] == 404
+
+
+async def test_a_client_that_keeps_sending_past_its_rate_limit_is_closed_with_1008(
+    start_server: StartServer,
+) -> None:
+    app = await start_server(rate=1.0, burst=5)
+    bystander = await join(app)
+    flooder = await join(app)
+    for _ in range(50):
+        with contextlib.suppress(ConnectionClosed):
+            await flooder.send(PLUS)
+    with pytest.raises(ConnectionClosed) as closed:
+        await wait_for_event(flooder, lambda event: False)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    await wait_for_users(bystander, 1)
+    await bystander.send(PLUS)
+    await wait_for_event(bystander, lambda event: event.get("value", 0) >= 1)
+
+
+async def test_a_message_that_crosses_the_servers_close_frame_ends_quietly(
+    app: App, errors: None
+) -> None:
+    client = await RawClient.connect(app.port)
+    closing = asyncio.create_task(app.close())  # as on SIGTERM: a close frame to everyone
+    async with asyncio.timeout(TIMEOUT):
+        head = b""
+        while not head or head[0] & 0x0F != 0x8:  # skip users and state, up to the close
+            head = await client.reader.readexactly(2)
+            await client.reader.readexactly(head[1] & 0x7F)
+    # Sent after the server's close frame, before ours: the server reads it while
+    # closing, and its error reply cannot be sent any more.
+    await client.send(client.frames(0x1, b"not json", 1))
+    registry = app.hub.metrics.registry
+    await wait_until(
+        lambda: (
+            registry.get_sample_value("counter_sync_actions_total", {"result": "bad_message"}) == 1
+        )
+    )
+    await client.send(client.frames(0x8, struct.pack("!H", 1000), 1))
+    await closing
+    client.abort()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 __all__ = [
+    "BROADCAST_SLICE",
     "BURST",
     "CLOSE_TIMEOUT",
     "DEFAULT_HOST",
@@ -80,6 +81,10 @@ SOCKET_RECEIVE_BUFFER = 16 * 1024
 # clients and handshakes. Measured with the bench (join storm, N=1000): no
 # pause 5-7 s, 1x 1.1-1.2 s, 2x 0.92-0.95 s, 3x 0.89-0.97 s but slower bursts.
 FLUSH_PAUSE_RATIO = 2
+# Connections a broadcast writes to per event-loop turn: a big room's
+# broadcast yields between slices, so a small room's flush is never held up
+# for more than one slice (about 2 ms of writes).
+BROADCAST_SLICE = 256
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 # Flush pacing skips shorter waits: the event loop's timer resolution is a
 # millisecond, so a 20 µs sleep would cost a whole one.

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection, broadcast
@@ -212,12 +211,10 @@ class Room:
                 if users_changed:
                     self.store.share_users(self.name, len(self.users))
                 state_changed = await self.commit()
-                # CPU time, not wall time: a broadcast preempted by another
-                # process must not stretch the pause. And only the broadcast
-                # counts: a store's commit waits off the loop.
-                started = time.thread_time()
-                self.publish(users_changed, state_changed, newcomers)
-                busy = time.thread_time() - started
+                # CPU time of the writes, not wall time: a broadcast preempted
+                # by another process must not stretch the pause. And only the
+                # broadcast counts: a store's commit waits off the loop.
+                busy = await self.publish(users_changed, state_changed, newcomers)
                 self.next_flush_at = loop.time() + FLUSH_PAUSE_RATIO * busy
                 self.metrics.flush_seconds.observe(loop.time() - flush_started)
         finally:
@@ -235,9 +232,10 @@ class Room:
         self.observed = None
         if senders:
             was_up = self.store.healthy()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
-                with self.metrics.store_commit_seconds.time():
-                    value = await self.store.add(self.name, delta)
+                value = await self.store.add(self.name, delta)
             except StoreUnavailable as exc:
                 # Not applied, so not counted: tell every sender instead of
                 # dropping their actions silently.
@@ -248,7 +246,9 @@ class Room:
                 self.on_doubt(exc)
                 return False
             else:
-                self.metrics.actions.labels("accepted").inc(sum(senders.values()))
+                self.metrics.accepted_actions.inc(sum(senders.values()))
+            finally:
+                self.metrics.store_commit_seconds.observe(loop.time() - started)
         changed = changed or value != self.value
         self.value = value
         return changed
@@ -280,17 +280,21 @@ class Room:
     def state_message(self) -> str:
         return state_event(self.value)
 
-    def publish(
+    async def publish(
         self, users_changed: bool, state_changed: bool, newcomers: list[ServerConnection]
-    ) -> None:
-        """Broadcast what changed; newcomers get users, then state, in this flush."""
+    ) -> float:
+        """Broadcast what changed; newcomers get users, then state, in this flush.
+
+        Return the CPU seconds the writes took.
+        """
+        busy = 0.0
         if users_changed:
-            self.fan_out.send(self.users_message(), self.users, self)
+            busy += await self.fan_out.send(self.users_message(), self.users, self)
         if state_changed:
-            self.fan_out.send(self.state_message(), self.users, self)
-        else:
-            joined = [websocket for websocket in newcomers if websocket in self.users]
-            self.fan_out.send(self.state_message(), joined, self)
+            busy += await self.fan_out.send(self.state_message(), self.users, self)
+        elif joined := [websocket for websocket in newcomers if websocket in self.users]:
+            busy += await self.fan_out.send(self.state_message(), joined, self)
+        return busy
 
     # The connection handler: one per client, from connect to disconnect.
 

@@ -117,6 +117,8 @@ class Metrics:
         # Every label shows from the start, at 0: a rate() needs the zero.
         for result in ACTION_RESULTS:
             self.actions.labels(result)
+        # Looked up once: labels() costs a lock and a dict on every flush.
+        self.accepted_actions = self.actions.labels("accepted")
         for reason in REJECT_REASONS:
             self.handshakes_rejected.labels(reason)
         for kind in DISCONNECT_KINDS:

@@ -30,6 +30,7 @@ from counter_sync.config import FD_HEADROOM, Settings
 
 __all__ = [
     "Gate",
+    "RateLimit",
     "Refusal",
     "TokenBucket",
     "address_key",
@@ -237,8 +238,33 @@ def fit_to_open_files(settings: Settings) -> Settings:
     return fitted
 
 
+class RateLimit:
+    """A connection's rate limit (none at rate 0), and the messages it refused in a row."""
+
+    __slots__ = ("bucket", "patience", "refused_in_a_row")  # one per connection
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.bucket = TokenBucket(rate, burst, now) if rate > 0 else None
+        self.patience = burst
+        self.refused_in_a_row = 0
+
+    def allows(self, now: float) -> bool:
+        """Spend a token for one message; tell whether there was one."""
+        if self.bucket is None or self.bucket.take(now):
+            self.refused_in_a_row = 0
+            return True
+        self.refused_in_a_row += 1
+        return False
+
+    def exhausted(self) -> bool:
+        """Refused more than a whole burst in a row: the sender does not listen."""
+        return self.refused_in_a_row > self.patience
+
+
 class TokenBucket:
     """Per-connection rate limit: ``rate`` messages a second, ``burst`` at once."""
+
+    __slots__ = ("burst", "rate", "tokens", "updated")  # one per connection
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self.rate = rate

@@ -65,7 +65,6 @@ class Connection(ServerConnection):
         "metrics",
         "paused_for_queue",
         "paused_for_writes",
-        "peer_ip",
         "pending",
         "reading_paused",
         "unread",
@@ -86,7 +85,6 @@ class Connection(ServerConnection):
         self.gate = gate
         self.watch = watch
         self.metrics = metrics
-        self.peer_ip = ""
         self.pending = False  # counted among the handshakes in progress
         # Reading pauses while the library's queue of received messages is
         # full, or while our write buffer is: both must clear before it resumes.
@@ -101,12 +99,16 @@ class Connection(ServerConnection):
         self.ended_by: str | None = None
         self.drop_reason: str | None = None
 
+    @property
+    def peer_ip(self) -> str:
+        """The socket's remote address (behind a proxy, the proxy's)."""
+        peer = self.transport.get_extra_info("peername")
+        return str(peer[0]) if peer else ""
+
     # Admission before the handshake: count it, or refuse it at once.
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        self.peer_ip = str(peer[0]) if peer else ""
         self.recv_messages.pause = self.pause_for_queue
         self.recv_messages.resume = self.resume_for_queue
         if not self.gate.admit_pending(self.peer_ip):

@@ -33,7 +33,7 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, ConnectionClosedOK
 from websockets.frames import CloseCode
 
-from counter_sync.admission import TokenBucket
+from counter_sync.admission import RateLimit
 from counter_sync.config import FLUSH_PAUSE_RATIO, MAX_VALUE, MIN_PACING_DELAY, Settings
 from counter_sync.connection import Connection, disconnect_kind
 from counter_sync.fanout import FanOut, format_peer
@@ -257,10 +257,12 @@ class Room:
         self, senders: dict[ServerConnection, int], exc: StoreUnavailable, *, outage_begins: bool
     ) -> None:
         """Tell each sender how many of its actions the store did not apply."""
-        reason = "value out of range" if isinstance(exc, OutOfRange) else "store unavailable"
-        result = reason.replace("value ", "").replace(" ", "_")
+        if isinstance(exc, OutOfRange):
+            reason, result = "value out of range", "out_of_range"
+        else:
+            reason, result = "store unavailable", "store_unavailable"
         self.metrics.actions.labels(result).inc(sum(senders.values()))
-        if reason == "store unavailable" and outage_begins:  # one line per outage
+        if result == "store_unavailable" and outage_begins:  # one line per outage
             log.warning(
                 "store unavailable, actions from %d users rejected: %s",
                 len(senders),
@@ -301,6 +303,9 @@ class Room:
     async def serve(self, websocket: Connection) -> None:
         """Serve one client; whatever ends the connection, unregister it."""
         peer = format_peer(websocket)
+        limit = RateLimit(self.settings.rate, self.settings.burst, websocket.loop.time())
+        # One warning per interval for this connection, however much it sends.
+        warnings = Throttle()
         self.register(websocket)
         log.info(
             "%s connected to %s (%d here)",
@@ -310,7 +315,15 @@ class Room:
             extra=fields("connect", peer=peer, room=self.name),
         )
         try:
-            await self.receive(websocket, peer)
+            async for message in websocket:
+                for reply in self.handle(websocket, message, limit, warnings, peer):
+                    await websocket.send(reply)
+                if limit.exhausted():
+                    # Told a whole burst's worth of times and still sending:
+                    # answering each one would cost everyone else.
+                    websocket.ended_by = "rate_limit"
+                    await websocket.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                    break
         except ConnectionClosedError as exc:
             # The TCP connection was lost (1006) or the library failed it:
             # keepalive timeout (1011), oversized message (1009); or the
@@ -323,50 +336,36 @@ class Room:
             # A close handshake (1000 or 1001) ends `async for` without raising.
             self.log_closed(websocket, peer)
         finally:
-            # Runs however the connection ends, even on a bug in receive().
+            # Runs however the connection ends, even on a bug in handle().
             self.unregister(websocket)
 
-    async def receive(self, websocket: Connection, peer: str) -> None:
-        """Read messages until the connection ends; reject bad ones, count good ones."""
-        loop = asyncio.get_running_loop()
-        bucket = None
-        if self.settings.rate > 0:
-            bucket = TokenBucket(self.settings.rate, self.settings.burst, loop.time())
-        # One warning per interval for this connection, however much it sends.
-        warnings = Throttle()
-        over_limit = 0  # messages over the rate limit in a row
-        async for message in websocket:
-            if bucket is not None and not bucket.take(loop.time()):
-                self.metrics.actions.labels("rate_limited").inc()
-                warnings.warning(log, "%s is over the rate limit", peer, **rejected(peer, self))
-                over_limit += 1
-                if over_limit > self.settings.burst:
-                    # Told a whole burst's worth of times and still sending:
-                    # answering each one would cost everyone else.
-                    websocket.ended_by = "rate_limit"
-                    await websocket.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-                    break
-                await websocket.send(error_event("rate limit exceeded; action not counted"))
-                continue
-            over_limit = 0
-            try:
-                action = parse_action(message)
-            except BadMessage as exc:
-                self.metrics.actions.labels("bad_message").inc()
-                warnings.warning(
-                    log, "%s sent a bad message: %s", peer, exc, **rejected(peer, self)
-                )
-                await websocket.send(error_event(str(exc)))
-                continue
-            if action == "sync":
-                self.metrics.actions.labels("sync").inc()
-                await websocket.send(self.users_message())
-                await websocket.send(self.state_message())
-            elif not self.fits(DELTAS[action]):
-                self.metrics.actions.labels("out_of_range").inc()
-                await websocket.send(error_event("value out of range; action not counted"))
-            else:
-                self.act(websocket, DELTAS[action])
+    def handle(
+        self,
+        websocket: Connection,
+        message: str | bytes,
+        limit: RateLimit,
+        warnings: Throttle,
+        peer: str,
+    ) -> tuple[str, ...]:
+        """Do what one message asks, or say why not; return the replies for its sender."""
+        if not limit.allows(websocket.loop.time()):
+            self.metrics.actions.labels("rate_limited").inc()
+            warnings.warning(log, "%s is over the rate limit", peer, **rejected(peer, self))
+            return (error_event("rate limit exceeded; action not counted"),)
+        try:
+            action = parse_action(message)
+        except BadMessage as exc:
+            self.metrics.actions.labels("bad_message").inc()
+            warnings.warning(log, "%s sent a bad message: %s", peer, exc, **rejected(peer, self))
+            return (error_event(str(exc)),)
+        if action == "sync":
+            self.metrics.actions.labels("sync").inc()
+            return (self.users_message(), self.state_message())
+        if not self.fits(DELTAS[action]):
+            self.metrics.actions.labels("out_of_range").inc()
+            return (error_event("value out of range; action not counted"),)
+        self.act(websocket, DELTAS[action])
+        return ()
 
     def log_lost(self, websocket: Connection, peer: str, exc: ConnectionClosedError) -> None:
         reason = websocket.drop_reason or str(exc)

@@ -33,6 +33,8 @@ def fields(event: str, **values: object) -> dict[str, object]:
 class Throttle:
     """At most one warning per interval; the next one says how many were held back."""
 
+    __slots__ = ("held_back", "interval", "next_at")  # one per connection
+
     def __init__(self, interval: float = LOG_INTERVAL) -> None:
         self.interval = interval
         self.next_at = 0.0

@@ -85,9 +85,9 @@ class App:
             await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
         await self.close(CloseCode.SERVICE_RESTART)
 
-    def every_user(self) -> list[ServerConnection]:
+    def every_user(self) -> list[Connection]:
         # Not Server.connections: it leaves out those already closing.
-        return [websocket for room in self.hub.rooms.values() for websocket in room.users]
+        return list(self.hub.every_user())
 
 
 async def within(awaitable: Awaitable[None], seconds: float) -> bool:
@@ -126,8 +126,10 @@ async def start(settings: Settings) -> App:
     hub = Hub(settings, store)
     await hub.open_default_room()
     keepalive = settings.ping_interval > 0 and settings.ping_timeout > 0
-    watch = LivenessWatch(settings.ping_interval + settings.ping_timeout if keepalive else None)
-    connection = functools.partial(Connection, gate=hub.gate, watch=watch, metrics=hub.metrics)
+    watch = LivenessWatch(
+        settings.ping_interval + settings.ping_timeout if keepalive else None, hub.every_user
+    )
+    connection = functools.partial(Connection, gate=hub.gate, metrics=hub.metrics)
     server = await serve(
         hub.handler,  # type: ignore[arg-type]  # it gets a Connection: create_connection
         settings.host,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
@@ -68,7 +69,6 @@ class Connection(ServerConnection):
         "pending",
         "reading_paused",
         "unread",
-        "watch",
     )
 
     def __init__(
@@ -77,13 +77,11 @@ class Connection(ServerConnection):
         server: Server,
         *,
         gate: Gate,
-        watch: LivenessWatch,
         metrics: Metrics,
         **options: Any,
     ) -> None:
         super().__init__(protocol, server, **options)
         self.gate = gate
-        self.watch = watch
         self.metrics = metrics
         self.pending = False  # counted among the handshakes in progress
         # Reading pauses while the library's queue of received messages is
@@ -117,7 +115,6 @@ class Connection(ServerConnection):
             self.transport.abort()
             return
         self.pending = True
-        self.watch.connections.add(self)
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -133,7 +130,6 @@ class Connection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.end_pending()
-        self.watch.connections.discard(self)
 
     # Reading: one request per handshake, then a little at a time.
 
@@ -237,9 +233,11 @@ class LivenessWatch:
     deadline plus a second.
     """
 
-    def __init__(self, deadline: float | None) -> None:
+    def __init__(
+        self, deadline: float | None, connections: Callable[[], Iterable[Connection]]
+    ) -> None:
         self.deadline = deadline
-        self.connections: set[Connection] = set()
+        self.connections = connections  # every open connection, when called
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -258,11 +256,7 @@ class LivenessWatch:
         while True:
             await asyncio.sleep(period)
             now = loop.time()
-            silent = [
-                connection
-                for connection in self.connections
-                if not connection.pending and is_overdue(connection, now, deadline)
-            ]
+            silent = [c for c in self.connections() if is_overdue(c, now, deadline)]
             for connection in silent:
                 connection.drop(f"liveness deadline: nothing heard for more than {deadline:g} s")
 

@@ -29,7 +29,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.asyncio.server import broadcast
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, ConnectionClosedOK
 from websockets.frames import CloseCode
 
@@ -136,12 +136,12 @@ class Room:
         self.metrics = metrics
         self.on_empty = on_empty  # the hub releases a room nobody is in
         self.on_doubt = on_doubt  # the hub stops the server
-        self.users: set[ServerConnection] = set()
+        self.users: set[Connection] = set()
         self.value = value
         # Accepted actions not yet committed, and who sent them (for errors).
         self.pending = 0
-        self.senders: dict[ServerConnection, int] = {}
-        self.newcomers: list[ServerConnection] = []
+        self.senders: dict[Connection, int] = {}
+        self.newcomers: list[Connection] = []
         self.users_dirty = False
         self.state_dirty = False
         self.flush_task: asyncio.Task[None] | None = None
@@ -155,13 +155,13 @@ class Room:
 
     # Changes: each marks what is dirty and makes sure a flush will run.
 
-    def register(self, websocket: ServerConnection) -> None:
+    def register(self, websocket: Connection) -> None:
         self.users.add(websocket)
         self.newcomers.append(websocket)
         self.users_dirty = True
         self.schedule_flush()
 
-    def unregister(self, websocket: ServerConnection) -> None:
+    def unregister(self, websocket: Connection) -> None:
         self.users.discard(websocket)
         self.users_dirty = True
         self.schedule_flush()
@@ -170,7 +170,7 @@ class Room:
         """Tell whether one more action keeps the value within ±MAX_VALUE."""
         return abs(self.value + self.pending + delta) <= MAX_VALUE
 
-    def act(self, websocket: ServerConnection, delta: int) -> None:
+    def act(self, websocket: Connection, delta: int) -> None:
         """Count one accepted action; it is committed by the next flush."""
         self.pending += delta
         self.senders[websocket] = self.senders.get(websocket, 0) + 1
@@ -254,7 +254,7 @@ class Room:
         return changed
 
     def reject(
-        self, senders: dict[ServerConnection, int], exc: StoreUnavailable, *, outage_begins: bool
+        self, senders: dict[Connection, int], exc: StoreUnavailable, *, outage_begins: bool
     ) -> None:
         """Tell each sender how many of its actions the store did not apply."""
         if isinstance(exc, OutOfRange):
@@ -283,7 +283,7 @@ class Room:
         return state_event(self.value)
 
     async def publish(
-        self, users_changed: bool, state_changed: bool, newcomers: list[ServerConnection]
+        self, users_changed: bool, state_changed: bool, newcomers: list[Connection]
     ) -> float:
         """Broadcast what changed; newcomers get users, then state, in this flush.
 

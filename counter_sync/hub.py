@@ -15,6 +15,7 @@ import http
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 
 from websockets.datastructures import Headers
 from websockets.frames import CloseCode
@@ -90,6 +91,11 @@ class Hub:
         if not self.store.healthy():
             return "store unavailable"
         return None
+
+    def every_user(self) -> Iterator[Connection]:
+        """Every connection registered in a room here."""
+        for room in self.rooms.values():
+            yield from room.users
 
     def count_rooms_in_use(self) -> int:
         """Rooms with users here."""

@@ -2138,7 +2138,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--bound-kib",
         type=float,
-        default=1024.0,
+        default=320.0,  # the per-connection bound the project's README documents
         help="RSS growth per connection held that attacks 7 and 8 must stay within",
     )
     add(

@@ -322,6 +322,7 @@ class Room:
                     # Told a whole burst's worth of times and still sending:
                     # answering each one would cost everyone else.
                     websocket.ended_by = "rate_limit"
+                    websocket.drop_reason = "closed: kept sending past the rate limit"
                     await websocket.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
                     break
         except ConnectionClosedError as exc:
@@ -380,7 +381,7 @@ class Room:
         )
 
     def log_closed(self, websocket: Connection, peer: str) -> None:
-        code, reason = websocket.close_code, websocket.close_reason
+        code, reason = websocket.close_code, websocket.drop_reason or websocket.close_reason
         self.metrics.disconnects.labels(disconnect_kind(websocket, None)).inc()
         log.info(
             "%s disconnected: code %s, reason %r",

@@ -218,28 +218,12 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = "counter-sync")
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             parser.error(f"argument --trusted-proxy: {proxy!r} is not an address or network")
-    return Settings(
-        host=args.host,
-        port=args.port,
-        origins=tuple(args.origin),
-        max_users=args.max_users,
-        max_users_per_ip=args.max_users_per_ip,
-        max_pending=args.max_pending,
-        max_pending_per_ip=args.max_pending_per_ip,
-        handshake_timeout=args.handshake_timeout,
-        trusted_proxies=tuple(args.trusted_proxy),
-        max_rooms=args.max_rooms,
-        max_message_size=args.max_message_size,
-        rate=args.rate,
-        burst=args.burst,
-        ping_interval=args.ping_interval,
-        ping_timeout=args.ping_timeout,
-        redis=args.redis,
-        redis_expiry=args.redis_expiry,
-        state=args.state,
-        log_format=args.log_format,
-        drain_seconds=args.drain_seconds,
-    )
+    # Every flag is a field of Settings under its own name, but for the two
+    # repeatable ones, whose lists become tuples under a plural name.
+    values = vars(args)
+    values["origins"] = tuple(values.pop("origin"))
+    values["trusted_proxies"] = tuple(values.pop("trusted_proxy"))
+    return Settings(**values)
 
 
 async def run(settings: Settings) -> int:

@@ -7,16 +7,18 @@ Everything here is plain code, not pytest fixtures (those are in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,6 +44,7 @@ __all__ = [
     "wait_for_users",
     "wait_for_value",
     "wait_until",
+    "write_lock_held",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,3 +267,14 @@ async def wait_until(condition: Callable[[], bool]) -> None:
 def room(app: App, name: str = DEFAULT_ROOM) -> Room:
     """A room of the server (``/`` by default), for the few tests that look inside."""
     return app.hub.rooms[name]
+
+
+@contextlib.contextmanager
+def write_lock_held(path: Path) -> Iterator[None]:
+    """Hold SQLite's write lock from another connection, so a server's commits must wait."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.execute("ROLLBACK")

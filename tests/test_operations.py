@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from tests.helpers import (
     wait_for_users,
     wait_for_value,
     wait_until,
+    write_lock_held,
 )
 
 PLUS = json.dumps({"action": "plus"})
@@ -139,17 +138,6 @@ async def test_openmetrics_is_served_to_a_scraper_that_asks_for_it(app: App) -> 
 
 
 # --- Liveness and readiness ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def write_lock_held(path: Path) -> Iterator[None]:
-    """Hold SQLite's write lock from another connection: the server's commits fail (busy)."""
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
-        other.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        finally:
-            other.execute("ROLLBACK")
 
 
 async def test_readyz_is_503_while_the_store_fails_and_healthz_stays_200(

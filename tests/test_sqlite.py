@@ -17,7 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from tests.helpers import (
     wait_for_event,
     wait_for_value,
     wait_until,
+    write_lock_held,
 )
 
 PLUS = json.dumps({"action": "plus"})
@@ -87,17 +88,6 @@ def stored_rows(path: Path) -> dict[str, int]:
     """Every counter row of the file, as another process reads it."""
     with contextlib.closing(sqlite3.connect(path)) as reader:
         return dict(reader.execute("SELECT name, value FROM counter").fetchall())
-
-
-@contextlib.contextmanager
-def write_lock_held(path: Path) -> Iterator[None]:
-    """Hold SQLite's write lock from another connection, so commits must wait."""
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
-        other.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        finally:
-            other.execute("ROLLBACK")
 
 
 async def write_state(path: Path, value: int, name: str = "/") -> None:

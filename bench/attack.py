@@ -1,7 +1,7 @@
 """Issue 9, "Hard to break": rerun every attack that once broke the server, and measure it.
 
 Each attack runs against a real ``python server.py`` (started with
-``tests.helpers.ServerProcess``), and the load comes from separate processes:
+``testkit.processes.ServerProcess``), and the load comes from separate processes:
 this one only steers them and watches the server from outside (RSS and open
 files from /proc, kernel socket memory from ``ss``, its log). Every attacker
 connects from its own loopback address, because the server's caps are per
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import datetime
 import functools
@@ -36,7 +35,6 @@ import re
 import resource
 import select
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -57,13 +55,22 @@ from bench.loadgen import LoadGen, LoadGenError, Progress, raise_fd_limit
 from bench.measure import percentile
 from bench.servers import REPO_ROOT, cpu_seconds, rss_bytes, wait_idle
 from counter_sync.config import MAX_PENDING_PER_IP, MAX_USERS_PER_IP, PING_INTERVAL, PING_TIMEOUT
-from tests.helpers import ServerProcess
+from testkit.processes import TIMEOUT, ServerProcess
+from testkit.rawclient import (
+    HOST,
+    SMALL_RCVBUF,
+    RawClient,
+    bound_socket,
+    client_frame,
+    connected_socket,
+    raw_websocket,
+    tcp_open,
+)
 
 __all__ = ["main"]
 
 Report = dict[str, Any]
 
-SERVER_HOST = "127.0.0.1"
 # Who attacks from where. To the server each address is another host.
 SILENT_SOURCE = "127.0.0.1"  # the issue's attacks 3 and 4 come from here
 LEGIT_SOURCE = "127.0.0.2"
@@ -84,14 +91,7 @@ STALL_PING_TIMEOUT = 1.0
 STALL_SNAPSHOT = 1.5  # seconds after it stopped reading: the kernel's share is read then
 STALL_ROOM = "/c/stalled"  # all-at-once: its driver's actions stay out of the latency room
 
-# A client that never reads also offers a small window: the server's writes
-# back up after a few KiB instead of the hundreds of KiB of an autotuned buffer.
-SMALL_RCVBUF = 4096
 PINGS_PER_WRITE = 10_000
-# Linux's IP_BIND_ADDRESS_NO_PORT (Python 3.11 lacks the name): bind the source
-# address now, pick the port at connect(): 20,000 sockets from one address fit.
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-TCP_ESTABLISHED = 1  # tcpi_state in TCP_INFO
 # Open files one attacking process keeps below its limit, for itself.
 SOCKETS_PER_PROCESS = 10_000
 SAMPLE_PERIOD = 0.05  # seconds between two readings of the server's RSS and open files
@@ -104,12 +104,6 @@ PIPELINED = (
     b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
 )
-
-
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One masked client frame; a mask of zeros is legal and leaves the payload as it is."""
-    assert len(payload) < 126
-    return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + b"\0\0\0\0" + payload
 
 
 PING = client_frame(0x9, b"ping")
@@ -184,61 +178,6 @@ def run_child(conn: Connection, attack: Callable[..., Any], kwargs: dict[str, An
     except Exception as exc:
         with contextlib.suppress(OSError):
             channel.send("error", error=f"{type(exc).__name__}: {exc}")
-
-
-def bound_socket(source: str, *, rcvbuf: int | None = None) -> socket.socket:
-    """A TCP socket from ``source``; its port is picked at connect()."""
-    sock = socket.socket()
-    try:
-        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        if rcvbuf is not None:
-            # Before connect: the window offered in the handshake follows it.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind((source, 0))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def upgrade_request(port: int, path: str = "/") -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: {SERVER_HOST}:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-
-
-def raw_websocket(
-    port: int, source: str, *, path: str = "/", rcvbuf: int | None = None, limit: float = 10.0
-) -> socket.socket:
-    """A WebSocket on a plain blocking socket, handshake done: it sends and reads only if told."""
-    sock = bound_socket(source, rcvbuf=rcvbuf)
-    try:
-        sock.settimeout(limit)
-        sock.connect((SERVER_HOST, port))
-        sock.sendall(upgrade_request(port, path))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed during the handshake")
-            head += chunk
-        status = head.partition(b"\r\n")[0].decode()
-        if not status.startswith("HTTP/1.1 101"):
-            raise ConnectionError(f"refused: {status}")
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def tcp_open(sock: socket.socket) -> bool:
-    """Whether the connection is still established, asked of the kernel without reading."""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == TCP_ESTABLISHED
-    except OSError:
-        return False
 
 
 def describe(result: object) -> str:
@@ -492,20 +431,11 @@ async def silent_sockets(
     limit: float,
 ) -> None:
     """Open ``count`` TCP connections that never send a byte, and hold them until told to stop."""
-    loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
 
     async def one() -> socket.socket:
-        async with gate:
-            sock = bound_socket(source)
-            sock.setblocking(False)
-            try:
-                async with asyncio.timeout(connect_timeout):
-                    await loop.sock_connect(sock, (SERVER_HOST, port))
-            except BaseException:
-                sock.close()
-                raise
-            return sock
+        async with gate, asyncio.timeout(connect_timeout):
+            return await connected_socket(port, source)
 
     started = time.monotonic()
     results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
@@ -527,17 +457,14 @@ async def silent_sockets(
 
 async def open_client(port: int, source: str, path: str = "/") -> ClientConnection:
     """A library client from ``source`` that has read its first event (the user count)."""
-    loop = asyncio.get_running_loop()
-    sock = bound_socket(source)
-    sock.setblocking(False)
-    try:
-        async with asyncio.timeout(10):
-            await loop.sock_connect(sock, (SERVER_HOST, port))
-            client = await connect(f"ws://{SERVER_HOST}:{port}{path}", sock=sock, compression=None)
+    async with asyncio.timeout(TIMEOUT):
+        sock = await connected_socket(port, source)
+        try:
+            client = await connect(f"ws://{HOST}:{port}{path}", sock=sock, compression=None)
             await client.recv()
-    except BaseException:
-        sock.close()
-        raise
+        except BaseException:
+            sock.close()
+            raise
     return client
 
 
@@ -571,9 +498,7 @@ async def health_check(port: int, source: str) -> Report:
     started = time.monotonic()
     try:
         async with asyncio.timeout(5):
-            reader, writer = await asyncio.open_connection(
-                SERVER_HOST, port, local_addr=(source, 0)
-            )
+            reader, writer = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             status_line = await reader.readline()
             seconds = time.monotonic() - started
@@ -654,7 +579,7 @@ def exchange(port: int, source: str, request: bytes) -> bytes:
     with bound_socket(source) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(5)
-        sock.connect((SERVER_HOST, port))
+        sock.connect((HOST, port))
         sock.sendall(request)
         chunks = []
         while chunk := sock.recv(65536):
@@ -675,15 +600,15 @@ async def garbage_senders(
     """
     opened = []
     for _ in range(clients):  # one at a time: under the per-address cap on handshakes
-        opened.append(await open_raw(port, source))
+        opened.append(await RawClient.connect(port, source=source))
     channel.ready(connected=len(opened))
     stop_at = time.monotonic() + seconds
     reports = await asyncio.gather(
-        *(send_garbage(reader, writer, stop_at) for reader, writer in opened),
+        *(send_garbage(client.reader, client.writer, stop_at) for client in opened),
         return_exceptions=True,
     )
-    for _, writer in opened:
-        writer.transport.abort()
+    for client in opened:
+        client.abort()
     counts = [report for report in reports if isinstance(report, dict)]
     channel.done(
         connected=len(opened),
@@ -691,18 +616,6 @@ async def garbage_senders(
         error_replies=sum(report["errors"] for report in counts),
         failed=[describe(report) for report in reports if isinstance(report, BaseException)],
     )
-
-
-async def open_raw(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A WebSocket on asyncio streams, handshake done (for clients that send what they like)."""
-    reader, writer = await asyncio.open_connection(SERVER_HOST, port, local_addr=(source, 0))
-    writer.write(upgrade_request(port))
-    async with asyncio.timeout(10):
-        head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 101"):
-        writer.close()
-        raise ConnectionError(head.partition(b"\r\n")[0].decode())
-    return reader, writer
 
 
 async def send_garbage(
@@ -2174,7 +2087,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment()
     say(f"attacks: {', '.join(args.only)} (load average {env['load_average'][0]:.2f})")
     try:
-        with LoadGen(workers=args.workers, host=SERVER_HOST) as load:
+        with LoadGen(workers=args.workers, host=HOST) as load:
             run = Run(args, load, args.log_dir)
             outcomes = [run_attack(run, key) for key in args.only]
     except LoadGenError as exc:

@@ -27,7 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from bench.loadgen import raise_fd_limit
-from tests.helpers import ServerProcess
+from testkit.processes import ServerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results" / "drain.json"
 PER_SOURCE = 100  # clients per source address: the default --max-users-per-ip

@@ -30,7 +30,7 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 
 from counter_sync.sqlite_store import SqliteStore
-from tests.helpers import ROOT, ServerProcess
+from testkit.processes import ROOT, ServerProcess
 
 PLUS = json.dumps({"action": "plus"})
 SEND_BATCH = 100  # sends between yields, so the readers get to run

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Self
 
+from testkit.rawclient import IP_BIND_ADDRESS_NO_PORT
+
 __all__ = [
     "PLUS",
     "Group",
@@ -47,9 +49,6 @@ __all__ = [
 ]
 
 PLUS = b'{"action": "plus"}'
-# Linux's IP_BIND_ADDRESS_NO_PORT (Python 3.11 lacks the name): bind the source
-# address now but pick the port at connect(), per destination.
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 # How long the main process waits for a reply beyond the command's own timeout.
 REPLY_MARGIN = 15.0
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.helpers import RedisServer, ServerProcess
+from testkit.processes import RedisServer, ServerProcess
 
 START_TIMEOUT = 10.0  # seconds for redis-server or server.py to be ready
 DRAIN_TIMEOUT = 10.0  # seconds for the last action to reach every client

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import LoggedProcess, free_port
+from testkit.processes import LoggedProcess, free_port
 
 __all__ = [
     "NODE_DIR",

@@ -1,7 +1,7 @@
 """Fixtures shared by the tests: servers in-process and as subprocesses.
 
-The helpers they build on are plain code in ``tests/helpers.py``, which the
-bench shares.
+The helpers they build on are plain code: ``testkit/`` (child processes,
+ports, raw clients; the bench shares it) and ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from counter_sync.app import App, start
 from counter_sync.config import Settings
-from tests.helpers import ServerProcess
+from testkit.processes import ServerProcess
 
 StartServer = Callable[..., Awaitable[App]]
 StartProcess = Callable[..., ServerProcess]

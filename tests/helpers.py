@@ -1,7 +1,8 @@
-"""Helpers shared by the tests and the bench: child processes, free ports, clients.
+"""What only the tests use: pytest's skip for a missing program, clients of an in-process server.
 
-Everything here is plain code, not pytest fixtures (those are in
-``conftest.py`` and build on this), so ``bench/`` imports it too.
+Plain code, not pytest fixtures (those are in ``conftest.py`` and build on
+this). What the bench uses too (child processes, ports, raw clients) is in
+``testkit/``.
 """
 
 from __future__ import annotations
@@ -9,33 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import re
-import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from counter_sync.app import App
 from counter_sync.counter import Room
 from counter_sync.store import DEFAULT_ROOM
+from testkit.processes import IN_CI, TIMEOUT, MissingBinary, find_binary
 
 __all__ = [
-    "IN_CI",
-    "ROOT",
-    "TIMEOUT",
-    "LoggedProcess",
-    "RedisServer",
-    "ServerProcess",
-    "free_port",
     "join",
     "require_binary",
     "room",
@@ -47,179 +35,15 @@ __all__ = [
     "write_lock_held",
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
-# Generous: a wait only ends this early when the behaviour under test is broken.
-TIMEOUT = 10.0
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
-
-
-class MissingBinary(Exception):
-    """A system program a test needs is not installed."""
-
-
-def find_binary(name: str, *candidates: str) -> str:
-    """The path of a system program, or :exc:`MissingBinary` naming its package."""
-    for candidate in (name, *candidates):
-        path = shutil.which(candidate)
-        if path is not None:
-            return path
-    raise MissingBinary(f"{name} is not installed (apt-get install {name})")
-
 
 def require_binary(name: str, *candidates: str) -> str:
     """Find a system program the test needs: skip without it locally, fail in CI."""
-    import pytest  # only tests call this; the bench reports a missing program itself
-
     try:
         return find_binary(name, *candidates)
     except MissingBinary as exc:
         if IN_CI:
             pytest.fail(f"{exc}; CI=true, so this is a failure, not a skip")
         pytest.skip(str(exc))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on now (racy in general, fine on loopback)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-# --- Child processes ----------------------------------------------------------------
-
-
-class LoggedProcess:
-    """A child process whose output a thread keeps reading until it exits.
-
-    The thread keeps draining the pipe: a child whose log pipe filled up would
-    block on its next line. ``ready`` is a regular expression; the child is
-    ready once a line matches it (its first group, if any, is kept in
-    ``match``). With ``log_path``, every line also goes to that file.
-    """
-
-    def __init__(
-        self,
-        argv: Sequence[str],
-        *,
-        ready: str,
-        timeout: float = TIMEOUT,
-        log_path: Path | None = None,
-        env: dict[str, str] | None = None,
-        cwd: Path = ROOT,
-    ) -> None:
-        self.argv = list(argv)
-        self.ready_pattern = re.compile(ready)
-        self.lines: list[str] = []
-        self.match: re.Match[str] | None = None
-        self.ready = threading.Event()
-        self.log_file: IO[str] | None = None
-        if log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            self.log_file = log_path.open("w")
-        self.process = subprocess.Popen(
-            self.argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.pid = self.process.pid
-        self.reader = threading.Thread(target=self.read_log, daemon=True)
-        self.reader.start()
-        if not self.ready.wait(timeout) or self.match is None:
-            self.kill()
-            raise RuntimeError(f"{self.argv[0]} did not get ready:\n{self.log}")
-
-    def read_log(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if self.log_file is not None:
-                self.log_file.write(line)
-                self.log_file.flush()
-            if self.match is None and (match := self.ready_pattern.search(line)):
-                self.match = match
-                self.ready.set()
-        self.ready.set()  # exited: stop waiting either way
-        self.process.stdout.close()
-        if self.log_file is not None:
-            self.log_file.close()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(
-        self, timeout: float = TIMEOUT, signum: signal.Signals = signal.SIGTERM
-    ) -> tuple[int, str]:
-        """Send ``signum`` (SIGTERM), wait for the exit; return its code and the whole log."""
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        returncode = self.process.wait(timeout)
-        self.reader.join(timeout)
-        return returncode, self.log
-
-    def kill(self) -> None:
-        """SIGKILL, if it still runs, and reap it."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.reader.join(TIMEOUT)
-
-
-class ServerProcess(LoggedProcess):
-    """``python server.py`` from the checkout, ready once it logs the port it listens on."""
-
-    def __init__(
-        self,
-        *args: str,
-        timeout: float = TIMEOUT,
-        log_path: Path | None = None,
-        open_files: int | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        argv = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0"]
-        if open_files is not None:
-            # Soft and hard: a limit the server cannot raise, as under a strict LimitNOFILE.
-            argv = ["sh", "-c", f'ulimit -n {open_files} && exec "$@"', "sh", *argv]
-        super().__init__(
-            [*argv, *args],
-            env=env,
-            ready=r"listening on ws://[^ ]+:(\d+)/",
-            timeout=timeout,
-            log_path=log_path,
-        )
-        assert self.match is not None
-        self.port = int(self.match.group(1))
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/"
-
-
-class RedisServer:
-    """``redis-server`` on a free port, persistence off; stop and start keep the port."""
-
-    def __init__(self, binary: str) -> None:
-        self.binary = binary
-        self.port = free_port()
-        self.child: LoggedProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Start it and return once it accepts connections (it says so in its log)."""
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", *NO_PERSISTENCE]
-        self.child = LoggedProcess(argv, ready="Ready to accept connections")
-
-    def stop(self) -> None:
-        if self.child is not None:
-            self.child.stop()
 
 
 # --- Clients of an in-process server ------------------------------------------------

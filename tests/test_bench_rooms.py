@@ -20,7 +20,7 @@ import pytest
 
 from bench.rooms import PHASES, TARGETS, deal, room_url
 from bench.servers import REPO_ROOT
-from tests.helpers import IN_CI
+from testkit.processes import IN_CI
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from testkit.processes import ROOT, TIMEOUT
 from tests.conftest import StartProcess
-from tests.helpers import ROOT, TIMEOUT
 
 
 def run_server(*args: str) -> subprocess.CompletedProcess[str]:

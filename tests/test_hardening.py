@@ -8,11 +8,9 @@ silent sockets, pipelined requests, garbage) and checks what others see.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
-import os
 import resource
 import socket
 import struct
@@ -26,9 +24,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from counter_sync import counter
 from counter_sync.app import App
 from counter_sync.config import WRITE_BUFFER_LIMIT
+from testkit.processes import TIMEOUT
+from testkit.rawclient import RawClient, connected_socket
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
-    TIMEOUT,
     join,
     room,
     wait_for_event,
@@ -37,51 +36,6 @@ from tests.helpers import (
 )
 
 PLUS = json.dumps({"action": "plus"})
-
-
-# --- Raw clients: what a well-behaved library would never do --------------------
-
-
-class RawClient:
-    """A WebSocket client on a plain socket: it sends what it likes and reads only if asked."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port: int, *, source: str = "127.0.0.1", path: str = "/") -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        async with asyncio.timeout(TIMEOUT):
-            head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(reader, writer)
-
-    def stop_reading(self) -> None:
-        transport = self.writer.transport
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
-        # A small receive buffer: the server's writes back up sooner.
-        sock = transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-
-    def frames(self, opcode: int, payload: bytes, count: int) -> bytes:
-        """``count`` masked client frames (the mask is all zeros: legal and cheap)."""
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + b"\0\0\0\0"
-        return (header + payload) * count
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    def abort(self) -> None:
-        self.writer.transport.abort()
 
 
 def server_side(app: App, port: int) -> Any:
@@ -162,14 +116,7 @@ async def test_a_stalled_reader_is_dropped_within_the_keepalive_deadline(
 
 
 async def silent_sockets(port: int, count: int, source: str) -> list[socket.socket]:
-    sockets = []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.bind((source, 0))
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        sockets.append(sock)
-    return sockets
+    return [await connected_socket(port, source) for _ in range(count)]
 
 
 async def closed_by_server(sock: socket.socket) -> None:
@@ -194,7 +141,7 @@ async def test_silent_sockets_beyond_the_per_address_cap_are_reset_and_others_ge
         async with asyncio.timeout(1):
             client = await connect(
                 f"ws://127.0.0.1:{app.port}/",
-                sock=await bound_socket(app.port, "127.0.0.2"),
+                sock=await connected_socket(app.port, "127.0.0.2"),
             )
             await client.recv()
     finally:
@@ -202,14 +149,6 @@ async def test_silent_sockets_beyond_the_per_address_cap_are_reset_and_others_ge
             read.cancel()
         for sock in sockets:
             sock.close()
-
-
-async def bound_socket(port: int, source: str) -> socket.socket:
-    sock = socket.socket()
-    sock.bind((source, 0))
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return sock
 
 
 def test_silent_sockets_beyond_the_open_files_limit_leave_room_for_others(
@@ -227,7 +166,7 @@ def test_silent_sockets_beyond_the_open_files_limit_leave_room_for_others(
             loop = asyncio.get_running_loop()
             started = loop.time()
             async with connect(
-                process.url, sock=await bound_socket(process.port, "127.0.0.2")
+                process.url, sock=await connected_socket(process.port, "127.0.0.2")
             ) as client:
                 assert json.loads(await client.recv())["type"] == "users"
             assert loop.time() - started < 1.0
@@ -259,7 +198,7 @@ async def test_connections_beyond_the_per_address_cap_get_429(start_server: Star
         await connect(f"ws://127.0.0.1:{app.port}/")
     assert refused.value.response.status_code == 429
     client = await connect(
-        f"ws://127.0.0.1:{app.port}/", sock=await bound_socket(app.port, "127.0.0.2")
+        f"ws://127.0.0.1:{app.port}/", sock=await connected_socket(app.port, "127.0.0.2")
     )
     assert json.loads(await client.recv())["type"] == "users"
 
@@ -277,11 +216,13 @@ async def test_a_trusted_proxy_names_the_client_and_others_cannot(
     assert refused.value.response.status_code == 429
     # 127.0.0.2 is not a proxy: its header is ignored, its own address counts.
     untrusted = {"X-Forwarded-For": "198.51.100.1"}
-    await connect(url, sock=await bound_socket(app.port, "127.0.0.2"), additional_headers=untrusted)
+    await connect(
+        url, sock=await connected_socket(app.port, "127.0.0.2"), additional_headers=untrusted
+    )
     with pytest.raises(InvalidStatus):
         await connect(
             url,
-            sock=await bound_socket(app.port, "127.0.0.2"),
+            sock=await connected_socket(app.port, "127.0.0.2"),
             additional_headers={"X-Forwarded-For": "198.51.100.2"},
         )
 
@@ -510,7 +451,7 @@ async def test_the_admission_probe_says_why_a_handshake_would_be_refused(
         "status": 429,
         "reason": "too many connections from your address",
     }
-    await join(app, "/c/votes", sock=await bound_socket(app.port, "127.0.0.2"))
+    await join(app, "/c/votes", sock=await connected_socket(app.port, "127.0.0.2"))
     assert await probe(app.port, "room=other", source="127.0.0.3") == {
         "admitted": False,
         "status": 503,

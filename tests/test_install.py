@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.helpers import ROOT, TIMEOUT, LoggedProcess
+from testkit.processes import ROOT, TIMEOUT, LoggedProcess
 
 # Building the wheel fetches setuptools into an isolated environment, and the
 # install fetches websockets: a few seconds each from PyPI or pip's cache.

@@ -14,9 +14,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from counter_sync.app import App
+from testkit.processes import TIMEOUT
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
-    TIMEOUT,
     join,
     wait_for_event,
     wait_for_users,

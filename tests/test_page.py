@@ -26,8 +26,9 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 from websockets.asyncio.server import Server, ServerConnection, serve
 
+from testkit.processes import IN_CI, ROOT, TIMEOUT, ServerProcess
 from tests.conftest import StartProcess
-from tests.helpers import IN_CI, ROOT, TIMEOUT, ServerProcess, require_binary
+from tests.helpers import require_binary
 
 PAGE_FILE = ROOT / "client.html"
 AXE_SCRIPT = ROOT / "tests" / "a11y" / "node_modules" / "axe-core" / "axe.min.js"

@@ -27,13 +27,9 @@ from counter_sync.app import App
 from counter_sync.config import MAX_VALUE
 from counter_sync.redis_store import STOP_TIMEOUT, Flush, RedisStore, room_keys
 from counter_sync.store import DEFAULT_ROOM, OutOfRange
+from testkit.processes import ROOT, TIMEOUT, RedisServer, ServerProcess, free_port
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
-    ROOT,
-    TIMEOUT,
-    RedisServer,
-    ServerProcess,
-    free_port,
     join,
     require_binary,
     room,

@@ -11,9 +11,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from counter_sync.app import App
+from testkit.processes import TIMEOUT
 from tests.conftest import StartServer
 from tests.helpers import (
-    TIMEOUT,
     join,
     wait_for_event,
     wait_for_users,

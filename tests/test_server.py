@@ -22,9 +22,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from counter_sync.app import App, start
 from counter_sync.config import CLOSE_TIMEOUT, WRITE_BUFFER_LIMIT, Settings
 from counter_sync.web import PAGE
+from testkit.processes import TIMEOUT
 from tests.conftest import StartServer
 from tests.helpers import (
-    TIMEOUT,
     join,
     room,
     url,

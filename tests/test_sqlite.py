@@ -30,11 +30,9 @@ from counter_sync import sqlite_store
 from counter_sync.config import MAX_VALUE
 from counter_sync.sqlite_store import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
 from counter_sync.store import OutOfRange
+from testkit.processes import ROOT, TIMEOUT, ServerProcess
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
-    ROOT,
-    TIMEOUT,
-    ServerProcess,
     join,
     require_binary,
     room,

@@ -21,6 +21,8 @@ __all__ = [
     "HANDSHAKE_TIMEOUT",
     "LISTEN_BACKLOG",
     "LOG_INTERVAL",
+    "MAX_DRAIN_SECONDS",
+    "MAX_FLAG_SECONDS",
     "MAX_MESSAGE_SIZE",
     "MAX_PENDING",
     "MAX_PENDING_PER_IP",
@@ -28,7 +30,9 @@ __all__ = [
     "MAX_USERS",
     "MAX_USERS_PER_IP",
     "MAX_VALUE",
+    "MIN_MESSAGE_SIZE",
     "MIN_PACING_DELAY",
+    "MIN_REDIS_EXPIRY",
     "PING_INTERVAL",
     "PING_TIMEOUT",
     "RATE",
@@ -42,6 +46,10 @@ __all__ = [
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 6789  # the classic example's port, so its page works unchanged
 MAX_MESSAGE_SIZE = 4 * 1024  # bytes; a valid action is ~20 bytes
+# The smallest --max-message-size: the longest valid action, {"action": "minus"},
+# is 19 bytes; 64 leaves room for the spaces and extra fields a client library
+# may add, so that no valid action is ever closed with 1009.
+MIN_MESSAGE_SIZE = 64
 MAX_USERS = 10_000
 # Users from one client address (IPv4, or IPv6 /64) at once; beyond, 429.
 MAX_USERS_PER_IP = 100
@@ -92,6 +100,18 @@ MIN_PACING_DELAY = 0.001
 # With --redis: seconds after which the users of an instance that died without
 # closing stop counting on the others (a live one refreshes well inside it).
 REDIS_EXPIRY = 15.0
+# The shortest --redis-expiry: an instance renews its entry over the network
+# every quarter of it; below a second, one slow round trip to Redis would make
+# a live instance's users stop counting (and Redis takes no expiry under 1 ms).
+MIN_REDIS_EXPIRY = 1.0
+# The longest --drain-seconds: a drain past an hour outlives any supervisor's
+# stop timeout (Kubernetes' grace period is 30 s by default, systemd's 90 s),
+# which would kill the process in the middle of it anyway.
+MAX_DRAIN_SECONDS = 3600.0
+# The longest the other time flags may be (--handshake-timeout, --ping-interval,
+# --ping-timeout, --redis-expiry): a day. Beyond, a value is a typo, not a
+# choice (keepalive is turned off with 0, not with a year).
+MAX_FLAG_SECONDS = 86_400.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

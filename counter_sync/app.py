@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import ipaddress
 import logging
 import random
+import socket
 from collections.abc import Awaitable
 from typing import cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.frames import CloseCode
 
+from counter_sync.admission import origin_allowed
 from counter_sync.config import CLOSE_TIMEOUT, WRITE_BUFFER_LIMIT, Settings
 from counter_sync.connection import Connection, LivenessWatch
 from counter_sync.fanout import cap_socket_buffers
@@ -157,5 +160,26 @@ async def start(settings: Settings) -> App:
     hub.metrics.start()
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
-        log.info("listening on ws://%s:%d/ (page at http://%s:%d/)", host, port, host, port)
+        log.info("%s", listening_line(host, port, settings.origins))
     return App(hub, server, watch)
+
+
+def listening_line(host: str, port: int, origins: tuple[str, ...]) -> str:
+    """The start-up line: where the server listens, and an address that opens the page.
+
+    Tests and the bench wait for its start, ``listening on ws://HOST:PORT/``. A
+    wildcard address (0.0.0.0, ::) is no address to open: the line names
+    loopback instead, and the ``--origin`` that a page opened by this machine's
+    name needs, since the server accepts its own page by name only then.
+    """
+    ip = ipaddress.ip_address(host)
+    where = f"[{host}]:{port}" if ip.version == 6 else f"{host}:{port}"
+    line = f"listening on ws://{where}/"
+    if not ip.is_unspecified:
+        return f"{line} (page at http://{where}/)"
+    loopback = f"[::1]:{port}" if ip.version == 6 else f"127.0.0.1:{port}"
+    page = f"page at http://{loopback}/, or at this machine's address from elsewhere"
+    name = f"{socket.gethostname().lower()}:{port}"
+    if origin_allowed(f"http://{name}", name, origins):
+        return f"{line} ({page})"
+    return f"{line} ({page}; to open it as http://{name}/, add --origin http://{name})"

@@ -1,19 +1,30 @@
 """The command line: flags into settings, logging, signals, and ``main()``.
 
 ``counter-sync --help`` (or ``python server.py --help`` from a checkout)
-prints every flag with its default.
+prints every flag with its default and the range it takes.
+
+Exit status: 0 after a signal; 2 for a bad flag, with one line naming it,
+before anything starts; 1 for what only trying can tell (the port is taken,
+the store cannot be opened or fails), with one line too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import errno
 import ipaddress
 import logging
+import math
+import os
+import re
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from websockets.frames import CloseCode
 
@@ -24,12 +35,16 @@ from counter_sync.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     HANDSHAKE_TIMEOUT,
+    MAX_DRAIN_SECONDS,
+    MAX_FLAG_SECONDS,
     MAX_MESSAGE_SIZE,
     MAX_PENDING,
     MAX_PENDING_PER_IP,
     MAX_ROOMS,
     MAX_USERS,
     MAX_USERS_PER_IP,
+    MIN_MESSAGE_SIZE,
+    MIN_REDIS_EXPIRY,
     PING_INTERVAL,
     PING_TIMEOUT,
     RATE,
@@ -39,7 +54,7 @@ from counter_sync.config import (
 from counter_sync.logs import setup_logging
 from counter_sync.store import StoreError
 
-__all__ = ["main", "parse_args", "run"]
+__all__ = ["CannotListen", "main", "parse_args", "run"]
 
 log = logging.getLogger("counter-sync")
 
@@ -51,88 +66,208 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def non_negative(kind: type[int | float]) -> Callable[[str], float]:
-    """An argparse type: a number of ``kind`` that is zero or more."""
+# --- What each flag takes -----------------------------------------------------
 
-    def convert(text: str) -> float:
+
+@dataclasses.dataclass(frozen=True)
+class Number:
+    """An argparse type: a finite number of ``kind`` within a range that ``--help`` states.
+
+    ``nan`` and ``inf`` parse as floats but are never a setting: ``nan``
+    compares false with everything, so it would slip past any bound (a rate
+    limit of ``nan`` is no limit at all).
+    """
+
+    kind: type[int | float]
+    low: float
+    high: float = math.inf
+    above_low: bool = False  # ``low`` itself is out of range
+
+    def __call__(self, text: str) -> float:
         try:
-            value = kind(text)
+            value = self.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{text} must not be negative")
+            noun = "whole number" if self.kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number ({self.range})")
+        below = value <= self.low if self.above_low else value < self.low
+        if below or value > self.high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({self.range})")
         return value
 
-    return convert
+    @property
+    def range(self) -> str:
+        """The range in words, for ``--help`` and for the error."""
+        low = f"{self.low:g}"
+        if self.high == math.inf:
+            return f"more than {low}" if self.above_low else f"{low} or more"
+        if self.above_low:
+            return f"more than {low}, at most {self.high:g}"
+        return f"{low} to {self.high:g}"
 
 
-def port_number(text: str) -> int:
-    value = non_negative(int)(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535)")
-    return int(value)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default, and beside a number's its range: ``(1 or more; default: 40)``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if isinstance(action.type, Number):
+            return f"{action.help} ({action.type.range}; default: %(default)s)"
+        return super()._get_help_string(action)
 
 
-def positive_float(text: str) -> float:
-    value = non_negative(float)(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
-    return value
+# One label of a host name: letters, digits, hyphens inside; underscores too,
+# which DNS forbids in host names but /etc/hosts and internal zones do not.
+HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def positive_int(text: str) -> int:
-    value = non_negative(int)(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return int(value)
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_host_name(text: str) -> bool:
+    """A name that DNS or /etc/hosts could know.
+
+    A last label of digits only makes it a (bad) IPv4 address, as in 999.1.1.1.
+    """
+    labels = text.removesuffix(".").split(".")
+    return (
+        len(text) <= 253
+        and all(HOST_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
+
+
+def listen_host(text: str) -> str:
+    """An argparse type: an IP address or a host name, as ``--host`` takes.
+
+    Only its form is checked here; whether the name resolves and the address
+    belongs to this machine, only listening can tell (exit status 1).
+    """
+    if not is_ip(text) and not is_host_name(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an IP address nor a host name "
+            "(0.0.0.0 listens on every IPv4 interface, :: on every IPv6 one)"
+        )
+    return text
+
+
+def web_origin(text: str) -> str:
+    """An argparse type: an origin, ``scheme://host[:port]``, or ``null``.
+
+    Browsers send the ``Origin`` header in one form (lower case, no default
+    port, no path) and the server compares it with these strings exactly, so
+    each is brought to that form here: ``HTTP://MyHost:80/`` becomes
+    ``http://myhost``. A path, query or user name is refused rather than
+    never matching.
+    """
+    if text == "null":  # the origin of a page opened from disk
+        return text
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # raises ValueError for a port that is not one
+        scheme, host = parts.scheme.lower(), parts.hostname
+        if (
+            scheme not in DEFAULT_PORTS
+            or host is None
+            or parts.username is not None
+            or parts.path not in ("", "/")
+            or "?" in text
+            or "#" in text
+        ):
+            raise ValueError
+        if is_ip(host):
+            ip = ipaddress.ip_address(host)
+            host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+        else:
+            host = host.encode("idna").decode("ascii")  # as browsers send a non-ASCII name
+            if not is_host_name(host):
+                raise ValueError
+    except (ValueError, UnicodeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an origin: give scheme://host[:port] with http or https "
+            "and no path, e.g. http://myhost:6789, or null"
+        ) from None
+    if port is None or port == DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def network(text: str) -> str:
+    """An argparse type: an IP address or network, as ``--trusted-proxy`` takes."""
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address or network") from None
+    return text
 
 
 def build_parser(prog: str) -> OneLineParser:
     parser = OneLineParser(
         prog=prog,
         description="Shared counters, kept in sync across every connected browser.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
-    add("--host", default=DEFAULT_HOST, help="interface to listen on")
-    add("--port", type=port_number, default=DEFAULT_PORT, help="TCP port; 0 picks a free one")
+
+    count = Number(int, 1)
+    add(
+        "--host",
+        type=listen_host,
+        default=DEFAULT_HOST,
+        help="interface to listen on, an IP address or a host name; 0.0.0.0 for every IPv4 "
+        "interface (pages opened there by a name then need --origin)",
+    )
+    add(
+        "--port",
+        type=Number(int, 0, 65535),
+        default=DEFAULT_PORT,
+        help="TCP port; 0 picks a free one",
+    )
     add(
         "--origin",
+        type=web_origin,
         action="append",
         default=[],
         metavar="URL",
-        help="also accept WebSocket connections from pages of this origin (repeatable); "
-        "pages from disk, non-browser clients and pages the server itself served at an "
-        "IP address or localhost are always accepted",
+        help="also accept WebSocket connections from pages of this origin, scheme://host[:port] "
+        "(repeatable); pages from disk, non-browser clients and pages the server itself "
+        "served at an IP address or localhost are always accepted",
     )
-    add("--max-users", type=positive_int, default=MAX_USERS, help="connections beyond this get 503")
+    add("--max-users", type=count, default=MAX_USERS, help="connections beyond this get 503")
     add(
         "--max-users-per-ip",
-        type=positive_int,
+        type=count,
         default=MAX_USERS_PER_IP,
         help="connections from one client address (IPv6: one /64) beyond this get 429",
     )
     add(
         "--max-pending",
-        type=positive_int,
+        type=count,
         default=MAX_PENDING,
         help="connections whose handshake is not done yet; beyond this, new ones are reset",
     )
     add(
         "--max-pending-per-ip",
-        type=positive_int,
+        type=count,
         default=MAX_PENDING_PER_IP,
         help="the same, per client address (trusted proxies are exempt)",
     )
     add(
         "--handshake-timeout",
-        type=positive_float,
+        type=Number(float, 0, MAX_FLAG_SECONDS, above_low=True),
         default=HANDSHAKE_TIMEOUT,
         metavar="SECONDS",
-        help="a connection that has not finished its handshake by then is closed",
+        help="seconds; a connection that has not finished its handshake by then is closed",
     )
     add(
         "--trusted-proxy",
+        type=network,
         action="append",
         default=[],
         metavar="ADDRESS",
@@ -141,33 +276,34 @@ def build_parser(prog: str) -> OneLineParser:
     )
     add(
         "--max-rooms",
-        type=positive_int,
+        type=count,
         default=MAX_ROOMS,
         help="rooms with users at once (in memory mode also counters kept); a new room "
         "beyond this gets 503",
     )
     add(
         "--max-message-size",
-        type=positive_int,
+        type=Number(int, MIN_MESSAGE_SIZE),
         default=MAX_MESSAGE_SIZE,
         help="bytes; a larger message closes its connection with 1009",
     )
     add(
         "--rate",
-        type=non_negative(float),
+        type=Number(float, 0),
         default=RATE,
         help="messages per second per connection; 0 turns the limit off",
     )
-    add("--burst", type=positive_int, default=BURST, help="messages a connection may send at once")
+    add("--burst", type=count, default=BURST, help="messages a connection may send at once")
+    keepalive = Number(float, 0, MAX_FLAG_SECONDS)
     add(
         "--ping-interval",
-        type=non_negative(float),
+        type=keepalive,
         default=PING_INTERVAL,
         help="seconds between keepalive pings; 0 turns keepalive off",
     )
     add(
         "--ping-timeout",
-        type=non_negative(float),
+        type=keepalive,
         default=PING_TIMEOUT,
         help="seconds without a pong before a silent peer is dropped; a peer whose writes "
         "stay stuck for --ping-interval plus this is dropped too",
@@ -180,16 +316,16 @@ def build_parser(prog: str) -> OneLineParser:
     )
     add(
         "--redis-expiry",
-        type=non_negative(float),
+        type=Number(float, MIN_REDIS_EXPIRY, MAX_FLAG_SECONDS),
         default=REDIS_EXPIRY,
         metavar="SECONDS",
         help="with --redis: the users of an instance that died without closing "
-        "stop counting on the others within this time",
+        "stop counting on the others within this many seconds",
     )
     add("--state", metavar="PATH", help="keep the counters in this SQLite file across restarts")
     add(
         "--drain-seconds",
-        type=non_negative(float),
+        type=Number(float, 0, MAX_DRAIN_SECONDS),
         default=0.0,
         metavar="SECONDS",
         help="on SIGTERM, refuse new connections and answer /readyz with 503 at once, then "
@@ -207,17 +343,11 @@ def build_parser(prog: str) -> OneLineParser:
 
 
 def parse_args(argv: Sequence[str] | None = None, *, prog: str = "counter-sync") -> Settings:
+    """The settings the flags ask for; a bad flag exits with status 2 and one line."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.redis is not None and args.state is not None:
         parser.error("--redis and --state cannot be used together")
-    if args.redis_expiry == 0:
-        parser.error("argument --redis-expiry: 0 is too short; an instance would never count")
-    for proxy in args.trusted_proxy:
-        try:
-            ipaddress.ip_network(proxy, strict=False)
-        except ValueError:
-            parser.error(f"argument --trusted-proxy: {proxy!r} is not an address or network")
     # Every flag is a field of Settings under its own name, but for the two
     # repeatable ones, whose lists become tuples under a plural name.
     values = vars(args)
@@ -226,19 +356,48 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = "counter-sync")
     return Settings(**values)
 
 
+# --- Running ------------------------------------------------------------------
+
+
+class CannotListen(Exception):
+    """The server cannot listen where ``--host`` and ``--port`` say; the message is one line."""
+
+
+def cannot_listen(settings: Settings, exc: OSError) -> CannotListen:
+    """Say which flag to change, not only the system's ``[Errno ...]``."""
+    if isinstance(exc, socket.gaierror):
+        return CannotListen(f"--host {settings.host}: cannot look up this name ({exc.strerror})")
+    where = f"cannot listen on --host {settings.host} --port {settings.port}"
+    if exc.errno is None:
+        return CannotListen(f"{where}: {exc}")
+    reason = os.strerror(exc.errno).lower()
+    if exc.errno == errno.EADDRINUSE:
+        reason += "; another process listens there: pick another --port, or 0 for a free one"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        reason += "; no interface of this machine has that address (0.0.0.0 is every one)"
+    elif exc.errno == errno.EACCES and settings.port < 1024:
+        reason += "; ports below 1024 need privileges"
+    return CannotListen(f"{where}: {reason}")
+
+
 async def run(settings: Settings) -> int:
     """Serve until SIGINT or SIGTERM, then close every connection (drained, or at once).
 
     Return the exit status.
 
     A store that cannot tell whether a change was applied stops the server
-    too: with one line, 1011 to every client, and status 1.
+    too: with one line, 1011 to every client, and status 1. Raises
+    :exc:`CannotListen` or :exc:`~counter_sync.store.StoreError` if it
+    cannot start.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    app = await start(settings)
+    try:
+        app = await start(settings)
+    except OSError as exc:  # the stores turn their own into StoreError: this is the socket's
+        raise cannot_listen(settings, exc) from None
     stopping = asyncio.ensure_future(stop.wait())
     waiters: set[asyncio.Future[Any]] = {stopping, app.hub.failed}
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -281,6 +440,6 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "counter-sync") -> in
     settings = fit_to_open_files(settings)
     try:
         return event_loop_runner()(run(settings))
-    except (OSError, StoreError) as exc:  # e.g. the port is taken
+    except (CannotListen, StoreError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

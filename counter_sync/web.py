@@ -75,12 +75,21 @@ class Web:
             return None
         self.hub.metrics.handshakes_rejected.labels(refusal.kind).inc()
         peer = format_peer(websocket)
+        detail = refusal.detail
+        origin, host = request.headers.get("Origin"), request.headers.get("Host")
+        if refusal.kind == "origin" and origin and urlsplit(origin).netloc == host:
+            # The server's own page, opened by a name: only the operator can
+            # vouch for the name, since a DNS-rebinding page looks the same.
+            detail += (
+                ": a page of this server opened by a name; if that name is this "
+                f"server's, add --origin {origin} to accept it"
+            )
         self.refusals.warning(
             websocket.peer_ip,
             log,
             "%s rejected: %s",
             peer,
-            refusal.detail,
+            detail,
             **fields(
                 "rejected", peer=peer, room=room, code=int(refusal.status), reason=refusal.reason
             ),

@@ -11,6 +11,7 @@ JSON, for the page to show the reason in words.
 
 from __future__ import annotations
 
+import html
 import http
 import json
 import logging
@@ -35,6 +36,33 @@ log = logging.getLogger("counter-sync")
 # client.html at the top of the repository is the one source: the package
 # holds a symbolic link to it, which a wheel turns into a copy.
 PAGE = resources.files("counter_sync") / "client.html"
+
+# The 404 page of a /c/ path that names no counter ({path} is escaped in).
+NOT_A_COUNTER = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>No such counter · counter-sync</title>
+<style>
+  body { max-width: 36rem; margin: 2rem auto; padding: 0 1rem; line-height: 1.5;
+         font-family: system-ui, sans-serif; color: #1d2330; }
+  a { color: #2f5bd3; }
+  code { overflow-wrap: anywhere; }
+</style>
+</head>
+<body>
+<main>
+<h1>No such counter</h1>
+<p>There is no counter at <code>{path}</code>.</p>
+<p>A counter's name is 1 to 64 letters (A-Z, a-z), digits, hyphens and underscores,
+as in <code>/c/team-42</code>.</p>
+<p><a href="/">Go to the main counter</a></p>
+</main>
+</body>
+</html>
+"""
 
 
 class Web:
@@ -67,6 +95,12 @@ class Web:
             return self.admission(websocket, request)
         if path == "/metrics":
             return self.metrics(websocket, request)
+        if path == "/favicon.ico":
+            return no_content(websocket)  # the page's icon is inline; this is for the rest
+        if path.startswith("/c/") and not upgrade:
+            # A person typed or followed it: say what a counter's address looks like.
+            body = NOT_A_COUNTER.replace("{path}", html.escape(path))
+            return respond(websocket, http.HTTPStatus.NOT_FOUND, body, "text/html; charset=utf-8")
         return websocket.respond(http.HTTPStatus.NOT_FOUND, "Not found\n")
 
     def check_upgrade(self, websocket: Connection, request: Request, room: str) -> Response | None:
@@ -158,6 +192,14 @@ class Web:
         response.headers["Access-Control-Allow-Origin"] = "*"
         response.headers["Cache-Control"] = "no-store"
         return response
+
+
+def no_content(websocket: ServerConnection) -> Response:
+    response = websocket.respond(http.HTTPStatus.NO_CONTENT, "")
+    # A 204 carries no body, so no Content-Length or Content-Type (RFC 9110).
+    del response.headers["Content-Length"]
+    del response.headers["Content-Type"]
+    return response
 
 
 def respond(

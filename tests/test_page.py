@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import http.client
 import http.server
 import json
 import os
@@ -23,8 +24,17 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    FloatRect,
+    Page,
+    expect,
+    sync_playwright,
+)
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from testkit.processes import IN_CI, ROOT, TIMEOUT, ServerProcess
 from tests.conftest import StartProcess
@@ -201,20 +211,51 @@ def scripted_server(**options: int) -> Iterator[ScriptedServer]:
         server.close()
 
 
+class StaticSite:
+    """A plain HTTP server's address, and the paths it was asked for, in order."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.requested: list[str] = []
+        self.changed = threading.Condition()
+
+    def record(self, path: str) -> None:
+        with self.changed:
+            self.requested.append(path)
+            self.changed.notify_all()
+
+    def wait_for(self, path: str) -> None:
+        """Return once ``path`` was asked for; fail after the test timeout."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: path in self.requested, TIMEOUT), (
+                f"{path} never requested: {self.requested}"
+            )
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *args: Any, site: StaticSite, **kwargs: Any) -> None:
+        self.site = site  # before super(): it handles the request
+        super().__init__(*args, **kwargs)
+
+    def send_head(self) -> Any:
+        self.site.record(self.path)
+        return super().send_head()
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
 @contextlib.contextmanager
-def static_site(directory: Path) -> Iterator[str]:
+def static_site(directory: Path) -> Iterator[StaticSite]:
     """Serve ``directory`` over HTTP on a free port: a site of another origin."""
-    handler = functools.partial(QuietHandler, directory=str(directory))
+    site = StaticSite()
+    handler = functools.partial(QuietHandler, directory=str(directory), site=site)
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
         thread = threading.Thread(target=httpd.serve_forever, daemon=True)
         thread.start()
+        site.url = f"http://127.0.0.1:{httpd.server_address[1]}/"
         try:
-            yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+            yield site
         finally:
             httpd.shutdown()
             thread.join(TIMEOUT)
@@ -311,6 +352,35 @@ def serious_axe_violations(page: Page) -> list[dict[str, Any]]:
     page.add_script_tag(path=require_axe())
     violations: list[dict[str, Any]] = page.evaluate(AXE_RUN)
     return [v for v in violations if v["impact"] in ("serious", "critical")]
+
+
+def http_get(process: ServerProcess, path: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One plain GET to the server: status, headers, body."""
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=TIMEOUT)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def box(page: Page, selector: str) -> FloatRect:
+    box = page.locator(selector).bounding_box()
+    assert box is not None, f"{selector} is not rendered"
+    return box
+
+
+def lines(page: Page, selector: str) -> int:
+    """How many lines the text in ``selector`` takes (one rectangle per line box)."""
+    count: int = page.locator(selector).evaluate(
+        """el => {
+          const range = document.createRange();
+          range.selectNodeContents(el);
+          return new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size;
+        }"""
+    )
+    return count
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -434,6 +504,44 @@ def test_an_invalid_room_name_is_shown_as_text_and_not_joined(new_page: NewPage)
     expect(page.locator("#plus")).to_be_disabled()
 
 
+@pytest.mark.parametrize("path", ["/c/two%20words", "/c/", "/c/a/b", "/c/" + "x" * 65])
+def test_a_bad_counter_address_says_the_naming_rule_and_links_to_the_main_counter(
+    server_process: StartProcess, new_page: NewPage, path: str
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = new_page()
+    response = page.goto(served(process, path))
+    assert response is not None and response.status == 404
+    expect(page.get_by_role("heading", level=1)).to_have_text("No such counter")
+    expect(page.locator("body")).to_contain_text(
+        "A counter's name is 1 to 64 letters (A-Z, a-z), digits, hyphens and underscores"
+    )
+    page.get_by_role("link", name="main counter").click()
+    page.wait_for_url(served(process))
+    expect_connected(page)
+
+
+def test_a_bad_counter_address_echoes_the_path_as_text(server_process: StartProcess) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    status, headers, body = http_get(process, "/c/<b>x</b>")
+    assert status == 404
+    assert headers.get_all("Content-Type") == ["text/html; charset=utf-8"]
+    assert b"<b>" not in body
+    assert b"/c/&lt;b&gt;x&lt;/b&gt;" in body
+
+
+def test_a_websocket_to_a_bad_counter_address_gets_a_plain_404(
+    server_process: StartProcess,
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{process.url}c/two%20words", open_timeout=TIMEOUT)
+    response = refused.value.response
+    assert response.status_code == 404
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert response.body == b"Not found\n"
+
+
 def test_open_form_goes_to_the_named_counters_page_when_served(
     server_process: StartProcess, open_page: OpenPage
 ) -> None:
@@ -486,6 +594,21 @@ def test_open_form_accepts_only_counter_names(new_page: NewPage) -> None:
     expect(page.locator("#open-name:invalid")).to_have_count(1)
 
 
+def test_open_form_says_the_naming_rule_when_a_name_is_refused(new_page: NewPage) -> None:
+    page = new_page()
+    page.goto(from_disk(server="ws://127.0.0.1:9/"))
+    name = page.get_by_label("Open another counter")
+    name.fill("two words")
+    name.press("Enter")
+    expect(page.locator("#open-name:invalid")).to_have_count(1)
+    # On a pattern mismatch the bubble shows the title under its generic
+    # "Please match the requested format." (a bubble scripts cannot read).
+    assert name.evaluate("input => input.validity.patternMismatch")
+    expect(name).to_have_attribute(
+        "title", "A name is 1 to 64 letters (A-Z, a-z), digits, hyphens and underscores"
+    )
+
+
 # --- Which server the page talks to -------------------------------------------
 
 
@@ -520,6 +643,62 @@ def test_page_from_disk_without_override_targets_the_default_server(new_page: Ne
     assert websocket.value.url == "ws://localhost:6789/"
 
 
+def test_page_from_disk_with_only_a_room_says_which_server_it_tries(new_page: NewPage) -> None:
+    page = new_page(viewport={"width": 375, "height": 720})
+    with page.expect_websocket() as websocket:
+        page.goto(from_disk(room="green"))
+    assert websocket.value.url == "ws://localhost:6789/c/green"
+    info = page.locator("#server-info")
+    expect(info).to_be_visible()
+    expect(info).to_contain_text("Server: ws://localhost:6789/ (the default")
+    expect(info).to_contain_text("add ?server=ws://host:port/ to the address")
+    screenshot(page, "from-disk-default-server-375")
+
+
+def test_page_says_which_server_its_address_names(new_page: NewPage) -> None:
+    page = new_page()
+    page.goto(from_disk(server="ws://127.0.0.1:9/", room="green"))
+    expect(page.locator("#server-info")).to_have_text(
+        "Server: ws://127.0.0.1:9/ (from ?server= in the address).", use_inner_text=True
+    )
+
+
+def test_page_served_by_the_server_does_not_name_it(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = open_page(served(process, "/c/green"))
+    expect_connected(page)
+    expect(page.locator("#server-info")).to_be_hidden()
+
+
+# --- The icon ----------------------------------------------------------------
+
+
+def test_page_carries_its_icon_so_the_browser_asks_for_no_favicon(
+    new_page: NewPage, tmp_path: Path
+) -> None:
+    shutil.copy(PAGE_FILE, tmp_path / "client.html")
+    # A page with an icon of its own: once the browser asks for it, it has
+    # long dealt with the icon of the page opened before it in the same browser.
+    (tmp_path / "probe.html").write_text(
+        '<!doctype html><title>probe</title><link rel="icon" href="probe.ico">'
+    )
+    with static_site(tmp_path) as site:
+        page = new_page()
+        page.goto(f"{site.url}client.html?{urlencode({'server': 'ws://127.0.0.1:9/'})}")
+        page.context.new_page().goto(f"{site.url}probe.html")
+        site.wait_for("/probe.ico")
+        assert "/favicon.ico" not in site.requested
+
+
+def test_favicon_ico_is_answered_with_no_content(server_process: StartProcess) -> None:
+    # For the server's other answers (/healthz in a tab): no 404 in its logs or metrics.
+    process = server_process("--port", "0", "--rate", "0")
+    status, _, body = http_get(process, "/favicon.ico")
+    assert (status, body) == (204, b"")
+
+
 # --- Disconnects ----------------------------------------------------------------
 
 
@@ -547,6 +726,53 @@ def test_page_reconnects_to_a_restarted_server_and_shows_its_state(
     expect(page.locator("#plus")).to_be_enabled()
     page.locator("#plus").click()
     expect(page.locator("#value")).to_have_text("1")
+
+
+def test_disconnected_page_greys_the_user_count_and_says_it_is_the_last_known(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    old = server_process("--port", "0", "--rate", "0")
+    page = open_page(served(old))
+    open_page(served(old))
+    users = page.locator(".users")
+    expect(users).to_have_text("2 users online")
+    live_colour = users.evaluate("el => getComputedStyle(el).color")
+
+    old.stop()
+    expect_reconnecting(page)
+    expect(users).to_have_text("Last known: 2 users online")
+    stale_colour = users.evaluate("el => getComputedStyle(el).color")
+    assert stale_colour != live_colour
+    # Grey as the last known value is.
+    assert stale_colour == page.locator("#value").evaluate("el => getComputedStyle(el).color")
+
+    server_process("--port", str(old.port), "--rate", "0")
+    expect(users).to_have_text("2 users online")
+    assert users.evaluate("el => getComputedStyle(el).color") == live_colour
+
+
+@pytest.mark.parametrize("width", [320, 375, 1280])
+def test_card_stays_in_place_and_labels_on_one_line_when_disconnected(
+    new_page: NewPage, width: int
+) -> None:
+    page = new_page(viewport={"width": width, "height": 720})
+    # One digit is the largest number, so the tallest row the label shares.
+    with scripted_server(users=12_345, value=7) as server:
+        page.goto(from_disk(server=server.url, room="team-42"))
+        expect_connected(page)
+        expect(page.locator("#value")).to_have_text("7")
+        connected = box(page, "main")
+        assert lines(page, "#value-label") == 1
+
+        server.stop()
+        expect_reconnecting(page)
+        expect(page.locator("#value-label")).to_have_text("Last known count")
+        expect(page.locator(".users")).to_have_text("Last known: 12,345 users online")
+        assert lines(page, "#value-label") == 1
+        assert lines(page, ".users") == 1
+        disconnected = box(page, "main")
+        moved = {k: abs(disconnected[k] - connected[k]) for k in ("x", "y", "width", "height")}
+        assert max(moved.values()) <= 1, f"the card moved at {width} px: {moved}"
 
 
 def test_page_keeps_retrying_while_no_server_answers(open_page: OpenPage) -> None:
@@ -763,7 +989,7 @@ def test_a_page_from_another_origin_is_shown_as_a_refusal(
     process = server_process("--port", "0", "--rate", "0")
     shutil.copy(PAGE_FILE, tmp_path / "client.html")
     with static_site(tmp_path) as site:
-        page = open_page(f"{site}client.html?{urlencode({'server': process.url})}")
+        page = open_page(f"{site.url}client.html?{urlencode({'server': process.url})}")
         expect_reconnecting(page)
         expect(page.locator("#problem")).to_contain_text(
             "The server refused the connection: origin not allowed."
@@ -880,6 +1106,18 @@ def test_axe_finds_no_serious_violations(
     if state == "disconnected":
         process.stop()
         expect_reconnecting(page)
+    assert serious_axe_violations(page) == []
+
+
+def test_the_not_found_page_has_no_serious_violations_and_readable_text(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    require_axe()
+    process = server_process("--port", "0", "--rate", "0")
+    page = open_page(served(process, "/c/two%20words"), viewport={"width": 375, "height": 720})
+    expect(page.get_by_role("heading", level=1)).to_have_text("No such counter")
+    screenshot(page, "not-a-counter-375")
+    expect_readable(page)
     assert serious_axe_violations(page) == []
 
 

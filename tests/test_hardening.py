@@ -14,7 +14,7 @@ import logging
 import resource
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +32,7 @@ from tests.helpers import (
     room,
     wait_for_event,
     wait_for_users,
+    wait_for_value,
     wait_until,
 )
 
@@ -100,7 +101,7 @@ async def test_a_stalled_reader_is_dropped_within_the_keepalive_deadline(
     await wait_for_users(watcher, 3)
     for value in range(1, 4001):
         await driver.send(PLUS)
-        await wait_for_event(driver, lambda event, value=value: event.get("value") == value)
+        await wait_for_value(driver, value)
     assert loop.time() - stalled_at < interval, "the flood must come before the first ping"
     assert server_side(app, stalled.writer.get_extra_info("sockname")[1]).paused_for_writes
     async with asyncio.timeout(TIMEOUT):
@@ -240,7 +241,7 @@ async def raw_http(port: int, request: bytes) -> bytes:
 
 
 @pytest.fixture
-def errors(caplog: pytest.LogCaptureFixture) -> AsyncIterator[None]:
+def errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Fail the test if anything, the library included, logs an ERROR."""
     caplog.set_level(logging.INFO)
     yield

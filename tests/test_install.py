@@ -67,7 +67,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
 def running(installed: Installed) -> Iterator[int]:
     """``counter-sync --port 0`` from the environment; yields its port."""
     server = LoggedProcess(
-        [installed.bin / "counter-sync", "--host", "127.0.0.1", "--port", "0"],
+        [str(installed.bin / "counter-sync"), "--host", "127.0.0.1", "--port", "0"],
         ready=r"listening on ws://[^ ]+:(\d+)/",
         cwd=installed.workdir,
     )

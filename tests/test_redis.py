@@ -454,13 +454,13 @@ async def test_redis_refuses_a_change_beyond_the_range_and_applies_none_of_it(
     await until(lambda: has_users(redis_client, "big", 2))  # no users script is due
     # Both instances think one more fits; Redis holds both flushes, then
     # applies the first it runs and refuses the second.
-    await redis_client.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+    await redis_client.client_pause(60_000, all=False)  # writes only
     try:
         await alice.send(PLUS)
         await bob.send(PLUS)
         await until(lambda: held_by(redis_client, 2))
     finally:
-        await redis_client.execute_command("CLIENT", "UNPAUSE")
+        await redis_client.client_unpause()
     events = [await events_until_now(client) for client in (alice, bob)]
     await wait_until(settled(a, b, value=MAX_VALUE, name="big"))
     for client, seen in zip((alice, bob), events, strict=True):
@@ -567,7 +567,7 @@ async def test_dropped_connections_to_redis_neither_lose_nor_double_an_action(
     # Redis holds every script from now on, unexecuted. Once both instances
     # have a flush held there, each has actions in flight when the blip
     # comes: those cannot be counted, and their senders are told so.
-    await redis_client.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
+    await redis_client.client_pause(60_000, all=False)  # writes only
     try:
         playing = asyncio.ensure_future(play(during))
         await until(lambda: held_by(redis_client, 2))
@@ -575,7 +575,7 @@ async def test_dropped_connections_to_redis_neither_lose_nor_double_an_action(
         await redis_client.client_kill_filter(_type="normal", skipme=True)
         await redis_client.client_kill_filter(_type="pubsub")
     finally:
-        await redis_client.execute_command("CLIENT", "UNPAUSE")
+        await redis_client.client_unpause()
     await playing
     await wait_until(idle(a, b))
     await play(after)

@@ -21,7 +21,6 @@ from counter_sync.cli import build_parser
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 OPERATIONS = ROOT / "docs" / "operations.md"
-CI_RUN = ROOT / ".ci" / "run"
 # The bound: the README is the door (what, how to run, the protocol,
 # the flags in short, the layout); the reference lives in docs/.
 README_MAX_LINES = 250
@@ -211,12 +210,3 @@ def test_the_operations_flags_table_names_no_flag_the_command_line_lacks() -> No
 def test_the_readme_is_at_most_250_lines() -> None:
     lines = README.read_text(encoding="utf-8").count("\n")
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move reference to docs/"
-
-
-def test_the_readme_test_command_is_the_one_ci_runs() -> None:
-    text = README.read_text(encoding="utf-8")
-    blocks = re.findall(r"^```sh\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
-    commands = [line for block in blocks for line in block.splitlines() if "pytest" in line]
-    assert len(commands) == 1, f"expected one test command in README.md, found {commands}"
-    ci_lines = [line.strip() for line in CI_RUN.read_text(encoding="utf-8").splitlines()]
-    assert commands[0].strip() in ci_lines

@@ -122,14 +122,6 @@ HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def is_host_name(text: str) -> bool:
     """A name that DNS or /etc/hosts could know.
 
@@ -149,11 +141,14 @@ def listen_host(text: str) -> str:
     Only its form is checked here; whether the name resolves and the address
     belongs to this machine, only listening can tell (exit status 1).
     """
-    if not is_ip(text) and not is_host_name(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither an IP address nor a host name "
-            "(0.0.0.0 listens on every IPv4 interface, :: on every IPv6 one)"
-        )
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not is_host_name(text):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither an IP address nor a host name "
+                "(0.0.0.0 listens on every IPv4 interface, :: on every IPv6 one)"
+            ) from None
     return text
 
 
@@ -181,13 +176,14 @@ def web_origin(text: str) -> str:
             or "#" in text
         ):
             raise ValueError
-        if is_ip(host):
+        try:
             ip = ipaddress.ip_address(host)
-            host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
-        else:
+        except ValueError:
             host = host.encode("idna").decode("ascii")  # as browsers send a non-ASCII name
             if not is_host_name(host):
-                raise ValueError
+                raise
+        else:
+            host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
     except (ValueError, UnicodeError):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an origin: give scheme://host[:port] with http or https "
@@ -214,8 +210,7 @@ def build_parser(prog: str) -> OneLineParser:
         formatter_class=HelpFormatter,
     )
     add = parser.add_argument
-
-    count = Number(int, 1)
+    count = Number(int, 1)  # the caps and the burst: at 0, nobody would get in or be heard
     add(
         "--host",
         type=listen_host,

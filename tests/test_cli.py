@@ -174,6 +174,7 @@ def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         ("https://myhost:443", "https://myhost"),
         ("http://192.168.1.5:6789", "http://192.168.1.5:6789"),
         ("http://[0:0::1]:6789", "http://[::1]:6789"),
+        ("http://bücher.example", "http://xn--bcher-kva.example"),
         ("null", "null"),
     ],
 )

@@ -3,7 +3,7 @@
 Two gates, both before the hub spends anything on a client:
 
 * At accept, before a byte is read: a cap on handshakes in progress, overall
-  and per client address (:meth:`Gate.admit_pending`). A peer that opens
+  and per client address (:meth:`Gate.admit_handshake`). A peer that opens
   sockets and sends nothing holds at most ``max_pending_per_ip`` of them.
 * At the handshake, once the request is read: the origin, the caps on users
   overall and per address (:meth:`Gate.refuse`). The hub adds its own
@@ -38,7 +38,7 @@ __all__ = [
     "origin_allowed",
 ]
 
-log = logging.getLogger("counter-sync")
+log = logging.getLogger("counter_sync.admission")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -61,32 +61,32 @@ class Gate:
         self.trusted = [
             ipaddress.ip_network(proxy, strict=False) for proxy in settings.trusted_proxies
         ]
-        self.pending = 0
-        self.pending_by_address: Counter[str] = Counter()
+        self.handshakes = 0
+        self.handshakes_by_address: Counter[str] = Counter()
         self.users_by_address: Counter[str] = Counter()
 
     # Before the handshake: the socket's own address.
 
-    def admit_pending(self, peer_ip: str) -> bool:
+    def admit_handshake(self, peer_ip: str) -> bool:
         """Count one more handshake in progress from ``peer_ip``, unless that is one too many."""
         key = address_key(peer_ip)
-        if self.pending >= self.settings.max_pending:
+        if self.handshakes >= self.settings.max_pending:
             return False
         # A trusted proxy brings everyone's handshakes: only the overall cap applies.
         if not self.is_trusted(peer_ip) and (
-            self.pending_by_address[key] >= self.settings.max_pending_per_ip
+            self.handshakes_by_address[key] >= self.settings.max_pending_per_ip
         ):
             return False
-        self.pending += 1
-        self.pending_by_address[key] += 1
+        self.handshakes += 1
+        self.handshakes_by_address[key] += 1
         return True
 
-    def end_pending(self, peer_ip: str) -> None:
+    def end_handshake(self, peer_ip: str) -> None:
         key = address_key(peer_ip)
-        self.pending -= 1
-        self.pending_by_address[key] -= 1
-        if not self.pending_by_address[key]:
-            del self.pending_by_address[key]
+        self.handshakes -= 1
+        self.handshakes_by_address[key] -= 1
+        if not self.handshakes_by_address[key]:
+            del self.handshakes_by_address[key]
 
     # At the handshake: the request is read, so the client's address is known.
 

@@ -25,7 +25,7 @@ from counter_sync.web import Web
 
 __all__ = ["App", "open_store", "start"]
 
-log = logging.getLogger("counter-sync")
+log = logging.getLogger("counter_sync.app")
 
 # Seconds the last flushes may take to commit at shutdown.
 FLUSH_TIMEOUT = 1.0
@@ -48,6 +48,8 @@ class App:
 
     async def close(self, code: CloseCode = CloseCode.GOING_AWAY, reason: str = "") -> None:
         """Stop accepting, close every connection (1001 by default), release the store."""
+        for websocket in self.every_user():
+            websocket.ended_by = websocket.ended_by or "shutdown"
         self.server.close(code=code, reason=reason)
         # close() waits for the close frame to drain, and a stalled reader
         # never drains: without the bound, shutdown would wait for the
@@ -61,9 +63,8 @@ class App:
         await self.hub.metrics.stop()
         # Commit what was read; a store that hangs gets a bound too, and the
         # clients see what was kept when they reconnect.
-        flushes = [room.flush_task for room in self.hub.rooms.values() if room.flush_task]
-        if flushes:
-            await asyncio.wait(flushes, timeout=FLUSH_TIMEOUT)
+        if not await within(self.hub.flusher.drain(), FLUSH_TIMEOUT):
+            log.warning("the last flushes did not commit within %g s", FLUSH_TIMEOUT)
         if not await within(self.hub.store.close(), STORE_CLOSE_TIMEOUT):
             log.warning("the store did not close within %g s; exiting anyway", STORE_CLOSE_TIMEOUT)
 
@@ -83,6 +84,7 @@ class App:
         closing = []
         for index, websocket in enumerate(users):
             await asyncio.sleep(max(0.0, started + seconds * index / len(users) - loop.time()))
+            websocket.ended_by = websocket.ended_by or "shutdown"
             closing.append(asyncio.create_task(websocket.close(CloseCode.SERVICE_RESTART)))
         if closing:  # each close is bounded; the stalled ones are aborted by close()
             await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
@@ -156,8 +158,8 @@ async def start(settings: Settings) -> App:
     for sock in server.sockets:
         cap_socket_buffers(sock)  # before the first connection is accepted
     await server.start_serving()
-    watch.start()
-    hub.metrics.start()
+    watch.start(hub.supervisor)
+    hub.metrics.start(hub.supervisor)
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
         log.info("%s", listening_line(host, port, settings.origins))

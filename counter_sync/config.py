@@ -27,6 +27,7 @@ __all__ = [
     "MAX_PENDING",
     "MAX_PENDING_PER_IP",
     "MAX_ROOMS",
+    "MAX_SESSIONS",
     "MAX_USERS",
     "MAX_USERS_PER_IP",
     "MAX_VALUE",
@@ -37,8 +38,11 @@ __all__ = [
     "PING_TIMEOUT",
     "RATE",
     "REDIS_EXPIRY",
+    "SESSION_ID",
+    "SESSION_TTL",
     "SOCKET_RECEIVE_BUFFER",
     "SOCKET_SEND_BUFFER",
+    "STORE_RETRY_DELAY",
     "WRITE_BUFFER_LIMIT",
     "Settings",
 ]
@@ -46,9 +50,9 @@ __all__ = [
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 6789  # the classic example's port, so its page works unchanged
 MAX_MESSAGE_SIZE = 4 * 1024  # bytes; a valid action is ~20 bytes
-# The smallest --max-message-size: the longest valid action, {"action": "minus"},
-# is 19 bytes; 64 leaves room for the spaces and extra fields a client library
-# may add, so that no valid action is ever closed with 1009.
+# The smallest --max-message-size: the longest valid message,
+# {"action": "minus", "op": 9007199254740991}, is 43 bytes; 64 leaves room for
+# the spaces a client's JSON may add, so no valid message is closed with 1009.
 MIN_MESSAGE_SIZE = 64
 MAX_USERS = 10_000
 # Users from one client address (IPv4, or IPv6 /64) at once; beyond, 429.
@@ -104,6 +108,22 @@ REDIS_EXPIRY = 15.0
 # every quarter of it; below a second, one slow round trip to Redis would make
 # a live instance's users stop counting (and Redis takes no expiry under 1 ms).
 MIN_REDIS_EXPIRY = 1.0
+# Sessions (exactly-once actions): a store remembers a session's last done op
+# for at least this many seconds after its last op, so a client that retries
+# within it counts each action once. Ten minutes outlasts a Wi-Fi hand-over,
+# a rolling restart and a phone that slept a few minutes.
+SESSION_TTL = 600.0
+# Sessions a memory store remembers at most (a few integers each, ~200 bytes
+# with the dict entry): beyond, the longest idle ones go first, counted in
+# counter_sync_sessions_evicted_total.
+MAX_SESSIONS = 100_000
+# A session id: 16 to 64 characters a URL carries as they are; the page makes
+# a random 128-bit one (22 characters of base64url).
+SESSION_ID = r"[A-Za-z0-9_-]{16,64}"
+# Seconds before a room asks the store again for what a failed commit left
+# to do (session ops it must record, sessions a newcomer must be told of):
+# soon enough for a blip, slow enough not to hammer a store that is down.
+STORE_RETRY_DELAY = 1.0
 # The longest --drain-seconds: a drain past an hour outlives any supervisor's
 # stop timeout (Kubernetes' grace period is 30 s by default, systemd's 90 s),
 # which would kill the process in the middle of it anyway.

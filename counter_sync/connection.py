@@ -32,18 +32,19 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
-from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from counter_sync.admission import Gate
 from counter_sync.config import CLOSE_TIMEOUT
+from counter_sync.logs import fields
 from counter_sync.metrics import Metrics
+from counter_sync.tasks import Supervisor
 
-__all__ = ["Connection", "LivenessWatch", "disconnect_kind"]
+__all__ = ["Connection", "LivenessWatch", "disconnect_kind", "log_disconnect"]
 
-log = logging.getLogger("counter-sync")
+log = logging.getLogger("counter_sync.connection")
 
 END_OF_HEAD = b"\r\n\r\n"
 # Bytes handed to the protocol at a time: one read can hold thousands of tiny
@@ -53,21 +54,24 @@ FEED_SIZE = 1024
 
 
 class Connection(ServerConnection):
-    """A server connection with read-side backpressure, a liveness clock and pending accounting."""
+    """A server connection with read-side backpressure, a liveness clock, handshake accounting."""
 
     # Slots: the library's connection keeps its state in a __dict__ already
     # near a resize; what this class adds must not double it on every connection.
     __slots__ = (
+        "client",
         "drop_reason",
         "ended_by",
         "gate",
         "head_seen",
+        "in_handshake",
         "last_heard",
         "metrics",
         "paused_for_queue",
         "paused_for_writes",
-        "pending",
         "reading_paused",
+        "room",
+        "session",
         "unread",
     )
 
@@ -83,7 +87,14 @@ class Connection(ServerConnection):
         super().__init__(protocol, server, **options)
         self.gate = gate
         self.metrics = metrics
-        self.pending = False  # counted among the handshakes in progress
+        self.in_handshake = False  # counted among the handshakes in progress
+        # Worked out once, from the request, before the upgrade: the room it
+        # joins, its session (exactly-once actions), and the client's address
+        # as the caps count it (behind a trusted proxy, the forwarded one),
+        # for the log lines about it.
+        self.room = ""
+        self.session: str | None = None
+        self.client = "unknown peer"
         # Reading pauses while the library's queue of received messages is
         # full, or while our write buffer is: both must clear before it resumes.
         self.paused_for_queue = False
@@ -109,27 +120,30 @@ class Connection(ServerConnection):
         super().connection_made(transport)
         self.recv_messages.pause = self.pause_for_queue
         self.recv_messages.resume = self.resume_for_queue
-        if not self.gate.admit_pending(self.peer_ip):
+        peer = self.transport.get_extra_info("peername")
+        if peer:
+            self.client = f"{peer[0]}:{peer[1]}"
+        if not self.gate.admit_handshake(self.peer_ip):
             # Before a byte is read: an open file costs more than a reset.
             self.metrics.handshakes_rejected.labels("pending").inc()
             self.transport.abort()
             return
-        self.pending = True
+        self.in_handshake = True
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
             await super().handshake(*args, **kwargs)
         finally:
-            self.end_pending()
+            self.end_handshake()
 
-    def end_pending(self) -> None:
-        if self.pending:
-            self.pending = False
-            self.gate.end_pending(self.peer_ip)
+    def end_handshake(self) -> None:
+        if self.in_handshake:
+            self.in_handshake = False
+            self.gate.end_handshake(self.peer_ip)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.end_pending()
+        self.end_handshake()
 
     # Reading: one request per handshake, then a little at a time.
 
@@ -240,9 +254,9 @@ class LivenessWatch:
         self.connections = connections  # every open connection, when called
         self.task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor) -> None:
         if self.deadline is not None:
-            self.task = asyncio.create_task(self.run(self.deadline))
+            self.task = supervisor.start(self.run(self.deadline), name="liveness sweep")
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -268,19 +282,63 @@ def is_overdue(connection: Connection, now: float, deadline: float) -> bool:
     return silent_for > deadline + CLOSE_TIMEOUT
 
 
-def disconnect_kind(websocket: Connection, exc: ConnectionClosed | None) -> str:
-    """How a connection ended, in the words of the disconnects metric."""
+# Why the server closed a connection, by the code it sent, where nobody said so.
+CLOSED_BY_LIBRARY: dict[int, str] = {
+    CloseCode.INTERNAL_ERROR: "keepalive_timeout",
+    CloseCode.MESSAGE_TOO_BIG: "oversize",
+}
+
+
+def disconnect_kind(websocket: Connection) -> str:
+    """How a connection ended, in one word: the disconnects metric's kind and the log's.
+
+    ``clean_close``: the client closed, with any code (1000, 1001, 4000...).
+    ``shutdown``: the server closed it, stopping or draining (1001, 1012, 1011).
+    ``connection_lost``: no close frame either way (1006). Then the ones the
+    server ended on purpose: ``keepalive_timeout``, ``liveness_deadline``,
+    ``oversize``, ``rate_limit``; ``other`` for anything else.
+    """
     if websocket.ended_by is not None:
         return websocket.ended_by
-    if exc is None:  # a close handshake: who started it?
-        return "clean_close" if websocket.protocol.close_rcvd_then_sent else "shutdown"
-    if exc.rcvd is not None:  # the peer closed, with a code of its own
+    protocol = websocket.protocol
+    received, sent = protocol.close_rcvd, protocol.close_sent
+    if received is not None and (sent is None or protocol.close_rcvd_then_sent):
         return "clean_close"
-    if exc.sent is None:  # no close frame either way: TCP went away
-        return "connection_lost"
-    # The library failed the connection: why is in the code it sent.
-    failures: dict[int, str] = {
-        CloseCode.INTERNAL_ERROR: "keepalive_timeout",
-        CloseCode.MESSAGE_TOO_BIG: "oversize",
-    }
-    return failures.get(exc.sent.code, "other")
+    if sent is not None:
+        return CLOSED_BY_LIBRARY.get(sent.code, "other")
+    return "connection_lost"
+
+
+def close_code(websocket: Connection) -> int:
+    """The code that explains the close: the peer's, else ours, else 1006."""
+    protocol = websocket.protocol
+    if protocol.close_rcvd is not None:
+        return protocol.close_rcvd.code
+    if protocol.close_sent is not None:
+        return protocol.close_sent.code
+    return CloseCode.ABNORMAL_CLOSURE
+
+
+def log_disconnect(websocket: Connection, metrics: Metrics) -> None:
+    """One line per ended connection, and one count: with its kind, code and reason."""
+    kind = disconnect_kind(websocket)
+    metrics.disconnects.labels(kind).inc()
+    protocol = websocket.protocol
+    frame = protocol.close_rcvd or protocol.close_sent
+    reason = websocket.drop_reason or (frame.reason if frame is not None else "")
+    code = close_code(websocket)
+    log.info(
+        "%s disconnected (%s): code %d, reason %r",
+        websocket.client,
+        kind,
+        code,
+        reason,
+        extra=fields(
+            "disconnect",
+            peer=websocket.client,
+            room=websocket.room,
+            kind=kind,
+            code=code,
+            reason=reason,
+        ),
+    )

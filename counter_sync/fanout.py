@@ -1,23 +1,27 @@
-"""Fan-out with backpressure: one frame to many connections, none of them able to hold it up.
+"""Fan-out with backpressure: bytes to many connections, none of them able to hold it up.
 
 The library's ``broadcast()`` writes to every open connection and has no
 backpressure: a client that stops reading would make the server queue every
-update for it forever. Here a broadcast skips a connection whose write buffer
+update for it forever. Here a delivery skips a connection whose write buffer
 is full, and once that buffer drains, the connection is sent the latest user
-count and value. State messages carry the absolute value, so a skipped client
-loses nothing: it ends on the exact value.
+count, value and acknowledgement. State messages carry the absolute value,
+so a skipped client loses nothing: it ends on the exact value.
+
+Frames are serialized once per flush and written as raw bytes: every
+connection of a room gets the same bytes for the same message, and a
+connection's share of one flush (users, state, its ack) leaves in one write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Protocol
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
@@ -28,24 +32,20 @@ from counter_sync.config import (
     SOCKET_SEND_BUFFER,
     WRITE_BUFFER_LIMIT,
 )
+from counter_sync.connection import Connection
 from counter_sync.metrics import Metrics
+from counter_sync.tasks import Supervisor
 
-__all__ = ["Audience", "FanOut", "cap_socket_buffers", "format_peer", "text_frame"]
+__all__ = ["Audience", "Delivery", "FanOut", "cap_socket_buffers", "format_peer", "text_frame"]
 
-log = logging.getLogger("counter-sync")
+log = logging.getLogger("counter_sync.fanout")
 
 
 class Audience(Protocol):
-    """What a lagging connection catches up on: its room's latest numbers."""
+    """What a lagging connection catches up on: its room's latest messages for it."""
 
-    @property
-    def value(self) -> int: ...
-
-    def count_users(self) -> int: ...
-
-    def users_message(self) -> str: ...
-
-    def state_message(self) -> str: ...
+    def latest_messages(self, websocket: Connection) -> tuple[str, ...]:
+        """The messages that bring ``websocket`` up to date (users, state, its ack)."""
 
 
 def text_frame(message: str) -> bytes:
@@ -59,44 +59,106 @@ def text_frame(message: str) -> bytes:
     return Frame(Opcode.TEXT, message.encode()).serialize(mask=False)
 
 
+@dataclasses.dataclass(slots=True)
+class Delivery:
+    """What one flush of a room writes: the same bytes to many, a few bytes to some.
+
+    ``everyone`` goes to each of ``targets`` (the room's users when the flush
+    began), ``welcome`` instead to the ``newcomers`` among them (users, then
+    state: their first messages), and ``extras[websocket]`` after either
+    (acks and errors for one connection).
+    """
+
+    targets: list[Connection]
+    everyone: bytes = b""
+    welcome: bytes = b""
+    newcomers: list[Connection] = dataclasses.field(default_factory=list)
+    extras: dict[Connection, bytes] = dataclasses.field(default_factory=dict)
+
+
 class FanOut:
-    """Writes broadcasts, and owns the catch-up of the connections it skipped."""
+    """Writes deliveries, and owns the catch-up of the connections it skipped."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, supervisor: Supervisor) -> None:
         self.metrics = metrics
+        self.supervisor = supervisor
         # Connections skipped for a full buffer, each with a catch-up task.
-        self.lagging: set[ServerConnection] = set()
-        self.background: set[asyncio.Task[None]] = set()
+        self.lagging: set[Connection] = set()
 
-    async def send(
-        self, message: str, websockets: Iterable[ServerConnection], audience: Audience
-    ) -> float:
-        """Send to every connection that keeps up; the others catch up when drained.
+    def deliver(
+        self, delivery: Delivery, audience: Audience, on_done: Callable[[float], None]
+    ) -> None:
+        """Write a delivery; call ``on_done`` with the CPU seconds it took, once it is all written.
 
-        A big room is written to in slices of ``BROADCAST_SLICE`` connections,
-        one per event-loop turn, so that a burst in it never holds up a small
-        room for a whole broadcast. Return the CPU seconds the writes took
-        (the flush paces itself on it; the turns between slices are not its).
+        Newcomers and extras are written at once. A big room's broadcast
+        goes on in slices of ``BROADCAST_SLICE`` connections, one per
+        event-loop turn, so that it never holds up a small room's flush; then
+        ``on_done`` is called from a task.
         """
-        self.metrics.broadcasts.inc()
-        frame = text_frame(message)
-        targets = list(websockets)  # the room may change between slices
-        busy = 0.0
-        for start in range(0, len(targets), BROADCAST_SLICE):
-            if start:
-                await asyncio.sleep(0)
-            began = time.thread_time()
-            self.write(frame, targets[start : start + BROADCAST_SLICE], audience)
-            busy += time.thread_time() - began
-        return busy
-
-    def write(self, frame: bytes, websockets: list[ServerConnection], audience: Audience) -> None:
+        began = time.thread_time()
         sent = skipped = 0
+        extras = delivery.extras
+        for websocket in delivery.newcomers:
+            sent, skipped = self.tally(
+                self.write(websocket, delivery.welcome + extras.pop(websocket, b""), audience),
+                sent,
+                skipped,
+            )
+        rest: list[Connection] = []
+        if delivery.everyone:
+            welcomed = set(delivery.newcomers)
+            rest = [ws for ws in delivery.targets if ws not in welcomed]
+        else:  # nothing for everyone: only those with extras
+            rest = list(extras)
+        first, rest = rest[:BROADCAST_SLICE], rest[BROADCAST_SLICE:]
+        sent, skipped = self.write_slice(first, delivery, audience, sent, skipped)
+        self.count(sent, skipped)
+        busy = time.thread_time() - began
+        if not rest:
+            on_done(busy)
+            return
+        self.supervisor.start(
+            self.write_rest(rest, delivery, audience, busy, on_done), name="fan-out slices"
+        )
+
+    async def write_rest(
+        self,
+        rest: list[Connection],
+        delivery: Delivery,
+        audience: Audience,
+        busy: float,
+        on_done: Callable[[float], None],
+    ) -> None:
+        """The slices after the first, one per event-loop turn."""
+        for start in range(0, len(rest), BROADCAST_SLICE):
+            await asyncio.sleep(0)
+            began = time.thread_time()
+            sent, skipped = self.write_slice(
+                rest[start : start + BROADCAST_SLICE], delivery, audience, 0, 0
+            )
+            self.count(sent, skipped)
+            busy += time.thread_time() - began
+        on_done(busy)
+
+    def write_slice(
+        self,
+        websockets: list[Connection],
+        delivery: Delivery,
+        audience: Audience,
+        sent: int,
+        skipped: int,
+    ) -> tuple[int, int]:
+        """Write ``everyone`` (and any extras) to each connection that keeps up.
+
+        The hot path: one value to a whole room. Inlined, because a call per
+        connection would cost as much as the write itself.
+        """
+        everyone, extras, lagging = delivery.everyone, delivery.extras, self.lagging
         for websocket in websockets:
-            # Like broadcast(): only open connections, and one failure never
-            # stops the others.
-            if websocket in self.lagging or websocket.protocol.state is not State.OPEN:
-                skipped += websocket in self.lagging
+            if websocket in lagging:
+                skipped += 1
+                continue
+            if websocket.protocol.state is not State.OPEN:
                 continue
             transport = websocket.transport
             if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
@@ -104,37 +166,63 @@ class FanOut:
                 skipped += 1
                 continue
             try:
-                transport.write(frame)
+                transport.write(everyone + extras.pop(websocket, b"") if extras else everyone)
             except Exception as exc:
                 log.warning("%s skipped: %s", format_peer(websocket), exc)
             else:
                 sent += 1
+        return sent, skipped
+
+    @staticmethod
+    def tally(written: bool | None, sent: int, skipped: int) -> tuple[int, int]:
+        if written is None:
+            return sent, skipped
+        return (sent + 1, skipped) if written else (sent, skipped + 1)
+
+    def write(self, websocket: Connection, data: bytes, audience: Audience) -> bool | None:
+        """Write ``data`` unless the connection lags; True if written, False if skipped.
+
+        None: not open, nothing to do. Like ``broadcast()``, one failure never
+        stops the others.
+        """
+        if websocket.protocol.state is not State.OPEN:
+            return None
+        if websocket in self.lagging:
+            return False
+        transport = websocket.transport
+        if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            self.start_catch_up(websocket, audience)
+            return False
+        try:
+            transport.write(data)
+        except Exception as exc:
+            log.warning("%s skipped: %s", format_peer(websocket), exc)
+            return None
+        return True
+
+    def count(self, sent: int, skipped: int) -> None:
         # Counted once per slice, not per frame: the loop above is the hot path.
-        self.metrics.frames_sent.inc(sent)
+        if sent:
+            self.metrics.frames_sent.inc(sent)
         if skipped:
             self.metrics.slow_consumer_skips.inc(skipped)
 
-    def start_catch_up(self, websocket: ServerConnection, audience: Audience) -> None:
+    def start_catch_up(self, websocket: Connection, audience: Audience) -> None:
         self.metrics.catch_ups.inc()
         self.lagging.add(websocket)
-        task = asyncio.create_task(self.catch_up(websocket, audience))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        self.supervisor.start(self.catch_up(websocket, audience), name="catch-up")
 
-    async def catch_up(self, websocket: ServerConnection, audience: Audience) -> None:
-        """Once the buffer drains, send the latest users and state (latest wins)."""
-        sent_users: int | None = None
-        sent_value: int | None = None
+    async def catch_up(self, websocket: Connection, audience: Audience) -> None:
+        """Once the buffer drains, send what the connection missed: the latest of each kind."""
+        sent: tuple[str, ...] = ()
         try:
             # send() returns once the buffer is below the low-water mark; by
             # then newer values may exist, so loop until the client has them.
-            while (audience.count_users(), audience.value) != (sent_users, sent_value):
-                if audience.count_users() != sent_users:
-                    sent_users = audience.count_users()
-                    await websocket.send(audience.users_message())
-                else:
-                    sent_value = audience.value
-                    await websocket.send(audience.state_message())
+            while (latest := audience.latest_messages(websocket)) != sent:
+                for index, message in enumerate(latest):
+                    if index >= len(sent) or sent[index] != message:
+                        await websocket.send(message)
+                sent = latest
         except ConnectionClosed:
             pass  # the handler logs and unregisters it
         finally:
@@ -153,6 +241,6 @@ def cap_socket_buffers(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RECEIVE_BUFFER)
 
 
-def format_peer(websocket: ServerConnection) -> str:
+def format_peer(websocket: Connection) -> str:
     address = websocket.remote_address
     return f"{address[0]}:{address[1]}" if address else "unknown peer"

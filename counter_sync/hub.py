@@ -4,7 +4,7 @@ The library calls :meth:`Hub.handler` once per connection, after the
 handshake. It re-checks the caps, opens the connection's room if nobody here
 is in it yet (loading its value from the store), and hands the connection to
 :meth:`Room.serve <counter_sync.counter.Room.serve>`. A room whose last user
-left is released once its last flush is done: its users set and flush task
+left is released once its last flush is done: its users set and flush state
 go, its value stays in the store.
 """
 
@@ -24,14 +24,16 @@ from counter_sync.admission import Gate, Refusal
 from counter_sync.config import Settings
 from counter_sync.connection import Connection
 from counter_sync.counter import Room
-from counter_sync.fanout import FanOut, format_peer
+from counter_sync.fanout import FanOut
+from counter_sync.flush import Flusher
 from counter_sync.logs import fields
 from counter_sync.metrics import Metrics
-from counter_sync.store import DEFAULT_ROOM, Store, StoreUnavailable
+from counter_sync.store import DEFAULT_ROOM, RoomState, Store, StoreUnavailable
+from counter_sync.tasks import Supervisor
 
 __all__ = ["ROOM_NAME", "Hub", "room_from_path"]
 
-log = logging.getLogger("counter-sync")
+log = logging.getLogger("counter_sync.hub")
 
 # /c/<name>: 1 to 64 of these characters, case-sensitive.
 ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -60,20 +62,25 @@ class Hub:
         self.metrics.read_live(
             connections=self.count_here,
             rooms=self.count_rooms_in_use,
-            pending_handshakes=lambda: self.gate.pending,
+            pending_handshakes=lambda: self.gate.handshakes,
         )
-        self.fan_out = FanOut(self.metrics)
+        # Set when the server must stop: a store that cannot tell whether a
+        # change was applied (see StoreInDoubt), or a bug in a background task.
+        self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.supervisor = Supervisor(self.crashed)
+        self.fan_out = FanOut(self.metrics, self.supervisor)
+        self.flusher = Flusher(
+            store, self.fan_out, self.metrics, self.supervisor, on_doubt=self.store_in_doubt
+        )
         self.rooms: dict[str, Room] = {}
         # Rooms whose value is being loaded, and the handlers on their way
         # into a room: a room is not released while someone is entering it.
         self.opening: dict[str, asyncio.Future[Room]] = {}
         self.entering: Counter[str] = Counter()
         self.connections = 0
+        self.occupied = 0  # rooms with users: what --max-rooms caps, /healthz and /metrics show
         # Set on SIGTERM with --drain-seconds: not ready, no new connections.
         self.draining = False
-        # Set when the store cannot tell whether a change was applied: the
-        # server must stop (see StoreInDoubt).
-        self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         store.watch(self)
 
     async def open_default_room(self) -> None:
@@ -98,8 +105,8 @@ class Hub:
             yield from room.users
 
     def count_rooms_in_use(self) -> int:
-        """Rooms with users here."""
-        return sum(1 for room in self.rooms.values() if room.users)
+        """Rooms with users here (``/`` too, but only while someone is in it)."""
+        return self.occupied
 
     # Who may come in: the same answer for the handshake and for the page's probe.
 
@@ -131,34 +138,47 @@ class Hub:
 
     def refuse_room(self, name: str) -> str | None:
         """Why room ``name`` cannot take one more connection now, or None."""
-        if name in self.rooms or name in self.opening:
+        room = self.rooms.get(name)
+        if (room is not None and room.users) or name in self.opening:
             return None
         # Rooms being opened count: their handlers wait for the store.
-        in_use = len(self.rooms) + len(self.opening)
-        if in_use >= self.settings.max_rooms or not self.store.has_room_for(name):
+        in_use = self.occupied + len(self.opening)
+        if in_use >= self.settings.max_rooms or not self.store.can_open(name):
             return "too many counters in use"
         return None
 
     # What the store reports.
 
-    def observe(self, room: str, *, value: int | None = None, elsewhere: int | None = None) -> None:
+    def observe(
+        self, room: str, *, state: RoomState | None = None, elsewhere: int | None = None
+    ) -> None:
         """The store's news about other instances goes to the room it concerns."""
         if (open_room := self.rooms.get(room)) is not None:
-            open_room.observe(value=value, elsewhere=elsewhere)
+            open_room.flush.observe(state=state, elsewhere=elsewhere)
 
     def store_in_doubt(self, exc: Exception) -> None:
         """A commit's outcome is unknown: stop serving (see :exc:`StoreInDoubt`)."""
+        self.fail(
+            "the store cannot tell whether a change was applied "
+            f"({type(exc).__name__}: {exc}); restart the server so that every client "
+            "sees what was kept"
+        )
+
+    def crashed(self, exc: BaseException) -> None:
+        """A background task hit a bug (logged with its traceback): stop rather than go quiet."""
+        self.fail(f"a bug stopped a background task ({type(exc).__name__}: {exc})")
+
+    def fail(self, why: str) -> None:
         if not self.failed.done():
-            self.failed.set_result(f"{type(exc).__name__}: {exc}")
+            self.failed.set_result(why)
 
     # The way in, after the handshake.
 
     async def handler(self, websocket: Connection) -> None:
-        """Serve one client after its handshake, in its room."""
+        """Serve one client after its handshake, in the room its request named."""
         request = websocket.request
         assert request is not None  # the handshake is done
-        name = room_from_path(request.path.partition("?")[0])
-        assert name is not None  # process_request let only room paths through
+        name = websocket.room  # set by the HTTP side, which let only room paths through
         # process_request refused what it could; this closes the few that
         # passed it together during a storm of concurrent handshakes.
         refusal = self.refuse(name, peer_ip=websocket.peer_ip, headers=request.headers)
@@ -177,19 +197,23 @@ class Hub:
             self.unable_to_open(websocket, name, exc)
             await websocket.close(CloseCode.TRY_AGAIN_LATER, "store unavailable")
         else:
-            await room.serve(websocket)
+            # No await from this check to the register in serve(): the count is exact.
+            self.occupied += not room.users
+            try:
+                await room.serve(websocket)
+            finally:
+                self.occupied -= not room.users
         finally:
             self.connections -= 1
             self.gate.user_left(address)
 
     def unable_to_open(self, websocket: Connection, name: str, exc: StoreUnavailable) -> None:
-        peer = format_peer(websocket)
         log.warning(
             "%s cannot join %s: %s",
-            peer,
+            websocket.client,
             name,
             exc,
-            extra=fields("store_unavailable", peer=peer, room=name, reason=str(exc)),
+            extra=fields("store_unavailable", peer=websocket.client, room=name, reason=str(exc)),
         )
 
     async def enter(self, name: str) -> Room:
@@ -210,18 +234,16 @@ class Hub:
 
     async def open(self, name: str) -> Room:
         try:
-            value = await self.store.load(name)
+            state = await self.store.load(name)
         finally:
             del self.opening[name]
         room = self.rooms[name] = Room(
             name,
-            value,
+            state,
             settings=self.settings,
-            store=self.store,
-            fan_out=self.fan_out,
+            flusher=self.flusher,
             metrics=self.metrics,
             on_empty=self.release,
-            on_doubt=self.store_in_doubt,
         )
         return room
 

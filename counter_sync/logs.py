@@ -22,7 +22,7 @@ from counter_sync.config import LOG_INTERVAL
 
 __all__ = ["FIELDS", "JsonFormatter", "Throttle", "ThrottleByKey", "fields", "setup_logging"]
 
-FIELDS = ("event", "peer", "room", "code", "reason")
+FIELDS = ("event", "peer", "room", "kind", "code", "reason")
 
 
 def fields(event: str, **values: object) -> dict[str, object]:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from counter_sync.tasks import Supervisor
+
 __all__ = ["ACTION_RESULTS", "DISCONNECT_KINDS", "REJECT_REASONS", "Metrics"]
 
 ACTION_RESULTS = (
@@ -142,8 +144,8 @@ class Metrics:
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
-    def start(self) -> None:
-        self.lag_task = asyncio.create_task(self.watch_lag())
+    def start(self, supervisor: Supervisor) -> None:
+        self.lag_task = supervisor.start(self.watch_lag(), name="event-loop lag")
 
     async def stop(self) -> None:
         if self.lag_task is not None:

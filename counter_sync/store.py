@@ -1,7 +1,8 @@
 """Where the counters live: the interface every store implements, and the default one.
 
-The hub calls a store once per flush of a room, never per action. Three stores
-implement it: :class:`MemoryStore` below (the default and the model),
+The hub commits the changes of every room that flushes in one pass with one
+:meth:`Store.commit` call, never one call per action. Three stores implement
+it: :class:`MemoryStore` below (the default and the model),
 :mod:`counter_sync.sqlite_store` (``--state``: durable) and
 :mod:`counter_sync.redis_store` (``--redis``: shared by several instances).
 Stores import this module and :mod:`counter_sync.config`, nothing else of the
@@ -10,23 +11,47 @@ only this interface.
 
 A counter is named by its room: ``"/"`` (:data:`DEFAULT_ROOM`) is the one at
 ``/``, and ``"votes"`` the one at ``/c/votes``.
+
+**Versions.** Every value a store hands out comes with its version: ``seq``
+grows with each committed change of the room (by one or more: stores draw it
+from one counter for all their rooms, so a room forgotten and opened again
+never goes back), and ``epoch`` names the store's history. A new epoch means
+the history is gone (a new memory store, a Redis that lost its data): values
+and sessions start over, and nothing of the old epoch compares with the new.
+
+**Sessions.** A client that wants each click counted exactly once numbers its
+actions (ops) 1, 2, 3... per session and room. The store keeps, for each
+(room, session), the last op it holds as done, and changes it in the same
+atomic step as the value: so an op that reaches the store twice (a retry
+after a reconnect, maybe through another instance) counts once. An op that
+was rejected before the store (rate limit, say) still counts as done: it
+reaches the store with a delta of 0, so that its number is used up.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import time
+import uuid
+from collections.abc import Sequence
 from typing import Protocol
 
-from counter_sync.config import MAX_VALUE
+from counter_sync.config import MAX_SESSIONS, MAX_VALUE, SESSION_TTL
 
 __all__ = [
     "DEFAULT_ROOM",
+    "Change",
     "MemoryStore",
     "Observer",
-    "OutOfRange",
+    "OpBatch",
+    "Outcome",
+    "RoomState",
     "Store",
     "StoreError",
     "StoreInDoubt",
     "StoreUnavailable",
+    "new_epoch",
 ]
 
 DEFAULT_ROOM = "/"  # the counter at /, the one every version of the server had
@@ -37,13 +62,6 @@ class StoreUnavailable(Exception):
 
     The text is the reason the senders are given, e.g. "store unavailable".
     """
-
-
-class OutOfRange(StoreUnavailable):
-    """The change would take the value beyond ±MAX_VALUE; it was not applied."""
-
-    def __init__(self) -> None:
-        super().__init__("value out of range")
 
 
 class StoreInDoubt(Exception):
@@ -59,11 +77,93 @@ class StoreError(Exception):
     """The store cannot be opened at start-up; the text is one line for the operator."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoomState:
+    """A room's value and its version: ``(epoch, seq)`` orders the values of one room."""
+
+    value: int
+    seq: int
+    epoch: str
+
+    def is_newer_than(self, other: RoomState) -> bool:
+        """Tell whether this state may replace ``other``: a later seq, or another history."""
+        return self.epoch != other.epoch or self.seq > other.seq
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpBatch:
+    """One session's numbered ops in one commit: ``deltas[i]`` is op ``first + i``.
+
+    A delta is +1 or -1, or 0 for an op that was rejected before the store
+    and only uses up its number.
+    """
+
+    session: str
+    first: int
+    deltas: tuple[int, ...]
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.deltas) - 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Change:
+    """What one room's flush asks of the store.
+
+    ``delta`` is the net change of the actions sent without a session; ``ops``
+    the numbered ops of sessions; ``lookups`` the sessions whose last done op
+    the server wants to know (they just joined).
+    """
+
+    room: str
+    delta: int = 0
+    ops: tuple[OpBatch, ...] = ()
+    lookups: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the store did with one :class:`Change`.
+
+    ``applied`` is False when the change would have taken the value beyond
+    ±MAX_VALUE: then none of its deltas counted, but its ops are done (used
+    up) all the same. ``done`` maps every session of the change's ops and
+    lookups to ``(before, after)``: its last done op before this commit and
+    after it. Ops up to ``before`` were retries and counted nothing; a batch
+    whose first op is above ``before + 1`` skipped ahead and was not applied
+    (``after == before``).
+    """
+
+    state: RoomState
+    applied: bool
+    done: dict[str, tuple[int, int]]
+
+
+def apply_batch(last_done: int, batch: OpBatch) -> tuple[int, int]:
+    """Where a batch starts counting, and the last op done after it, given the last before.
+
+    Returns ``(start, after)``: the deltas from op ``start`` on count. A batch
+    that skips ahead counts nothing (``start`` past its end). This is the one
+    rule every store applies (the Redis script and SQL repeat it).
+    """
+    if batch.first > last_done + 1:
+        return batch.last + 1, last_done
+    return max(batch.first, last_done + 1), max(last_done, batch.last)
+
+
+def new_epoch() -> str:
+    """A name for a new history: random, so that two never meet."""
+    return uuid.uuid4().hex[:16]
+
+
 class Observer(Protocol):
     """Who a shared store tells what the other instances did (the hub)."""
 
-    def observe(self, room: str, *, value: int | None = None, elsewhere: int | None = None) -> None:
-        """Learn the newest value of ``room`` another instance committed, or its users there."""
+    def observe(
+        self, room: str, *, state: RoomState | None = None, elsewhere: int | None = None
+    ) -> None:
+        """Learn a newer state of ``room`` another instance committed, or its users there."""
 
 
 class Store(Protocol):
@@ -71,37 +171,41 @@ class Store(Protocol):
 
     A store that other instances change too (``--redis``) reports what they
     did to the observer given to :meth:`watch`, for the rooms it was asked to
-    :meth:`load` and not yet to :meth:`release`. Its ``add`` returns the newest
-    value it knows, and it never reports a room's value while an ``add`` to
-    that room runs: so an observed value is never older than one the hub
-    committed. A local store never calls the observer.
+    :meth:`load` and not yet to :meth:`release`. A local store never calls the
+    observer.
     """
+
+    @property
+    def epoch(self) -> str:
+        """The name of the store's current history."""
 
     async def open(self) -> None:
         """Get ready at start-up; raise :exc:`StoreError` with one line if it cannot."""
 
-    async def load(self, room: str) -> int:
-        """Return the value of ``room`` (0 for a new one): someone joins it here."""
+    async def load(self, room: str) -> RoomState:
+        """Return the state of ``room`` (0 for a new one): someone joins it here.
 
-    async def add(self, room: str, delta: int) -> int:
-        """Apply the net change of one flush atomically; return the room's new value.
+        Raise :exc:`StoreUnavailable` if it cannot be read now.
+        """
 
-        Raise :exc:`StoreUnavailable` if the change was not applied (and
-        :exc:`OutOfRange` if it would leave ±MAX_VALUE), :exc:`StoreInDoubt` if
-        nobody can tell.
+    async def commit(self, changes: Sequence[Change]) -> list[Outcome]:
+        """Apply the changes of one flush pass, each room's atomically; one outcome each, in order.
+
+        Raise :exc:`StoreUnavailable` if none was applied, :exc:`StoreInDoubt`
+        if nobody can tell. Never applies part of one room's change.
         """
 
     def release(self, room: str) -> None:
         """Nobody here watches ``room`` any more: stop doing work for it."""
 
-    def has_room_for(self, room: str) -> bool:
-        """Tell whether ``room`` can be opened now (a memory store keeps a bounded number)."""
+    def can_open(self, room: str) -> bool:
+        """Tell whether ``room`` may be opened now (a memory store keeps a bounded number)."""
 
     def healthy(self) -> bool:
-        """Tell whether changes can be applied right now (for ``/healthz``)."""
+        """Tell whether changes can be applied right now (for ``/readyz``)."""
 
     async def close(self) -> None:
-        """Release the store; pending changes were already applied by ``add``."""
+        """Release the store; every change ``commit`` returned for is already applied."""
 
     def watch(self, observer: Observer) -> None:
         """Report the other instances' changes to ``observer`` from now on."""
@@ -110,35 +214,114 @@ class Store(Protocol):
         """Count the ``here`` users of ``room`` on this instance on every instance."""
 
 
+class Sessions:
+    """The last done op of each (room, session), for at least ``ttl`` seconds, at most ``limit``.
+
+    In memory, every entry is a few integers: the oldest idle entries go first
+    when there are too many (counted in :attr:`evicted`), and any entry idle
+    for longer than ``ttl`` goes when the next one is written.
+    """
+
+    def __init__(self, *, ttl: float, limit: int) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        # Oldest write first: (room, session) -> (last done op, when written).
+        self.entries: collections.OrderedDict[tuple[str, str], tuple[int, float]] = (
+            collections.OrderedDict()
+        )
+        self.evicted = 0
+
+    def last_done(self, room: str, session: str) -> int:
+        entry = self.entries.get((room, session))
+        return 0 if entry is None else entry[0]
+
+    def set_done(self, room: str, session: str, op: int) -> None:
+        now = time.monotonic()
+        key = (room, session)
+        self.entries[key] = (op, now)
+        self.entries.move_to_end(key)
+        self.forget_old(now)
+
+    def forget_old(self, now: float) -> None:
+        entries = self.entries
+        while entries:
+            key, (_, written) = next(iter(entries.items()))
+            if now - written > self.ttl:
+                del entries[key]
+            elif len(entries) > self.limit:
+                del entries[key]
+                self.evicted += 1
+            else:
+                break
+
+
 class MemoryStore:
     """The default store: the values live in this process and die with it.
 
-    It keeps at most ``max_counters`` values. A counter that is back at 0 when
-    its last user leaves is forgotten: it reads as 0 anyway.
+    It keeps at most ``max_counters`` values. A counter at 0 is not kept: it
+    reads as 0 anyway, with the store's latest ``seq``. Each start is a new
+    epoch.
     """
 
-    def __init__(self, *, max_counters: int) -> None:
-        self.values: dict[str, int] = {}
+    def __init__(
+        self,
+        *,
+        max_counters: int,
+        session_ttl: float = SESSION_TTL,
+        max_sessions: int = MAX_SESSIONS,
+    ) -> None:
+        self.values: dict[str, RoomState] = {}
         self.max_counters = max_counters
+        self.sessions = Sessions(ttl=session_ttl, limit=max_sessions)
+        self.seq = 0  # one sequence for every room, so a forgotten room never goes back
+        self._epoch = new_epoch()
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
 
     async def open(self) -> None:
         pass
 
-    async def load(self, room: str) -> int:
-        return self.values.setdefault(room, 0)
+    async def load(self, room: str) -> RoomState:
+        return self.values.get(room) or RoomState(0, self.seq, self._epoch)
 
-    async def add(self, room: str, delta: int) -> int:
-        value = self.values.get(room, 0) + delta
-        if abs(value) > MAX_VALUE:
-            raise OutOfRange
-        self.values[room] = value
-        return value
+    async def commit(self, changes: Sequence[Change]) -> list[Outcome]:
+        return [self.apply(change) for change in changes]
+
+    def apply(self, change: Change) -> Outcome:
+        room = change.room
+        state = self.values.get(room) or RoomState(0, self.seq, self._epoch)
+        delta = change.delta
+        done: dict[str, tuple[int, int]] = {}
+        for batch in change.ops:
+            before = done[batch.session][1] if batch.session in done else None
+            if before is None:
+                before = self.sessions.last_done(room, batch.session)
+            start, after = apply_batch(before, batch)
+            delta += sum(batch.deltas[start - batch.first :])
+            done[batch.session] = (done.get(batch.session, (before, 0))[0], after)
+        for session in change.lookups:
+            if session not in done:
+                last = self.sessions.last_done(room, session)
+                done[session] = (last, last)
+        applied = abs(state.value + delta) <= MAX_VALUE
+        if applied and delta:
+            self.seq += 1
+            state = RoomState(state.value + delta, self.seq, self._epoch)
+        if state.value:
+            self.values[room] = state
+        else:
+            self.values.pop(room, None)
+        for session, (before, after) in done.items():
+            if after != before:
+                self.sessions.set_done(room, session, after)
+        return Outcome(state, applied, done)
 
     def release(self, room: str) -> None:
-        if self.values.get(room) == 0:
-            del self.values[room]
+        pass  # a counter at 0 was never kept
 
-    def has_room_for(self, room: str) -> bool:
+    def can_open(self, room: str) -> bool:
         return room in self.values or len(self.values) < self.max_counters
 
     def healthy(self) -> bool:

@@ -15,14 +15,16 @@ import html
 import http
 import json
 import logging
+import re
 from importlib import resources
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from counter_sync.admission import Refusal
+from counter_sync.config import SESSION_ID
 from counter_sync.connection import Connection
 from counter_sync.fanout import format_peer
 from counter_sync.hub import Hub, room_from_path
@@ -31,7 +33,9 @@ from counter_sync.store import DEFAULT_ROOM
 
 __all__ = ["PAGE", "Web"]
 
-log = logging.getLogger("counter-sync")
+log = logging.getLogger("counter_sync.web")
+
+SESSION = re.compile(SESSION_ID)
 
 # client.html at the top of the repository is the one source: the package
 # holds a symbolic link to it, which a wheel turns into a copy.
@@ -80,11 +84,14 @@ class Web:
         ``/`` and ``/c/<name>`` are rooms: a GET is the page, an upgrade joins.
         """
         assert isinstance(websocket, Connection)
-        path = urlsplit(request.path).path
+        path, _, query = request.path.partition("?")
+        if not path.startswith("/") or path.startswith("//") or "#" in request.path:
+            # Only origin-form targets (RFC 9112 3.2.1): what a browser sends.
+            path = ""
         room = room_from_path(path)
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         if room is not None and upgrade:
-            return self.check_upgrade(websocket, request, room)
+            return self.check_upgrade(websocket, request, room, query)
         if room is not None:
             return respond(websocket, http.HTTPStatus.OK, self.page, "text/html; charset=utf-8")
         if path == "/healthz":
@@ -103,9 +110,24 @@ class Web:
             return respond(websocket, http.HTTPStatus.NOT_FOUND, body, "text/html; charset=utf-8")
         return websocket.respond(http.HTTPStatus.NOT_FOUND, "Not found\n")
 
-    def check_upgrade(self, websocket: Connection, request: Request, room: str) -> Response | None:
+    def check_upgrade(
+        self, websocket: Connection, request: Request, room: str, query: str
+    ) -> Response | None:
+        """Let the upgrade through, with its room and session on the connection, or refuse it."""
         refusal = self.hub.refuse(room, peer_ip=websocket.peer_ip, headers=request.headers)
         if refusal is None:
+            session = session_from_query(query)
+            if session is not None and not SESSION.fullmatch(session):
+                return websocket.respond(
+                    http.HTTPStatus.BAD_REQUEST,
+                    "bad session: 16 to 64 characters of A-Z a-z 0-9 _ -\n",
+                )
+            websocket.room, websocket.session = room, session
+            address = self.hub.gate.client_address(
+                websocket.peer_ip, request.headers.get("X-Forwarded-For")
+            )
+            if address != websocket.peer_ip:
+                websocket.client = address
             return None
         self.hub.metrics.handshakes_rejected.labels(refusal.kind).inc()
         peer = format_peer(websocket)
@@ -136,7 +158,7 @@ class Web:
             "status": "ok",
             "users": self.hub.count_here(),
             "rooms": self.hub.count_rooms_in_use(),
-            "value": self.hub.rooms[DEFAULT_ROOM].value,
+            "value": self.hub.rooms[DEFAULT_ROOM].state.value,
             "store": "ok" if self.hub.store.healthy() else "unavailable",
         }
         return respond(websocket, http.HTTPStatus.OK, json.dumps(body) + "\n", "application/json")
@@ -192,6 +214,15 @@ class Web:
         response.headers["Access-Control-Allow-Origin"] = "*"
         response.headers["Cache-Control"] = "no-store"
         return response
+
+
+def session_from_query(query: str) -> str | None:
+    """The ``session`` a WebSocket's query names, if any (the first one, if repeated)."""
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name == "session":
+            return unquote(value)
+    return None
 
 
 def no_content(websocket: ServerConnection) -> Response:

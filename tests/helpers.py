@@ -24,10 +24,13 @@ from counter_sync.store import DEFAULT_ROOM
 from testkit.processes import IN_CI, TIMEOUT, MissingBinary, find_binary
 
 __all__ = [
+    "is_state",
     "join",
     "require_binary",
     "room",
+    "settled",
     "url",
+    "value",
     "wait_for_event",
     "wait_for_users",
     "wait_for_value",
@@ -73,8 +76,13 @@ async def wait_for_event(
                 return event
 
 
+def is_state(event: dict[str, Any], value: int) -> bool:
+    """A state message with ``value``, whatever its version (``seq``, ``epoch``)."""
+    return event["type"] == "state" and event["value"] == value
+
+
 async def wait_for_value(websocket: ClientConnection, value: int) -> dict[str, Any]:
-    return await wait_for_event(websocket, lambda e: e == {"type": "state", "value": value})
+    return await wait_for_event(websocket, lambda e: is_state(e, value))
 
 
 async def wait_for_users(websocket: ClientConnection, count: int) -> dict[str, Any]:
@@ -91,6 +99,18 @@ async def wait_until(condition: Callable[[], bool]) -> None:
 def room(app: App, name: str = DEFAULT_ROOM) -> Room:
     """A room of the server (``/`` by default), for the few tests that look inside."""
     return app.hub.rooms[name]
+
+
+def value(app: App, name: str = DEFAULT_ROOM) -> int:
+    """The value a room shows its users."""
+    return room(app, name).state.value
+
+
+def settled(app: App) -> bool:
+    """Every change the server took in is committed and delivered (for ``wait_until``)."""
+    return app.hub.flusher.idle() and not any(
+        each.flush.delivering for each in app.hub.rooms.values()
+    )
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from testkit.processes import TIMEOUT
 from testkit.rawclient import RawClient, connected_socket
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
+    is_state,
     join,
     room,
     wait_for_event,
@@ -75,7 +76,7 @@ async def test_a_ping_flood_from_a_client_that_never_reads_costs_bounded_memory(
     # Everyone else is served as usual meanwhile.
     other = await join(app)
     await other.send(PLUS)
-    await wait_for_event(other, lambda event: event == {"type": "state", "value": 1})
+    await wait_for_event(other, lambda event: is_state(event, 1))
     flooder.abort()
 
 
@@ -85,7 +86,7 @@ async def test_a_ping_flood_from_a_client_that_never_reads_costs_bounded_memory(
 async def test_a_stalled_reader_is_dropped_within_the_keepalive_deadline(
     start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "counter-sync")
+    caplog.set_level(logging.INFO, "counter_sync")
     interval, timeout = 2.0, 1.0
     app = await start_server(ping_interval=interval, ping_timeout=timeout)
     watcher = await join(app, ping_interval=None)
@@ -108,8 +109,11 @@ async def test_a_stalled_reader_is_dropped_within_the_keepalive_deadline(
         while json.loads(await watcher.recv()) != {"type": "users", "count": 2}:
             pass
     assert loop.time() - stalled_at <= interval + timeout + 1
-    lines = [r.getMessage() for r in caplog.records if r.name == "counter-sync"]
-    assert any("lost: code 1006, liveness deadline" in line for line in lines), lines
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("counter_sync")]
+    assert any(
+        "disconnected (liveness_deadline): code 1006, reason 'liveness deadline" in line
+        for line in lines
+    ), lines
     stalled.abort()
 
 
@@ -138,7 +142,7 @@ async def test_silent_sockets_beyond_the_per_address_cap_are_reset_and_others_ge
             while len(closed) < 15:
                 done, _ = await asyncio.wait(reads - closed, return_when=asyncio.FIRST_COMPLETED)
                 closed |= done
-        assert app.hub.gate.pending_by_address["127.0.0.1"] == 5
+        assert app.hub.gate.handshakes_by_address["127.0.0.1"] == 5
         async with asyncio.timeout(1):
             client = await connect(
                 f"ws://127.0.0.1:{app.port}/",
@@ -279,7 +283,7 @@ async def test_malformed_requests_get_an_answer_or_a_close_and_no_error(
     await raw_http(app.port, request_bytes)
     client = await join(app)  # the server carries on
     await client.send(PLUS)
-    await wait_for_event(client, lambda event: event == {"type": "state", "value": 1})
+    await wait_for_event(client, lambda event: is_state(event, 1))
 
 
 # --- 6. Bounded logs -------------------------------------------------------------------
@@ -288,7 +292,7 @@ async def test_malformed_requests_get_an_answer_or_a_close_and_no_error(
 async def test_garbage_senders_write_one_warning_each_per_interval(
     app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "counter-sync")
+    caplog.set_level(logging.INFO, "counter_sync")
     clients = [await join(app) for _ in range(20)]
     for client in clients:
         for _ in range(100):
@@ -303,7 +307,7 @@ async def test_garbage_senders_write_one_warning_each_per_interval(
 async def test_an_over_the_limit_client_is_logged_once_per_interval_not_per_episode(
     start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "counter-sync")
+    caplog.set_level(logging.INFO, "counter_sync")
     app = await start_server(rate=1000.0, burst=1)
     client = await join(app)
     # Alternate: a message over the limit, then (after a refill) an accepted one.
@@ -384,7 +388,7 @@ async def test_a_bug_in_the_receive_loop_still_unregisters_and_notifies_others(
     def broken(message: str | bytes) -> str:
         raise RuntimeError("a bug in parsing")
 
-    monkeypatch.setattr(counter, "parse_action", broken)
+    monkeypatch.setattr(counter, "parse_message", broken)
     await victim.send(PLUS)
     await wait_for_users(watcher, 1)
     assert len(room(app).users) == 1
@@ -423,7 +427,7 @@ async def test_sync_answers_the_asker_alone_with_users_then_state(app: App) -> N
     await wait_for_users(asker, 2)
     await asker.send(json.dumps({"action": "sync"}))
     assert json.loads(await asker.recv()) == {"type": "users", "count": 2}
-    assert json.loads(await asker.recv()) == {"type": "state", "value": 0}
+    assert is_state(json.loads(await asker.recv()), 0)
     await other.send("{}")  # the other client got nothing before this mark's reply
     assert json.loads(await other.recv())["type"] == "error"
 

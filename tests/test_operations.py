@@ -18,6 +18,8 @@ from testkit.processes import TIMEOUT
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
     join,
+    settled,
+    value,
     wait_for_event,
     wait_for_users,
     wait_for_value,
@@ -94,11 +96,11 @@ async def test_actions_are_counted_by_result(start_server: StartServer) -> None:
                 samples[f"actions_total{{result={result}}}"]
                 for result in ("accepted", "bad_message", "rate_limited", "sync")
             )
-            if counted == 7 and app.hub.rooms["/"].flush_task is None:
+            if counted == 7 and settled(app):
                 break
             await asyncio.sleep(0.01)
     assert samples["actions_total{result=bad_message}"] == 1
-    assert samples["actions_total{result=accepted}"] == app.hub.rooms["/"].value
+    assert samples["actions_total{result=accepted}"] == value(app)
     assert samples["actions_total{result=rate_limited}"] >= 1
 
 

@@ -14,6 +14,7 @@ from counter_sync.app import App
 from testkit.processes import TIMEOUT
 from tests.conftest import StartServer
 from tests.helpers import (
+    is_state,
     join,
     wait_for_event,
     wait_for_users,
@@ -57,9 +58,9 @@ async def test_values_and_user_counts_stay_in_their_room(app: App) -> None:
         await client.send("{}")
     home_events = await events_until_mark(home)
     votes_events = await events_until_mark(votes[0])
-    assert {"type": "state", "value": 2} not in home_events
+    assert not any(is_state(event, 2) for event in home_events)
     assert {"type": "users", "count": 3} not in home_events + votes_events
-    assert {"type": "state", "value": -1} not in votes_events
+    assert not any(is_state(event, -1) for event in votes_events)
 
 
 async def events_until_mark(client: object) -> list[dict[str, object]]:
@@ -155,17 +156,37 @@ async def test_a_new_room_beyond_max_rooms_is_refused_with_503(start_server: Sta
 
 
 async def test_memory_mode_caps_the_counters_kept_as_well(start_server: StartServer) -> None:
-    app = await start_server(max_rooms=3)
+    app = await start_server(max_rooms=2)
     for name in ("a", "b"):
         client = await join(app, f"/c/{name}")
         await client.send(PLUS)
         await wait_for_value(client, 1)
         await client.close()
         await wait_until(lambda name=name: name not in app.hub.rooms)  # type: ignore[misc]
-    # "/", "a" and "b" are kept (a and b hold 1): a fourth counter does not fit.
+    # "a" and "b" are kept (they hold 1; "/" at 0 is not): a third does not fit.
     with pytest.raises(InvalidStatus) as refused:
         await connect(f"ws://127.0.0.1:{app.port}/c/c")
     assert refused.value.response.status_code == 503
+
+
+async def test_max_rooms_counts_the_rooms_with_users_as_healthz_and_metrics_do(
+    start_server: StartServer,
+) -> None:
+    app = await start_server(max_rooms=2)
+    first = await join(app, "/c/first")
+    second = await join(app, "/c/second")  # "/" is empty: it takes no slot
+    _, health = await asyncio.to_thread(http_get, app.port, "/healthz")
+    assert json.loads(health)["rooms"] == 2
+    _, metrics = await asyncio.to_thread(http_get, app.port, "/metrics")
+    assert b"counter_sync_rooms 2.0" in metrics
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(f"ws://127.0.0.1:{app.port}/c/third")
+    assert refused.value.response.status_code == 503
+    await second.close()
+    await wait_until(lambda: "second" not in app.hub.rooms)
+    third = await join(app, "/c/third")  # the slot "second" left is free again
+    await first.close()
+    await third.close()
 
 
 async def test_a_burst_in_a_big_room_leaves_a_small_room_responsive(app: App) -> None:
@@ -181,7 +202,7 @@ async def test_a_burst_in_a_big_room_leaves_a_small_room_responsive(app: App) ->
 async def test_a_connection_refused_during_a_handshake_storm_gets_1013(
     start_server: StartServer,
 ) -> None:
-    app = await start_server(max_rooms=2)  # "/" and one more
+    app = await start_server(max_rooms=1)  # one room with users; "/" is empty
     results = await asyncio.gather(
         *(connect(f"ws://127.0.0.1:{app.port}/c/r{index}") for index in range(6)),
         return_exceptions=True,

@@ -25,9 +25,12 @@ from counter_sync.web import PAGE
 from testkit.processes import TIMEOUT
 from tests.conftest import StartServer
 from tests.helpers import (
+    is_state,
     join,
     room,
+    settled,
     url,
+    value,
     wait_for_event,
     wait_for_users,
     wait_for_value,
@@ -48,7 +51,9 @@ def server_side(app: App, client: ClientConnection) -> ServerConnection:
 
 def log_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     return [
-        r.getMessage() for r in caplog.records if r.name == "counter-sync" and r.levelno == level
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("counter_sync") and r.levelno == level
     ]
 
 
@@ -58,7 +63,9 @@ def log_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
 async def test_a_new_client_gets_the_user_count_then_the_state(app: App) -> None:
     async with connect(url(app)) as client:
         assert json.loads(await client.recv()) == {"type": "users", "count": 1}
-        assert json.loads(await client.recv()) == {"type": "state", "value": 0}
+        state = json.loads(await client.recv())
+        assert (state["type"], state["value"]) == ("state", 0)
+        assert isinstance(state["seq"], int) and isinstance(state["epoch"], str)
 
 
 async def test_plus_and_minus_reach_three_clients(app: App) -> None:
@@ -70,7 +77,7 @@ async def test_plus_and_minus_reach_three_clients(app: App) -> None:
     await clients[2].send(MINUS)
     for client in clients:
         await wait_for_value(client, -1)
-    assert room(app).value == -1
+    assert value(app) == -1
 
 
 async def test_user_count_follows_joins_and_leaves(app: App) -> None:
@@ -87,9 +94,9 @@ async def test_a_burst_in_one_loop_turn_costs_one_broadcast(app: App) -> None:
     sender = server_side(app, await join(app))
     await wait_for_users(listener, 2)
     for _ in range(500):  # no await in between: one loop turn
-        room(app).act(sender, +1)
+        room(app).flush.add(sender, +1)
     # Without coalescing the listener would see 1, 2, 3, ... first.
-    assert json.loads(await listener.recv()) == {"type": "state", "value": 500}
+    assert is_state(json.loads(await listener.recv()), 500)
 
 
 async def test_a_burst_from_many_clients_ends_every_client_on_the_exact_sum(
@@ -101,7 +108,7 @@ async def test_a_burst_from_many_clients_ends_every_client_on_the_exact_sum(
     expected = sum(1 if m == PLUS else -1 for plan in plans for m in plan)
     await asyncio.gather(*(c.send(m) for c, plan in zip(clients, plans, strict=True) for m in plan))
     await asyncio.gather(*(wait_for_value(c, expected) for c in clients))
-    assert room(app).value == expected
+    assert value(app) == expected
 
 
 # --- How the server knows a client disconnected -------------------------------
@@ -110,33 +117,38 @@ async def test_a_burst_from_many_clients_ends_every_client_on_the_exact_sum(
 async def test_clean_close_ends_the_loop_quietly_and_notifies_others(
     app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "counter-sync")
+    caplog.set_level(logging.INFO, "counter_sync")
     watcher = await join(app)
     leaver = await join(app)
     await wait_for_users(watcher, 2)
     await leaver.close()
     await wait_for_users(watcher, 1)
-    assert any("disconnected: code 1000" in line for line in log_lines(caplog, logging.INFO))
+    assert any(
+        "disconnected (clean_close): code 1000" in line for line in log_lines(caplog, logging.INFO)
+    )
     assert not log_lines(caplog, logging.ERROR)
 
 
 async def test_abrupt_disconnect_unregisters_and_notifies_others(
     app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "counter-sync")
+    caplog.set_level(logging.INFO, "counter_sync")
     watcher = await join(app)
     dropped = await join(app)
     await wait_for_users(watcher, 2)
     dropped.transport.abort()  # TCP reset, no close frame: a killed process
     await wait_for_users(watcher, 1)
-    assert any("lost: code 1006" in line for line in log_lines(caplog, logging.INFO))
+    assert any(
+        "disconnected (connection_lost): code 1006" in line
+        for line in log_lines(caplog, logging.INFO)
+    )
     assert not log_lines(caplog, logging.ERROR)
 
 
 async def test_half_open_peer_is_dropped_by_the_keepalive_ping(
     start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "counter-sync")
+    caplog.set_level(logging.INFO, "counter_sync")
     app = await start_server(ping_interval=0.2, ping_timeout=0.2)
     watcher = await join(app, ping_interval=None)
     silent = await join(app, ping_interval=None)
@@ -145,7 +157,10 @@ async def test_half_open_peer_is_dropped_by_the_keepalive_ping(
     # server this is a laptop that went to sleep.
     silent.transport.pause_reading()
     await wait_for_users(watcher, 1)
-    assert any("lost: code 1011" in line for line in log_lines(caplog, logging.INFO))
+    assert any(
+        "disconnected (keepalive_timeout): code 1011" in line
+        for line in log_lines(caplog, logging.INFO)
+    )
     assert any("keepalive ping timeout" in line for line in log_lines(caplog, logging.INFO))
     silent.transport.abort()
 
@@ -166,7 +181,7 @@ async def test_half_open_peer_is_dropped_by_the_keepalive_ping(
 async def test_bad_message_gets_an_error_and_the_connection_goes_on(
     app: App, caplog: pytest.LogCaptureFixture, message: str | bytes, reason: str
 ) -> None:
-    caplog.set_level(logging.INFO, "counter-sync")
+    caplog.set_level(logging.INFO, "counter_sync")
     client = await join(app)
     await client.send(message)
     error = await wait_for_event(client, lambda e: e["type"] == "error")
@@ -202,7 +217,7 @@ async def test_actions_over_the_rate_limit_get_errors_and_are_not_counted(
         await client.send(PLUS)
     errors = [await wait_for_event(client, lambda e: e["type"] == "error") for _ in range(2)]
     assert all("rate limit" in e["error"] for e in errors)
-    await wait_until(lambda: room(app).value == 3 and room(app).flush_task is None)
+    await wait_until(lambda: value(app) == 3 and settled(app))
     other = await join(app)  # the limit is per connection
     await other.send(PLUS)
     await wait_for_value(other, 4)
@@ -251,8 +266,8 @@ def test_the_count_is_the_sum_of_accepted_actions(messages: list[Message]) -> No
                 while errors < rejected + 1:
                     event: dict[str, Any] = json.loads(await client.recv())
                     errors += event["type"] == "error"
-            await wait_until(lambda: room(app).flush_task is None)
-            assert room(app).value == expected
+            await wait_until(lambda: settled(app))
+            assert value(app) == expected
         finally:
             await app.close()
 
@@ -281,9 +296,9 @@ async def stall(app: App, updates: int) -> tuple[ClientConnection, ServerConnect
     stalled.transport.pause_reading()  # it stops reading, and stays connected
     user_space = kernel = 0
     for _ in range(updates):
-        room(app).act(driver, +1)
-        assert room(app).flush_task is not None
-        await room(app).flush_task  # one broadcast per update
+        room(app).flush.add(driver, +1)
+        assert not app.hub.flusher.idle()
+        await app.hub.flusher.drain()  # one broadcast per update
         user_space = max(user_space, stalled_server_side.transport.get_write_buffer_size())
         kernel = max(kernel, kernel_unsent_bytes(stalled_server_side))
     return stalled, stalled_server_side, user_space, kernel
@@ -305,7 +320,7 @@ async def test_a_stalled_reader_costs_bounded_memory_and_converges_when_it_resum
         while True:
             event = json.loads(await stalled.recv())
             received += 1
-            if event == {"type": "state", "value": updates}:
+            if is_state(event, updates):
                 break
     assert received < updates // 2, f"{received} messages for {updates} updates"
 

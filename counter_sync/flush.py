@@ -1,0 +1,629 @@
+"""The coalesced flush: what rooms owe the store and their users, paid in one pass.
+
+A room does not write to anyone when an action arrives: it notes the change
+in its :class:`RoomFlush` and asks the hub's :class:`Flusher` for a pass. The
+pass runs on the next event-loop turn, after every message already read in
+this one, and takes every room with something to flush: one store commit for
+all of them, then for each room one delivery, its users count and value
+serialized once. A burst of K actions or J joins in a room costs one
+broadcast; a thousand small rooms that change in the same turn cost one store
+round trip.
+
+What a pass promises, room by room:
+
+* Users, then state. A newcomer's first messages are the user count and the
+  state, in that order, written by the first pass after it joined, before
+  anything else is written to it (a reply it provoked earlier waits for them).
+  A client that joins while a pass is committing or writing is a newcomer of
+  the next pass.
+* Never older. A room's state only moves to a newer ``(epoch, seq)``; every
+  state message a client gets comes from it, so ``seq`` never goes back.
+* Acknowledged when done. A session's numbered ops are acked (cumulatively,
+  once per pass) only after the store committed them; an op that was not
+  applied gets an error naming it; a retry counts once (the store checks).
+* Paced under load. After a room's delivery, its next pass waits twice as
+  long as the delivery's CPU time took (``FLUSH_PAUSE_RATIO``): at low load
+  microseconds, under a flood a third of the loop at most, so that reading
+  clients and handshakes keep going.
+* Isolated. A big room is written in slices, one per loop turn; the pass does
+  not wait for them, so a small room never waits for a big room's broadcast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from websockets.frames import CloseCode
+
+from counter_sync.config import FLUSH_PAUSE_RATIO, MAX_VALUE, MIN_PACING_DELAY, STORE_RETRY_DELAY
+from counter_sync.connection import Connection
+from counter_sync.fanout import Delivery, FanOut, text_frame
+from counter_sync.logs import fields
+from counter_sync.metrics import Metrics
+from counter_sync.store import (
+    Change,
+    OpBatch,
+    Outcome,
+    RoomState,
+    Store,
+    StoreInDoubt,
+    StoreUnavailable,
+)
+from counter_sync.tasks import Supervisor
+
+__all__ = ["FlushedRoom", "Flusher", "RoomFlush"]
+
+log = logging.getLogger("counter_sync.flush")
+
+OUT_OF_RANGE = "value out of range; action not counted"
+OUT_OF_ORDER = "op out of order"
+
+
+class FlushedRoom(Protocol):
+    """The room a :class:`RoomFlush` works for: its users, its state, and its messages."""
+
+    name: str
+    users: set[Connection]
+    state: RoomState
+
+    def users_message(self) -> str: ...
+
+    def state_message(self) -> str: ...
+
+    def ack_message(self, op: int) -> str: ...
+
+    def error_message(self, reason: str, op: int | None = None) -> str: ...
+
+
+class OpLog:
+    """One session connection's numbered ops on their way to the store, and what is done.
+
+    ``done`` is the last op the store holds as done for this session, as last
+    heard (None until the store was asked); ``received`` the highest op number
+    taken from this connection. The ops not yet committed are ``deltas``,
+    op ``first`` onwards.
+    """
+
+    __slots__ = ("deltas", "done", "first", "gone", "reasons", "received", "session")
+
+    def __init__(self, session: str) -> None:
+        self.session = session
+        self.done: int | None = None
+        self.received = 0
+        self.first = 0
+        self.deltas: list[int] = []
+        self.reasons: dict[int, str] = {}  # ops rejected before the store, and why
+        self.gone = False  # the connection ended: commit what it sent, then forget it
+
+    def take(self, op: int, delta: int, reason: str | None) -> str | int | bool:
+        """Take op number ``op``; say what to answer now.
+
+        True: taken, the next pass answers. False: a retry of an op on its way
+        to the store, whose ack is coming. An int: an ack to send at once (a
+        retry of a done op). A str: an error (the op skipped ahead).
+        """
+        if self.done is not None and op <= self.done:
+            return self.done
+        if op <= self.received:
+            return False
+        last = max(self.received, self.done or 0)
+        if (self.done is not None or self.received) and op != last + 1:
+            return OUT_OF_ORDER
+        if not self.deltas:
+            self.first = op
+        self.deltas.append(delta)
+        if reason is not None:
+            self.reasons[op] = reason
+        self.received = op
+        return True
+
+    def forget_done(self) -> int:
+        """Drop waiting ops the store holds as done already (retries); return their net change."""
+        if self.deltas and self.done is not None and self.first + len(self.deltas) <= self.done + 1:
+            dropped = sum(self.deltas)
+            self.deltas.clear()
+            return dropped
+        return 0
+
+    def batch(self) -> OpBatch | None:
+        """The ops to commit now, taken out; None if there are none."""
+        if not self.deltas:
+            return None
+        batch = OpBatch(self.session, self.first, tuple(self.deltas))
+        self.deltas = []
+        return batch
+
+    def committed(
+        self, batch: OpBatch, before: int, after: int, *, applied: bool
+    ) -> tuple[list[tuple[str, int]], int, int]:
+        """Settle a committed batch: (errors by op, ack, actions counted)."""
+        errors: list[tuple[str, int]] = []
+        counted = 0
+        if batch.first > before + 1 and after == before:  # skipped ahead: nothing applied
+            errors = [(OUT_OF_ORDER, op) for op in range(batch.first, batch.last + 1)]
+            self.received = after  # what may come next: after + 1
+        else:
+            for op in range(max(batch.first, before + 1), batch.last + 1):
+                reason = self.reasons.pop(op, None)
+                if reason is None and batch.deltas[op - batch.first]:
+                    if applied:
+                        counted += 1
+                    else:
+                        reason = OUT_OF_RANGE
+                if reason is not None:
+                    errors.append((reason, op))
+        for op in range(batch.first, batch.last + 1):
+            self.reasons.pop(op, None)
+        self.done = max(self.done or 0, after)
+        return errors, self.done, counted
+
+    def failed(self, batch: OpBatch, reason: str) -> list[tuple[str, int]]:
+        """Settle a batch the store did not take: each op is told so, and its number kept.
+
+        Each op is final (not applied), but its number must still reach the
+        store, as done with a delta of 0, so that later ops follow on.
+        """
+        errors = [(self.reasons.pop(op, reason), op) for op in range(batch.first, batch.last + 1)]
+        self.first = batch.first
+        self.deltas = [0] * len(batch.deltas) + self.deltas
+        return errors
+
+
+@dataclasses.dataclass(slots=True)
+class Taken:
+    """One room's share of a pass: what it asked the store, and whom to tell what after."""
+
+    room: RoomFlush
+    change: Change | None
+    senders: dict[Connection, int]
+    batches: list[tuple[Connection, OpLog, OpBatch]]
+    lookups: list[tuple[Connection, OpLog]]
+    newcomers: list[Connection]
+    targets: list[Connection]
+    users_changed: bool
+    observed: RoomState | None
+
+
+class RoomFlush:
+    """What one room owes the store and its users since its last pass, and the pacing of the next.
+
+    Shared mode (``--redis``) adds what the other instances did: the newest
+    state one of them committed (``observed``) and their users (``elsewhere``).
+    """
+
+    def __init__(
+        self,
+        room: FlushedRoom,
+        flusher: Flusher,
+        *,
+        on_empty: Callable[[], None],
+    ) -> None:
+        self.room = room
+        self.flusher = flusher
+        self.on_empty = on_empty  # the hub releases a room nobody is in
+        # Actions without a session: their net change, and who sent how many.
+        self.delta = 0
+        self.senders: dict[Connection, int] = {}
+        # The net change of everything accepted and not yet committed.
+        self.uncommitted = 0
+        self.oplogs: dict[Connection, OpLog] = {}
+        self.with_ops: set[Connection] = set()  # oplogs with ops to commit
+        self.unknown: set[Connection] = set()  # oplogs whose last done op the store must tell
+        self.newcomers: list[Connection] = []
+        self.unwelcomed: set[Connection] = set()  # not yet sent their users and state
+        self.held: dict[Connection, list[str]] = {}  # replies waiting for the welcome
+        self.users_dirty = False
+        self.observed: RoomState | None = None
+        self.elsewhere = 0
+        self.next_at = 0.0  # pacing: no pass before this loop time
+        self.delivering = False
+        self.retry: asyncio.TimerHandle | None = None
+
+    # What the room notes, each asking for a pass.
+
+    def welcome(self, websocket: Connection, session: str | None) -> None:
+        """A user joined: the next pass sends it users, then state (and its last done op)."""
+        self.newcomers.append(websocket)
+        self.unwelcomed.add(websocket)
+        if session is not None:
+            self.oplogs[websocket] = OpLog(session)
+            self.unknown.add(websocket)
+        self.users_dirty = True
+        self.flusher.schedule(self)
+
+    def leave(self, websocket: Connection) -> None:
+        """A user left: the next pass sends the new count, and commits what it sent."""
+        self.unwelcomed.discard(websocket)
+        self.held.pop(websocket, None)
+        self.unknown.discard(websocket)
+        oplog = self.oplogs.get(websocket)
+        if oplog is not None:
+            oplog.gone = True
+            if websocket not in self.with_ops:
+                del self.oplogs[websocket]
+        self.users_dirty = True
+        self.flusher.schedule(self)
+
+    def fits(self, delta: int) -> bool:
+        """Tell whether one more action keeps the value within ±MAX_VALUE."""
+        return abs(self.room.state.value + self.uncommitted + delta) <= MAX_VALUE
+
+    def add(self, websocket: Connection, delta: int) -> None:
+        """Count one accepted action without a session; the next pass commits it."""
+        self.delta += delta
+        self.uncommitted += delta
+        self.senders[websocket] = self.senders.get(websocket, 0) + 1
+        self.flusher.schedule(self)
+
+    def take_op(self, websocket: Connection, op: int, delta: int, reason: str | None) -> str | None:
+        """Take a session's op (``reason``: why it was rejected before the store); reply now?"""
+        oplog = self.oplogs[websocket]
+        self.uncommitted -= oplog.forget_done()
+        answer = oplog.take(op, delta if reason is None else 0, reason)
+        if answer is True:
+            if reason is None:
+                self.uncommitted += delta
+            self.with_ops.add(websocket)
+            self.flusher.schedule(self)
+        elif isinstance(answer, str):
+            return self.room.error_message(answer, op)
+        elif answer is not False:
+            return self.room.ack_message(answer)
+        return None
+
+    def observe(self, *, state: RoomState | None = None, elsewhere: int | None = None) -> None:
+        """Learn what other instances did; shown by the next pass, like every change."""
+        if state is not None and (self.observed is None or state.is_newer_than(self.observed)):
+            self.observed = state
+        if elsewhere is not None and elsewhere != self.elsewhere:
+            self.elsewhere = elsewhere
+            self.users_dirty = True
+        self.flusher.schedule(self)
+
+    def hold(self, websocket: Connection, replies: tuple[str, ...]) -> bool:
+        """Keep replies for a connection not yet welcomed, to send after its users and state."""
+        if websocket not in self.unwelcomed:
+            return False
+        self.held.setdefault(websocket, []).extend(replies)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(
+            self.senders
+            or self.with_ops
+            or self.unknown
+            or self.newcomers
+            or self.users_dirty
+            or self.observed
+        )
+
+    # The pass's side.
+
+    def take(self) -> Taken:
+        """Take everything owed since the last pass, as one change for the store."""
+        senders, self.senders = self.senders, {}
+        delta, self.delta = self.delta, 0
+        batches: list[tuple[Connection, OpLog, OpBatch]] = []
+        for websocket in self.with_ops:
+            oplog = self.oplogs[websocket]
+            self.uncommitted -= oplog.forget_done()
+            if (batch := oplog.batch()) is not None:
+                batches.append((websocket, oplog, batch))
+            if oplog.gone:
+                del self.oplogs[websocket]
+        self.with_ops = set()
+        lookups = [(websocket, self.oplogs[websocket]) for websocket in self.unknown]
+        self.unknown = set()
+        change = None
+        if senders or batches or lookups:
+            change = Change(
+                self.room.name,
+                delta,
+                tuple(batch for _, _, batch in batches),
+                tuple(oplog.session for _, oplog in lookups),
+            )
+        newcomers, self.newcomers = self.newcomers, []
+        users_changed, self.users_dirty = self.users_dirty, False
+        observed, self.observed = self.observed, None
+        if users_changed:
+            self.flusher.store.share_users(self.room.name, len(self.room.users))
+        # The users now are the ones this pass writes to; one who joins
+        # while it commits is a newcomer of the next pass.
+        return Taken(
+            self,
+            change,
+            senders,
+            batches,
+            lookups,
+            newcomers,
+            list(self.room.users),
+            users_changed,
+            observed,
+        )
+
+    def finish(
+        self, taken: Taken, outcome: Outcome | None, failure: StoreUnavailable | None
+    ) -> None:
+        """Take in what the store did, then write to everyone what changed, once."""
+        room = self.room
+        replies: dict[Connection, list[str]] = {}
+        if outcome is not None:
+            self.committed(taken, outcome, replies)
+        elif failure is not None:
+            self.rejected(taken, failure, replies)
+        else:
+            self.uncommitted -= self.in_flight(taken)
+        old = room.state
+        for candidate in (taken.observed, outcome.state if outcome is not None else None):
+            if candidate is not None and candidate.is_newer_than(room.state):
+                room.state = candidate
+        if room.state.epoch != old.epoch:
+            self.history_lost()
+        state_changed = (room.state.value, room.state.epoch) != (old.value, old.epoch)
+        self.deliver(taken, state_changed, replies)
+
+    def history_lost(self) -> None:
+        """The store started a new history: what session clients know of op numbers is void.
+
+        They are closed with 1012: on reconnecting, each is told its last done
+        op in the new history (0) and sends its unacked ops again from 1.
+        """
+        for websocket in list(self.oplogs):
+            websocket.ended_by = "shutdown"
+            self.flusher.supervisor.start(
+                websocket.close(CloseCode.SERVICE_RESTART, "counter history lost; reconnect"),
+                name="close after history lost",
+            )
+
+    def in_flight(self, taken: Taken) -> int:
+        """The net change a taken pass carried, for the range check of what follows."""
+        ops = sum(sum(batch.deltas) for _, _, batch in taken.batches)
+        return (taken.change.delta if taken.change is not None else 0) + ops
+
+    def committed(
+        self, taken: Taken, outcome: Outcome, replies: dict[Connection, list[str]]
+    ) -> None:
+        room, metrics = self.room, self.flusher.metrics
+        self.uncommitted -= self.in_flight(taken)
+        counted = 0
+        if taken.senders:
+            if outcome.applied:
+                counted += sum(taken.senders.values())
+            else:
+                self.tell_senders(taken.senders, "value out of range", "out_of_range", replies)
+        for websocket, oplog, batch in taken.batches:
+            before, after = outcome.done[batch.session]
+            errors, ack, applied = oplog.committed(batch, before, after, applied=outcome.applied)
+            counted += applied
+            answers = replies.setdefault(websocket, [])
+            answers.extend(room.error_message(reason, op) for reason, op in errors)
+            answers.append(room.ack_message(ack))
+        acked = {websocket for websocket, _, _ in taken.batches}
+        for websocket, oplog in taken.lookups:
+            _, after = outcome.done[oplog.session]
+            oplog.done = max(oplog.done or 0, after)
+            self.uncommitted -= oplog.forget_done()
+            if websocket not in acked:
+                replies.setdefault(websocket, []).append(room.ack_message(oplog.done))
+        if counted:
+            metrics.accepted_actions.inc(counted)
+
+    def rejected(
+        self, taken: Taken, failure: StoreUnavailable, replies: dict[Connection, list[str]]
+    ) -> None:
+        """The store took nothing: tell every sender, and keep asking for what newcomers need."""
+        self.uncommitted -= self.in_flight(taken)
+        self.tell_senders(taken.senders, "store unavailable", "store_unavailable", replies)
+        reason = f"store unavailable: {failure}; action not counted"
+        for websocket, oplog, batch in taken.batches:
+            errors = oplog.failed(batch, reason)
+            replies.setdefault(websocket, []).extend(
+                self.room.error_message(why, op) for why, op in errors
+            )
+            if not oplog.gone:
+                self.with_ops.add(websocket)
+        for websocket, _ in taken.lookups:
+            if websocket in self.oplogs:
+                self.unknown.add(websocket)
+        if self.with_ops or self.unknown:
+            self.retry_later()
+
+    def retry_later(self) -> None:
+        """Ask for a pass once the store may be back, for the numbers it still must hear of."""
+        if self.retry is None:
+            loop = asyncio.get_running_loop()
+            self.retry = loop.call_later(STORE_RETRY_DELAY, self.retry_now)
+
+    def retry_now(self) -> None:
+        self.retry = None
+        if self.with_ops or self.unknown:
+            self.flusher.schedule(self)
+
+    def tell_senders(
+        self,
+        senders: dict[Connection, int],
+        reason: str,
+        result: str,
+        replies: dict[Connection, list[str]],
+    ) -> None:
+        """Tell each sender without a session how many of its actions were not applied."""
+        if not senders:
+            return
+        self.flusher.metrics.actions.labels(result).inc(sum(senders.values()))
+        for websocket, count in senders.items():
+            message = self.room.error_message(f"{reason}: {count} action(s) not applied")
+            replies.setdefault(websocket, []).append(message)
+
+    def deliver(
+        self, taken: Taken, state_changed: bool, replies: dict[Connection, list[str]]
+    ) -> None:
+        """Write this pass's messages: users and state once for all, then each one's replies."""
+        room = self.room
+        newcomers = [ws for ws in taken.newcomers if ws in room.users]
+        users = text_frame(room.users_message()) if taken.users_changed or newcomers else b""
+        state = text_frame(room.state_message()) if state_changed or newcomers else b""
+        for websocket in newcomers:
+            self.unwelcomed.discard(websocket)
+            if (held := self.held.pop(websocket, None)) is not None:
+                replies[websocket] = held + replies.get(websocket, [])
+        extras = {
+            websocket: b"".join(text_frame(message) for message in messages)
+            for websocket, messages in replies.items()
+            if websocket in room.users and websocket not in self.unwelcomed
+        }
+        for websocket in replies.keys() & self.unwelcomed:  # joined during the commit
+            self.held.setdefault(websocket, []).extend(replies[websocket])
+        self.flusher.metrics.broadcasts.inc(taken.users_changed + state_changed)
+        delivery = Delivery(
+            taken.targets,
+            everyone=(users if taken.users_changed else b"") + (state if state_changed else b""),
+            welcome=users + state,
+            newcomers=newcomers,
+            extras=extras,
+        )
+        if not (delivery.everyone or newcomers or extras):
+            self.delivered(0.0)
+            return
+        self.delivering = True
+        self.flusher.fan_out.deliver(delivery, self, self.delivered)
+
+    def delivered(self, busy: float) -> None:
+        """The pass's writes are done: pace the next one, or let the room go if nobody is in it."""
+        self.delivering = False
+        if busy:
+            self.next_at = asyncio.get_running_loop().time() + FLUSH_PAUSE_RATIO * busy
+        if self.has_work():
+            self.flusher.schedule(self)
+        elif not self.room.users and self.retry is None:
+            self.on_empty()
+
+    def latest_messages(self, websocket: Connection) -> tuple[str, ...]:
+        """Users, state and the last ack: what a lagging connection needs to catch up."""
+        room = self.room
+        oplog = self.oplogs.get(websocket)
+        if oplog is None or oplog.done is None:
+            return room.users_message(), room.state_message()
+        return room.users_message(), room.state_message(), room.ack_message(oplog.done)
+
+
+class Flusher:
+    """Runs the passes: every room with something to flush, one commit for all, then delivery."""
+
+    def __init__(
+        self,
+        store: Store,
+        fan_out: FanOut,
+        metrics: Metrics,
+        supervisor: Supervisor,
+        *,
+        on_doubt: Callable[[Exception], None],
+    ) -> None:
+        self.store = store
+        self.fan_out = fan_out
+        self.metrics = metrics
+        self.supervisor = supervisor
+        self.on_doubt = on_doubt  # a commit's outcome is unknown: the hub stops the server
+        self.dirty: dict[RoomFlush, None] = {}  # an ordered set: first come, first flushed
+        self.task: asyncio.Task[None] | None = None
+        self.wakeup: asyncio.Future[None] | None = None  # set while waiting for a paced room
+
+    def schedule(self, room: RoomFlush) -> None:
+        """Make sure ``room`` is flushed by a pass soon (idempotent).
+
+        Creating the task defers the pass to the next loop turn, after every
+        message already read in this one: that is the whole coalescing.
+        """
+        self.dirty[room] = None
+        if self.task is None:
+            self.task = self.supervisor.start(self.run(), name="flush")
+        elif self.wakeup is not None:
+            wake(self.wakeup)
+
+    async def run(self) -> None:
+        """Pass after pass while rooms are dirty, waiting only for paced rooms."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self.dirty:
+                now = loop.time()
+                ready = [
+                    room
+                    for room in self.dirty
+                    if not room.delivering and room.next_at <= now + MIN_PACING_DELAY
+                ]
+                if ready:
+                    for room in ready:
+                        del self.dirty[room]
+                    await self.flush(ready)
+                    continue
+                waits = [room.next_at for room in self.dirty if not room.delivering]
+                if not waits:
+                    break  # each room still writing asks again when it is done
+                await self.sleep(min(waits) - now)
+        finally:
+            self.task = None
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait for a paced room's turn, or less if another room gets dirty meanwhile."""
+        loop = asyncio.get_running_loop()
+        self.wakeup = wakeup = loop.create_future()
+        timer = loop.call_later(seconds, wake, wakeup)
+        try:
+            await wakeup
+        finally:
+            timer.cancel()
+            self.wakeup = None
+
+    async def flush(self, rooms: list[RoomFlush]) -> None:
+        """One pass: take each room's change, commit them all at once, then deliver room by room."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        taken = [room.take() for room in rooms]
+        changes = [each.change for each in taken if each.change is not None]
+        outcomes: list[Outcome] = []
+        failure: StoreUnavailable | None = None
+        if changes:
+            was_up = self.store.healthy()
+            try:
+                outcomes = await self.store.commit(changes)
+            except StoreUnavailable as exc:
+                failure = exc
+                if was_up:  # one line per outage
+                    log.warning(
+                        "store unavailable, actions of %d room(s) rejected: %s",
+                        len(changes),
+                        exc,
+                        extra=fields("store_unavailable", reason=str(exc)),
+                    )
+            except StoreInDoubt as exc:
+                # Applied or not, nobody can tell: answering "not applied"
+                # could be a lie, so answer nothing and let the hub stop.
+                self.on_doubt(exc)
+                return
+            finally:
+                self.metrics.store_commit_seconds.observe(loop.time() - started)
+        results = iter(outcomes)
+        for each in taken:
+            outcome = next(results) if each.change is not None and failure is None else None
+            each.room.finish(each, outcome, failure)
+        self.metrics.flush_seconds.observe(loop.time() - started)
+
+    def idle(self) -> bool:
+        """Nothing taken in is waiting for the store (for tests and a clean stop)."""
+        return self.task is None and not self.dirty
+
+    async def drain(self) -> None:
+        """Return once every change taken in has been committed, or failed to be."""
+        while not self.idle():
+            if self.task is not None:
+                await asyncio.wait({self.task})
+            else:
+                await asyncio.sleep(0)  # dirty rooms still writing ask again when done
+
+
+def wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,54 @@
+"""Background tasks that cannot die silently.
+
+A task that raises keeps its exception to itself until someone awaits it; a
+background task nobody awaits would end with a bug unseen, and whatever it
+did (flushing rooms, sweeping dead connections) would stop for good. Every
+background task of a server is started by its :class:`Supervisor`: a bug is
+logged once with its traceback and handed to ``on_crash`` (the hub, which
+stops the server: better a restart than a room gone quiet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("counter_sync.tasks")
+
+T = TypeVar("T")
+
+
+class Supervisor:
+    """Starts a server's background tasks, holds them, and reports the first bug in any."""
+
+    def __init__(self, on_crash: Callable[[BaseException], None]) -> None:
+        self.on_crash = on_crash
+        # The event loop keeps only weak references to tasks: these keep them alive.
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self, coroutine: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+        """Run ``coroutine`` as a task; if it ever raises, log the traceback and call ``on_crash``.
+
+        Cancellation is not a crash.
+        """
+        task = asyncio.create_task(coroutine, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.ended)
+        return task
+
+    def ended(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error(
+            "background task %r failed: %s",
+            task.get_name(),
+            exc,
+            exc_info=(type(exc), exc, exc.__traceback__),
+            extra={"event": "bug"},
+        )
+        self.on_crash(exc)

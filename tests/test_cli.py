@@ -18,10 +18,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
 from counter_sync.cli import Number, build_parser, parse_args
-from counter_sync.config import MIN_MESSAGE_SIZE
+from counter_sync.config import MAX_VALUE, MIN_MESSAGE_SIZE
 from testkit.processes import ROOT, TIMEOUT, free_port
 from tests.conftest import StartProcess
-from tests.helpers import wait_until
+from tests.helpers import wait_for_event, wait_until
 
 NUMERIC_FLAGS = [
     "--port",
@@ -152,6 +152,19 @@ def test_a_number_out_of_its_flags_range_is_refused_naming_the_flag(
 def test_a_number_at_the_edge_of_its_flags_range_is_taken(flag: str, text: str) -> None:
     settings = parse_args([flag, text])
     assert getattr(settings, flag.removeprefix("--").replace("-", "_")) == float(text)
+
+
+async def test_the_smallest_max_message_size_still_takes_the_longest_valid_message(
+    server_process: StartProcess,
+) -> None:
+    process = server_process("--max-message-size", str(MIN_MESSAGE_SIZE))
+    longest = json.dumps({"action": "minus", "op": MAX_VALUE})  # as Python's json writes it
+    async with connect(process.url) as client:
+        await wait_for_event(client, lambda event: event["type"] == "state")
+        await client.send(longest)
+        await client.send(json.dumps({"action": "sync"}))
+        # Answered, not closed with 1009: the sync's reply starts with the user count.
+        await wait_for_event(client, lambda event: event["type"] == "users")
 
 
 def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

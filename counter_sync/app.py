@@ -121,7 +121,11 @@ def open_store(settings: Settings) -> Store:
         from counter_sync.sqlite_store import SqliteStore
 
         return SqliteStore(settings.state)
-    return MemoryStore(max_counters=settings.max_rooms)
+    return MemoryStore(
+        max_counters=settings.max_rooms,
+        session_ttl=settings.session_ttl,
+        max_sessions=settings.max_sessions,
+    )
 
 
 async def start(settings: Settings) -> App:

@@ -41,14 +41,17 @@ from counter_sync.config import (
     MAX_PENDING,
     MAX_PENDING_PER_IP,
     MAX_ROOMS,
+    MAX_SESSIONS,
     MAX_USERS,
     MAX_USERS_PER_IP,
     MIN_MESSAGE_SIZE,
     MIN_REDIS_EXPIRY,
+    MIN_SESSION_TTL,
     PING_INTERVAL,
     PING_TIMEOUT,
     RATE,
     REDIS_EXPIRY,
+    SESSION_TTL,
     Settings,
 )
 from counter_sync.logs import setup_logging
@@ -318,6 +321,20 @@ def build_parser(prog: str) -> OneLineParser:
         "stop counting on the others within this many seconds",
     )
     add("--state", metavar="PATH", help="keep the counters in this SQLite file across restarts")
+    add(
+        "--session-ttl",
+        type=Number(float, MIN_SESSION_TTL, MAX_FLAG_SECONDS),
+        default=SESSION_TTL,
+        metavar="SECONDS",
+        help="a session's last done action is remembered at least this long after its last "
+        "action: a retry within it counts once (exactly-once clicks)",
+    )
+    add(
+        "--max-sessions",
+        type=count,
+        default=MAX_SESSIONS,
+        help="sessions a memory store remembers at most; beyond, the longest idle go first",
+    )
     add(
         "--drain-seconds",
         type=Number(float, 0, MAX_DRAIN_SECONDS),

@@ -34,6 +34,7 @@ __all__ = [
     "MIN_MESSAGE_SIZE",
     "MIN_PACING_DELAY",
     "MIN_REDIS_EXPIRY",
+    "MIN_SESSION_TTL",
     "PING_INTERVAL",
     "PING_TIMEOUT",
     "RATE",
@@ -113,6 +114,9 @@ MIN_REDIS_EXPIRY = 1.0
 # within it counts each action once. Ten minutes outlasts a Wi-Fi hand-over,
 # a rolling restart and a phone that slept a few minutes.
 SESSION_TTL = 600.0
+# The shortest --session-ttl: a client must get the chance to reconnect and
+# resend (the page waits up to a few seconds between attempts).
+MIN_SESSION_TTL = 10.0
 # Sessions a memory store remembers at most (a few integers each, ~200 bytes
 # with the dict entry): beyond, the longest idle ones go first, counted in
 # counter_sync_sessions_evicted_total.
@@ -157,5 +161,7 @@ class Settings:
     redis: str | None = None  # URL: share the counter with other instances
     redis_expiry: float = REDIS_EXPIRY
     state: str | None = None  # SQLite file: keep the counters across restarts
+    session_ttl: float = SESSION_TTL
+    max_sessions: int = MAX_SESSIONS
     log_format: str = "text"  # or "json"
     drain_seconds: float = 0.0  # SIGTERM: close with 1012 spread over this time

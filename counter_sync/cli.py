@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -29,7 +30,7 @@ from urllib.parse import urlsplit
 from websockets.frames import CloseCode
 
 from counter_sync.admission import fit_to_open_files
-from counter_sync.app import start
+from counter_sync.app import App, start
 from counter_sync.config import (
     BURST,
     DEFAULT_HOST,
@@ -397,8 +398,9 @@ async def run(settings: Settings) -> int:
 
     Return the exit status.
 
-    A store that cannot tell whether a change was applied stops the server
-    too: with one line, 1011 to every client, and status 1. Raises
+    A store that cannot tell whether a change was applied, or a bug in a
+    background task, stops the server too, even in the middle of a drain:
+    with one line, 1011 to every client, and status 1. Raises
     :exc:`CannotListen` or :exc:`~counter_sync.store.StoreError` if it
     cannot start.
     """
@@ -410,25 +412,32 @@ async def run(settings: Settings) -> int:
         app = await start(settings)
     except OSError as exc:  # the stores turn their own into StoreError: this is the socket's
         raise cannot_listen(settings, exc) from None
-    stopping = asyncio.ensure_future(stop.wait())
-    waiters: set[asyncio.Future[Any]] = {stopping, app.hub.failed}
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if app.hub.failed.done():
-        log.critical(
-            "stopping: the store cannot tell whether a change was applied (%s); "
-            "restart the server so that every client sees what was kept",
-            app.hub.failed.result(),
-        )
-        await app.close(CloseCode.INTERNAL_ERROR, "store failed")
-        return 1
-    if settings.drain_seconds > 0:
+    if await unless_failed(app, stop.wait()):
+        if settings.drain_seconds <= 0:
+            log.info("shutting down")
+            await app.close()
+            return 0
         log.info("draining: closing every connection with 1012 over %g s", settings.drain_seconds)
-        await app.drain(settings.drain_seconds)
-    else:
-        log.info("shutting down")
-        await app.close()
-    return 0
+        # Still watching: a store that fails mid-drain must not be answered
+        # with silence and exit status 0.
+        if await unless_failed(app, app.drain(settings.drain_seconds)):
+            return 0
+    log.critical("stopping: %s", app.hub.failed.result())
+    await app.close(CloseCode.INTERNAL_ERROR, "server failed")
+    return 1
+
+
+async def unless_failed(app: App, work: Coroutine[Any, Any, Any]) -> bool:
+    """Run ``work`` until it ends (True) or the server fails first (False: it is cancelled)."""
+    task = asyncio.ensure_future(work)
+    await asyncio.wait({task, app.hub.failed}, return_when=asyncio.FIRST_COMPLETED)
+    if not app.hub.failed.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
 
 
 def event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
+import traceback
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from counter_sync.app import App
+from counter_sync.flush import RoomFlush
 from testkit.processes import TIMEOUT
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
@@ -215,6 +218,41 @@ async def test_drain_spreads_1012_closes_and_refuses_newcomers(
     _, log = process.stop()
     assert returncode == 0, log
     assert "Traceback" not in log
+    # One classification: the drain's closes are the server's shutdown, in
+    # the log and in the metric alike (never "lost", never "clean").
+    assert log.count("disconnected (shutdown): code 1012") == len(results), log
+
+
+async def test_a_client_closing_with_its_own_code_is_a_clean_close_in_log_and_metric(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "counter_sync")
+    client = await join(app)
+    await client.close(4000, "bye")
+    await wait_until(lambda: app.hub.count_here() == 0)
+    samples = await scrape(app.port)
+    assert samples["disconnects_total{kind=clean_close}"] == 1
+    lines = [
+        record.getMessage() for record in caplog.records if "disconnected" in record.getMessage()
+    ]
+    assert lines == [lines[0]] and "disconnected (clean_close): code 4000, reason 'bye'" in lines[0]
+
+
+async def test_a_bug_in_a_background_task_is_logged_once_with_its_traceback_and_stops_the_server(
+    app: App, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await join(app)
+
+    def broken(*args: object) -> None:
+        raise KeyError("a bug in the flush")
+
+    monkeypatch.setattr(RoomFlush, "finish", broken)
+    await client.send(PLUS)
+    why = await asyncio.wait_for(app.hub.failed, TIMEOUT)
+    assert "KeyError" in why
+    errors = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert "a bug in the flush" in "".join(traceback.format_exception(*errors[0].exc_info))
 
 
 # --- JSON logs --------------------------------------------------------------------------------

@@ -3,21 +3,18 @@
 Starts ``server.py --drain-seconds N`` (default 4), connects C clients
 (default 1,000, spread over source addresses 127.0.2.x so the per-address cap
 holds at its default), sends SIGTERM, and records when each client was
-closed and with which code, and when the server exited. The targets (issue
-11): no one-second window holds more than 40% of the closes, every close is
-1012 (service restart), and the process exits 0 within N + 2 s.
+closed and with which code, and when the server exited. The targets: no
+one-second window holds more than 40% of the closes, every close is 1012
+(service restart), and the process exits 0 within N + 2 s.
 
 The clients live in this process; the server is its own process.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -26,20 +23,28 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from bench.loadgen import raise_fd_limit
+from bench.flags import Flag, parse, positive
+from bench.proc import raise_fd_limit
+from bench.reporting import RESULTS_DIR, Report, verdict, write_json
 from testkit.processes import ServerProcess
+from testkit.rawclient import connected_socket
 
-RESULTS = Path(__file__).resolve().parent / "results" / "drain.json"
+__all__ = ["main"]
+
 PER_SOURCE = 100  # clients per source address: the default --max-users-per-ip
 WINDOW_SHARE_TARGET = 0.40
 EXIT_MARGIN = 2.0  # seconds after the drain within which the process must exit
 
 
+FLAGS = (
+    Flag("--clients", "connected clients", positive(int), 1000),
+    Flag("--drain-seconds", "the server's flag", positive(float), 4.0),
+    Flag("--output", "JSON results", Path, RESULTS_DIR / "drain.json"),
+)
+
+
 async def open_client(url: str, port: int, source: str) -> ClientConnection:
-    sock = socket.socket()
-    sock.bind((source, 0))
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    sock = await connected_socket(port, source)
     return await connect(url, sock=sock, compression=None, ping_interval=None)
 
 
@@ -78,7 +83,7 @@ def report(
     results: list[tuple[float, int | None]],
     exited: float,
     code: int,
-) -> dict[str, object]:
+) -> Report:
     offsets = sorted(when - signalled for when, _ in results)
     windows: dict[int, int] = {}
     for offset in offsets:
@@ -102,7 +107,7 @@ def report(
     print(f"busiest window: {busiest:.1%} of closes; close codes: {', '.join(codes)}")
     print(f"server exited with {code} after {exit_after:.3f} s")
     for check, passed in checks.items():
-        print(f"  {'PASS' if passed else 'FAIL'}  {check}")
+        print(f"  {verdict(passed)}  {check}")
     return {
         "clients": len(offsets),
         "drain_seconds": seconds,
@@ -116,15 +121,7 @@ def report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.drain",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--clients", type=int, default=1000, help="connected clients")
-    parser.add_argument("--drain-seconds", type=float, default=4.0, help="the server's flag")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results")
-    args = parser.parse_args(argv)
+    args = parse("python -m bench.drain", __doc__.split("\n\n")[0], FLAGS, argv)
     raise_fd_limit()
     server = ServerProcess("--rate", "0", "--drain-seconds", str(args.drain_seconds))
     try:
@@ -134,9 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         server.kill()
     result = report(args.drain_seconds, signalled, results, exited, code)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if all(result["checks"].values()) else 1  # type: ignore[attr-defined]
+    write_json(args.output, result)
+    return 0 if all(result["checks"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -18,22 +18,32 @@ repository unless ``--dir`` says otherwise: fsync costs what that disk costs.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import sqlite3
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from bench.flags import Flag, parse, positive
 from counter_sync.sqlite_store import SqliteStore
 from testkit.processes import ROOT, ServerProcess
 
+__all__ = ["main"]
+
 PLUS = json.dumps({"action": "plus"})
 SEND_BATCH = 100  # sends between yields, so the readers get to run
+
+FLAGS = (
+    Flag("--clients", "connections sending actions", positive(int), 8),
+    Flag("--actions", "actions with group commit", positive(int), 100_000),
+    Flag("--single", "actions, one commit each", positive(int), 2_000),
+    Flag("--dir", "where the files are made", Path, ROOT),
+)
 
 
 async def group_commit(directory: Path, clients: int, actions: int) -> float:
@@ -101,16 +111,8 @@ async def commit_per_action(directory: Path, actions: int) -> float:
     return elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--clients", type=int, default=8, help="connections sending actions")
-    parser.add_argument("--actions", type=int, default=100_000, help="actions with group commit")
-    parser.add_argument("--single", type=int, default=2_000, help="actions, one commit each")
-    parser.add_argument("--dir", type=Path, default=ROOT, help="where the files are made")
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse("python -m bench.durable", __doc__.split("\n\n")[0], FLAGS, argv)
 
     with tempfile.TemporaryDirectory(prefix="durable-bench-", dir=args.dir) as name:
         directory = Path(name)

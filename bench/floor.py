@@ -9,25 +9,32 @@ delivery is reported as a multiple of it.
 
 The rounds are paced like the bench's steady phase (the same rate and
 duration by default), because a loop that sends back to back keeps caches
-warm in a way a server woken ten times a second does not.
+warm in a way a server woken ten times a second does not. With ``group``, a
+round goes to the sockets a few at a time, one group after the other, as a
+server with many small rooms writes (``python -m bench.rooms``).
 
 Run alone: `python -m bench.floor --connections 1000 --rate 10 --duration 5`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import selectors
 import socket
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Self
 
-from bench.loadgen import raise_fd_limit
+from bench.flags import Flag, parse, positive
+from bench.proc import raise_fd_limit
+from bench.reporting import Report, fmt
 
-__all__ = ["measure_floor", "state_frame"]
+__all__ = ["floor_line", "measure_floor", "state_frame"]
+
+# Five-digit values keep every frame the same 32 bytes.
+FIRST_VALUE = 10_000
 
 
 def state_frame(value: int) -> bytes:
@@ -64,56 +71,90 @@ def drain(port: int, connections: int, expected: int, conn: Connection, timeout:
         sock.close()
 
 
-def measure_floor(
-    *, connections: int, rate: float, duration: float, timeout: float = 60
-) -> dict[str, Any]:
-    """Send `rate * duration` rounds of one frame per connection; return the cost."""
-    raise_fd_limit()
-    rounds = max(1, round(rate * duration))
-    # Five-digit values keep every frame the same 32 bytes.
-    first_value = 10_000
-    frame_size = len(state_frame(first_value))
-    context = multiprocessing.get_context("spawn")
-    with socket.create_server(("127.0.0.1", 0), backlog=connections) as listener:
-        port = listener.getsockname()[1]
-        parent, child = context.Pipe()
-        receiver = context.Process(
-            target=drain,
-            args=(port, connections, rounds * connections * frame_size, child, timeout),
-            daemon=True,
-        )
-        receiver.start()
-        socks: list[socket.socket] = []
+class DrainedSockets:
+    """Loopback sockets whose bytes a :func:`drain` process reads; a context manager.
+
+    ``socks`` are non-blocking and TCP_NODELAY; :meth:`received` waits for
+    the drain's count of bytes (``expected`` of them, or what came by ``timeout``).
+    """
+
+    def __init__(self, connections: int, expected: int, timeout: float) -> None:
+        self.connections, self.expected, self.timeout = connections, expected, timeout
+        self.socks: list[socket.socket] = []
+        context = multiprocessing.get_context("spawn")
+        self.parent, self.child = context.Pipe()
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=connections)
+        args = (self.listener.getsockname()[1], connections, expected, self.child, timeout)
+        self.receiver = context.Process(target=drain, args=args, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.receiver.start()
         try:
-            socks.extend(listener.accept()[0] for _ in range(connections))
-            if not parent.poll(timeout) or parent.recv() != "connected":
+            self.socks.extend(self.listener.accept()[0] for _ in range(self.connections))
+            if not self.parent.poll(self.timeout) or self.parent.recv() != "connected":
                 raise RuntimeError("the floor's receiver did not connect")
-            for sock in socks:
+            for sock in self.socks:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setblocking(False)
-            would_block = 0
-            cpu_start = time.process_time()
-            start = time.monotonic()
-            for i in range(rounds):
-                time.sleep(max(0.0, start + i / rate - time.monotonic()))
-                frame = state_frame(first_value + i % 90_000)
-                for sock in socks:
-                    try:
-                        sock.send(frame)
-                    except BlockingIOError:
-                        # Never seen at these rates; counted so it cannot hide.
-                        would_block += 1
-            cpu = time.process_time() - cpu_start
-            received = parent.recv() if parent.poll(timeout) else 0
-        finally:
-            receiver.join(timeout)
-            if receiver.is_alive():
-                receiver.kill()
-            for sock in socks:
-                sock.close()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def received(self) -> int:
+        return int(self.parent.recv()) if self.parent.poll(self.timeout) else 0
+
+    def __exit__(self, *exc: object) -> None:
+        self.receiver.join(self.timeout)
+        if self.receiver.is_alive():
+            self.receiver.kill()
+        for sock in [*self.socks, self.listener]:
+            sock.close()
+
+
+def send_rounds(groups: Sequence[Sequence[socket.socket]], rounds: int, rate: float) -> int:
+    """``rounds`` rounds at ``rate`` a second, each a frame to every group in turn.
+
+    Group g of round r goes out at (r + g / len(groups)) / rate seconds.
+    Returns how often a send would have blocked (never seen at these rates;
+    counted so that it cannot hide).
+    """
+    would_block = 0
+    steps = len(groups)
+    start = time.monotonic()
+    for i in range(rounds * steps):
+        time.sleep(max(0.0, start + i / steps / rate - time.monotonic()))
+        frame = state_frame(FIRST_VALUE + i // steps % 90_000)
+        for sock in groups[i % steps]:
+            try:
+                sock.send(frame)
+            except BlockingIOError:
+                would_block += 1
+    return would_block
+
+
+def measure_floor(
+    *, connections: int, rate: float, duration: float, timeout: float = 60, group: int = 0
+) -> Report:
+    """Send ``rate * duration`` rounds of one frame per connection; return the cost.
+
+    With ``group``, each round goes to ``group`` sockets at a time, in turn.
+    """
+    raise_fd_limit()
+    rounds = max(1, round(rate * duration))
+    frame_size = len(state_frame(FIRST_VALUE))
+    expected = rounds * connections * frame_size
+    with DrainedSockets(connections, expected, timeout) as floor:
+        size = group or connections
+        groups = [floor.socks[start : start + size] for start in range(0, connections, size)]
+        cpu_start = time.process_time()
+        would_block = send_rounds(groups, rounds, rate)
+        cpu = time.process_time() - cpu_start
+        received = floor.received()
     messages = rounds * connections
     return {
         "connections": connections,
+        "group": size,
         "rounds": rounds,
         "rate": rate,
         "frame_bytes": frame_size,
@@ -125,15 +166,30 @@ def measure_floor(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description="Measure the CPU cost of a plain socket.send() per delivered frame.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def floor_line(floor: Report) -> str:
+    """The floor's figure in one sentence, for a report."""
+    return (
+        f"socket.send floor: {floor['cpu_us_per_message']:.2f} us CPU per delivered "
+        f"{floor['frame_bytes']}-byte frame ({fmt(floor['delivered'])} of "
+        f"{fmt(floor['messages'])} over {fmt(floor['connections'])} sockets, "
+        f"{floor['rate']:g} rounds/s)"
     )
-    parser.add_argument("--connections", type=int, default=1000, help="receiving sockets")
-    parser.add_argument("--rate", type=float, default=10.0, help="rounds per second")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds of rounds")
-    args = parser.parse_args()
+
+
+FLAGS = (
+    Flag("--connections", "receiving sockets", positive(int), 1000),
+    Flag("--rate", "rounds per second", positive(float), 10.0),
+    Flag("--duration", "seconds of rounds", positive(float), 5.0),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse(
+        "python -m bench.floor",
+        "Measure the CPU cost of a plain socket.send() per delivered frame.",
+        FLAGS,
+        argv,
+    )
     result = measure_floor(connections=args.connections, rate=args.rate, duration=args.duration)
     print(json.dumps(result, indent=2))
 

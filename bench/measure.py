@@ -17,31 +17,23 @@ generator the bottleneck; `loadgen_busy` near 1.0 says so.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bench.loadgen import LoadGen, LoadGenError
-from bench.servers import (
-    RunningServer,
-    ServerSpec,
-    cpu_seconds,
-    listen_overflows,
-    rss_bytes,
-    start_server,
-    wait_idle,
-)
+from bench.proc import CpuWatch, listen_overflows, rss_bytes, wait_idle
+from bench.reporting import Report, say, spread_ms
+from bench.servers import RunningServer, ServerSpec, start_server
 
-__all__ = ["Settings", "measure_server", "percentile"]
+__all__ = ["BenchSettings", "Usage", "measure_server"]
 
-Result = dict[str, Any]
+Result = Report
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every knob of one bench run; filled from the command line."""
+class BenchSettings:
+    """Every knob of one ``python -m bench`` run; filled from the command line."""
 
     host: str
     listeners: int
@@ -59,31 +51,19 @@ class Settings:
         return max(1, round(self.rate * self.duration))
 
 
-def say(message: str) -> None:
-    """Progress for the person waiting; the results go to stdout at the end."""
-    print(f"  {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile, so p99 is a delay some listener really saw."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-
 class Usage:
     """CPU used by the server and by each load generator worker over a phase."""
 
     def __init__(self, server: RunningServer, load: LoadGen) -> None:
-        self.server, self.load = server, load
-        self.started = time.monotonic()
-        self.server_cpu = cpu_seconds(server.pid)
+        self.load = load
+        self.server = CpuWatch(server.pid)
         self.loadgen_cpu = load.cpu()
 
     def server_seconds(self) -> float:
-        return cpu_seconds(self.server.pid) - self.server_cpu
+        return self.server.seconds()
 
     def stop(self) -> Result:
-        wall = time.monotonic() - self.started
+        wall = time.monotonic() - self.server.started
         server = self.server_seconds()
         loadgen = [b - a for a, b in zip(self.loadgen_cpu, self.load.cpu(), strict=True)]
         return {
@@ -94,7 +74,7 @@ class Usage:
         }
 
 
-def measure_server(spec: ServerSpec, load: LoadGen, settings: Settings) -> Result:
+def measure_server(spec: ServerSpec, load: LoadGen, settings: BenchSettings) -> Result:
     """Every phase against `spec`; a failing phase is recorded, not raised."""
     result: Result = {"description": spec.description}
     for session in (session_traffic, session_capacity):
@@ -119,7 +99,7 @@ def measure_server(spec: ServerSpec, load: LoadGen, settings: Settings) -> Resul
     return result
 
 
-def session_traffic(server: RunningServer, load: LoadGen, s: Settings, result: Result) -> None:
+def session_traffic(server: RunningServer, load: LoadGen, s: BenchSettings, result: Result) -> None:
     baseline_rss = rss_bytes(server.pid)
     say(f"join storm: {s.listeners} listeners")
     result["join"] = join = phase_join(server, load, s)
@@ -136,18 +116,16 @@ def session_traffic(server: RunningServer, load: LoadGen, s: Settings, result: R
 
     # The driver is one more user; wait for everyone to see it, so the burst
     # starts from a quiet server.
-    driver = load.drive("driver_connect", s.timeout, url=server.url, limit=s.timeout)
-    load.expect(users=s.listeners + 1)
-    load.wait("users", s.timeout)
+    value = load.connect_driver(server.url, listeners=s.listeners, timeout=s.timeout)
     wait_idle(server.pid, timeout=s.timeout)
     say(f"burst: {s.burst} pipelined actions")
-    result["burst"] = phase_burst(server, load, s, start_value=driver["value"])
+    result["burst"] = phase_burst(server, load, s, start_value=value)
     wait_idle(server.pid, timeout=s.timeout)
     say(f"steady: {s.steady_actions} actions at {s.rate:g}/s")
-    result["steady"] = phase_steady(server, load, s, start_value=driver["value"] + s.burst)
+    result["steady"] = phase_steady(server, load, s, start_value=value + s.burst)
 
 
-def phase_join(server: RunningServer, load: LoadGen, s: Settings) -> Result:
+def phase_join(server: RunningServer, load: LoadGen, s: BenchSettings) -> Result:
     """All listeners connect at once; time until each has seen users == N."""
     overflows = listen_overflows()
     usage = Usage(server, load)
@@ -164,7 +142,9 @@ def phase_join(server: RunningServer, load: LoadGen, s: Settings) -> Result:
     }
 
 
-def phase_burst(server: RunningServer, load: LoadGen, s: Settings, *, start_value: int) -> Result:
+def phase_burst(
+    server: RunningServer, load: LoadGen, s: BenchSettings, *, start_value: int
+) -> Result:
     """K pipelined actions; time until every listener shows the final value."""
     final = start_value + s.burst
     load.expect(value=final)
@@ -198,29 +178,24 @@ def phase_burst(server: RunningServer, load: LoadGen, s: Settings, *, start_valu
     }
 
 
-def phase_steady(server: RunningServer, load: LoadGen, s: Settings, *, start_value: int) -> Result:
+def phase_steady(
+    server: RunningServer, load: LoadGen, s: BenchSettings, *, start_value: int
+) -> Result:
     """Actions at a fixed rate; per listener and action, the delay to see it."""
     count = s.steady_actions
-    load.expect(value=start_value + count, record=True)
     usage = Usage(server, load)
-    sends = load.drive(
-        "steady", s.duration + s.timeout, start_value=start_value, rate=s.rate, count=count
-    )["sends"]
-    progress = load.wait("value", s.timeout)
+    sends, progress = load.steady(start_value, rate=s.rate, count=count, timeout=s.timeout)
     wait_idle(server.pid, timeout=s.timeout)
     used = usage.stop()
-    delays, missing = load.delays([tuple(x) for x in sends], s.timeout)
+    delays, missing = load.delays(sends, s.timeout)
     deliveries = count * (s.listeners + 1)
-    ms = [d * 1e3 for d in delays]
     return {
         "actions": count,
         "rate": s.rate,
         "converged": progress.reached == s.listeners and missing == 0,
         "missing": missing,
-        "p50_ms": percentile(ms, 0.50) if ms else None,
-        "p99_ms": percentile(ms, 0.99) if ms else None,
-        "max_ms": max(ms) if ms else None,
-        "mean_ms": statistics.fmean(ms) if ms else None,
+        **spread_ms(delays),
+        "mean_ms": statistics.fmean(delays) * 1e3 if delays else None,
         "frames_received": progress.frames,
         "error_events": progress.errors,
         "driver": load.drive("driver_status", 5),
@@ -230,7 +205,9 @@ def phase_steady(server: RunningServer, load: LoadGen, s: Settings, *, start_val
     }
 
 
-def session_capacity(server: RunningServer, load: LoadGen, s: Settings, result: Result) -> None:
+def session_capacity(
+    server: RunningServer, load: LoadGen, s: BenchSettings, result: Result
+) -> None:
     """Open up to `max_connections` idle connections and count what is held."""
     baseline_rss = rss_bytes(server.pid)
     overflows = listen_overflows()

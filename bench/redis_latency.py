@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,11 @@ from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from testkit.processes import RedisServer, ServerProcess
+from bench.flags import Flag, parse, positive
+from bench.reporting import percentile, write_json
+from testkit.processes import MissingBinary, RedisServer, ServerProcess, find_binary
+
+__all__ = ["main"]
 
 START_TIMEOUT = 10.0  # seconds for redis-server or server.py to be ready
 DRAIN_TIMEOUT = 10.0  # seconds for the last action to reach every client
@@ -70,16 +73,36 @@ def latencies(receiver: Receiver, first: int, sent: list[float]) -> list[float]:
     return result
 
 
-def percentile(ordered: Sequence[float], fraction: float) -> float:
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+FLAGS = (
+    Flag("--clients", "split evenly over A and B", positive(int), 200),
+    Flag("--rate", "driver actions per second", positive(float), 50.0),
+    Flag("--seconds", "how long the driver acts", positive(float), 10.0),
+    Flag("--warmup", "seconds left out of figures", float, 1.0),
+    Flag("--redis-server", "the binary to run", str, "redis-server"),
+    Flag(
+        "--baseline",
+        "also measure one in-memory instance holding all the clients, for comparison",
+        None,
+    ),
+    Flag("--json", "also write the figures here", Path, metavar="PATH"),
+)
+
+
+def figures(samples: list[float]) -> dict[str, float]:
+    """p50, p99 and max in seconds, and how many samples."""
+    return {
+        "p50": percentile(samples, 0.50),
+        "p99": percentile(samples, 0.99),
+        "max": max(samples),
+        "samples": len(samples),
+    }
 
 
 def summary(label: str, samples: list[float]) -> str:
-    ordered = sorted(samples)
-    p50, p99 = percentile(ordered, 0.50), percentile(ordered, 0.99)
+    f = figures(samples)
     return (
-        f"{label}: p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms, "
-        f"max {ordered[-1] * 1000:.2f} ms ({len(ordered)} samples)"
+        f"{label}: p50 {f['p50'] * 1000:.2f} ms, p99 {f['p99'] * 1000:.2f} ms, "
+        f"max {f['max'] * 1000:.2f} ms ({f['samples']} samples)"
     )
 
 
@@ -129,26 +152,6 @@ async def measure(args: argparse.Namespace, url_a: str, url_b: str) -> dict[str,
     return results
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.redis_latency",
-        description="Cross-instance update latency of server.py --redis.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--clients", type=int, default=200, help="split evenly over A and B")
-    parser.add_argument("--rate", type=float, default=50.0, help="driver actions per second")
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long the driver acts")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds left out of figures")
-    parser.add_argument("--redis-server", default="redis-server", help="the binary to run")
-    parser.add_argument(
-        "--baseline",
-        action="store_true",
-        help="also measure one in-memory instance holding all the clients, for comparison",
-    )
-    parser.add_argument("--json", metavar="PATH", help="also write the figures here")
-    return parser.parse_args(argv)
-
-
 def start_instance(*options: str) -> ServerProcess:
     """Start ``server.py`` on a free port with the rate limit off."""
     # The bench's clients all come from 127.0.0.1: lift the per-address caps,
@@ -181,10 +184,16 @@ def run(args: argparse.Namespace, binary: str) -> dict[str, list[float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    binary = shutil.which(args.redis_server)
-    if binary is None:
-        print(f"redis_latency: {args.redis_server} not found", file=sys.stderr)
+    args = parse(
+        "python -m bench.redis_latency",
+        "Cross-instance update latency of server.py --redis.",
+        FLAGS,
+        argv,
+    )
+    try:
+        binary = find_binary(args.redis_server)
+    except MissingBinary as exc:
+        print(f"redis_latency: {exc}", file=sys.stderr)
         return 1
     results = run(args, binary)
     print(
@@ -198,16 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "alone" in results:
         print(summary("baseline: one in-memory instance, every client", results["alone"]))
     if args.json:
-        figures = {
-            name: {
-                "p50": percentile(sorted(samples), 0.50),
-                "p99": percentile(sorted(samples), 0.99),
-                "max": max(samples),
-                "samples": len(samples),
-            }
-            for name, samples in results.items()
-        }
-        Path(args.json).write_text(json.dumps({"args": vars(args), **figures}, indent=2) + "\n")
+        write_json(args.json, {"args": vars(args), **{n: figures(s) for n, s in results.items()}})
     return 0
 
 

@@ -1,41 +1,23 @@
-"""The servers under test: how to start each one, stop it, and read its cost.
+"""The servers under test: how to start each one and stop it.
 
 Every server is a child process started from the repo root with `--host` and
 `--port`; it is ready once its log holds a line containing `listening on`.
-Cost is read from /proc, so the bench measures any server the same way,
-whatever language it is written in.
+Its cost is read from outside (:mod:`bench.proc`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from testkit.processes import LoggedProcess, free_port
+from testkit.processes import ROOT, LoggedProcess, free_port
 
-__all__ = [
-    "NODE_DIR",
-    "REPO_ROOT",
-    "SERVERS",
-    "RunningServer",
-    "ServerSpec",
-    "cpu_seconds",
-    "listen_overflows",
-    "node_ready",
-    "rss_bytes",
-    "start_server",
-    "wait_idle",
-]
+__all__ = ["NODE_DIR", "SERVERS", "RunningServer", "ServerSpec", "node_ready", "start_server"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PEERS_DIR = REPO_ROOT / "bench" / "peers"
-NODE_DIR = PEERS_DIR / "node_ws"
+NODE_DIR = ROOT / "bench" / "peers" / "node_ws"
 READY_MARK = "listening on"
 
 
@@ -82,12 +64,12 @@ SERVERS: dict[str, ServerSpec] = {
         ServerSpec(
             "classic",
             "peer 1: pre-2021 websockets docs, a task per send",
-            (sys.executable, str(PEERS_DIR / "classic.py")),
+            (sys.executable, "-m", "bench.peers.classic"),
         ),
         ServerSpec(
             "inline-broadcast",
             "peer 2: websockets docs today, broadcast() inline",
-            (sys.executable, str(PEERS_DIR / "inline_broadcast.py")),
+            (sys.executable, "-m", "bench.peers.inline_broadcast"),
         ),
         ServerSpec(
             "node-ws",
@@ -133,72 +115,3 @@ class RunningServer:
 def start_server(spec: ServerSpec, host: str, log_path: Path, timeout: float) -> RunningServer:
     """Start `spec` on a free port and wait until it is ready."""
     return RunningServer(spec, host, log_path, timeout)
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time the process has used so far, in seconds, all threads included.
-
-    It sums /proc/PID/task/*/schedstat (nanoseconds on the CPU) because
-    /proc/PID/stat's utime+stime counts in 10 ms ticks, too coarse for a
-    burst that a coalescing server handles in a few milliseconds. A thread
-    that has already exited is not counted; the servers here keep theirs.
-    """
-    total = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return stat_cpu_seconds(pid)
-    for task in tasks:
-        with (
-            contextlib.suppress(FileNotFoundError, ProcessLookupError),
-            open(f"/proc/{pid}/task/{task}/schedstat") as f,
-        ):
-            total += int(f.read().split()[0])
-    return total / 1e9
-
-
-def stat_cpu_seconds(pid: int) -> float:
-    """utime+stime from /proc/PID/stat (tick resolution): the fallback."""
-    with open(f"/proc/{pid}/stat") as f:
-        # The command name may hold spaces; the fields we want follow its ')'.
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size from /proc/PID/status."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def wait_idle(pid: int, *, timeout: float, quiet: float = 0.15, slack: float = 0.0015) -> bool:
-    """Wait until the process used under `slack` CPU seconds for `quiet` seconds.
-
-    Used after a phase so its cost includes the work a server finishes after
-    the last listener converged (writes to the driver, buffers to free).
-    Return False if it was still busy at `timeout`.
-    """
-    deadline = time.monotonic() + timeout
-    last = cpu_seconds(pid)
-    while time.monotonic() < deadline:
-        time.sleep(quiet)
-        now = cpu_seconds(pid)
-        if now - last < slack:
-            return True
-        last = now
-    return False
-
-
-def listen_overflows() -> int:
-    """TcpExt ListenOverflows: SYNs dropped because an accept queue was full."""
-    with open("/proc/net/netstat") as f:
-        lines = f.read().splitlines()
-    for header, values in zip(lines[::2], lines[1::2], strict=False):
-        if header.startswith("TcpExt:"):
-            names = header.split()[1:]
-            numbers = values.split()[1:]
-            return int(dict(zip(names, numbers, strict=True)).get("ListenOverflows", 0))
-    return 0

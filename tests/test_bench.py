@@ -10,30 +10,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from typing import Any
 
 import pytest
 
+from bench.compare import available
 from bench.floor import state_frame
-from bench.measure import percentile
-from bench.servers import REPO_ROOT, SERVERS, node_ready
+from bench.reporting import percentile
+from bench.servers import SERVERS
+from testkit.processes import IN_CI, ROOT
 
-IN_CI = os.environ.get("CI") == "true"
 LISTENERS = 4
 BURST = 5
 MAX_CONNECTIONS = 12
-
-
-def unavailable(server: str) -> str | None:
-    """Why `server` cannot run on this machine, or None."""
-    if server == "node-ws":
-        return node_ready()
-    if server == "counter-sync" and not (REPO_ROOT / "server.py").exists():
-        return "server.py not found"
-    return None
+# Why each server that cannot run on this machine cannot (the Node peer without node, say).
+RUNNABLE, UNAVAILABLE = available(list(SERVERS), install=False)
 
 
 def skip_unless_ci(reason: str) -> None:
@@ -49,10 +42,9 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if importlib.util.find_spec("picows") is None:
         skip_unless_ci("the bench's load generator needs picows: run bench/setup")
     output = tmp_path_factory.mktemp("bench") / "smoke.json"
-    servers = [name for name in SERVERS if unavailable(name) is None]
     command = [
         sys.executable, "-m", "bench", "--quick", "--no-install",
-        "--servers", ",".join(servers),
+        "--servers", ",".join(RUNNABLE),
         "--listeners", str(LISTENERS), "--burst", str(BURST),
         "--rate", "40", "--duration", "0.25",
         "--max-connections", str(MAX_CONNECTIONS),
@@ -60,7 +52,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "--output", str(output),
     ]  # fmt: skip
     run = subprocess.run(
-        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
+        command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report: dict[str, Any] = json.loads(output.read_text())
@@ -69,7 +61,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.parametrize("server", list(SERVERS))
 def test_server_starts_and_every_phase_converges(server: str, smoke: dict[str, Any]) -> None:
-    if (reason := unavailable(server)) is not None:
+    if (reason := UNAVAILABLE.get(server)) is not None:
         skip_unless_ci(f"{server}: {reason}")
     result = smoke["servers"][server]
     assert "errors" not in result, result.get("errors")
@@ -106,8 +98,12 @@ def test_floor_frame_is_a_32_byte_unmasked_text_frame() -> None:
     assert json.loads(frame[2:]) == {"type": "state", "value": 12345}
 
 
-def test_percentile_is_a_value_that_was_observed() -> None:
+def test_percentile_is_the_nearest_rank_a_value_that_was_observed() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 0.50) == 50.0
     assert percentile(values, 0.99) == 99.0
+    assert percentile(values[:10], 0.99) == 10.0, "rank ceil(0.99 x 10) = 10"
+    assert percentile([float(v) for v in range(1, 151)], 0.99) == 149.0, "ceil(148.5) = 149"
     assert percentile([7.0], 0.99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 0.5)

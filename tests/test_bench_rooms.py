@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from bench.rooms import PHASES, TARGETS, deal, room_url
-from bench.servers import REPO_ROOT
-from testkit.processes import IN_CI
+from bench.rooms.phases import PHASES, deal
+from bench.rooms.report import TARGETS
+from bench.rooms.worker import room_url
+from testkit.processes import IN_CI, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     output = tmp_path_factory.mktemp("bench") / "rooms.json"
     command = [sys.executable, "-m", "bench.rooms", "--quick", "--output", str(output)]
     run = subprocess.run(
-        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report: dict[str, Any] = json.loads(output.read_text())

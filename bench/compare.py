@@ -1,0 +1,312 @@
+"""``python -m bench``'s report: the side-by-side table, the targets, and the chart.
+
+Every target is a ratio between counter-sync and ``inline-broadcast``, or a
+figure against a bound, all measured in the same run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.floor import floor_line
+from bench.measure import BenchSettings
+from bench.reporting import Report, fmt, meets, ratio, table, targets_table, verdict
+from bench.servers import NODE_DIR, node_ready
+from testkit.processes import ROOT
+
+__all__ = ["BASELINE", "SUBJECT", "available", "draw_chart", "render_table", "targets"]
+
+BASELINE = "inline-broadcast"
+SUBJECT = "counter-sync"
+# A load generator worker this busy may have been the bottleneck (table: *).
+SATURATED = 0.9
+
+
+def available(names: list[str], *, install: bool) -> tuple[list[str], dict[str, str]]:
+    """The servers that can run here, and why each of the others cannot."""
+    runnable: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        if name == SUBJECT and not (ROOT / "server.py").exists():
+            skipped[name] = "server.py not found in the repo root"
+        elif name == "node-ws" and (reason := node_ready()) is not None:
+            if install and shutil.which("node") is not None:
+                print("node-ws: installing its packages (npm ci) ...", file=sys.stderr)
+                setup = subprocess.run(
+                    ["npm", "ci", "--no-audit", "--no-fund"],
+                    cwd=NODE_DIR,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                reason = node_ready() if setup.returncode == 0 else setup.stderr.strip()[-300:]
+            if reason is None:
+                runnable.append(name)
+            else:
+                skipped[name] = reason
+        else:
+            runnable.append(name)
+    return runnable, skipped
+
+
+def dig(result: Report | None, *path: str) -> Any:
+    """result[a][b]..., or None where anything on the way is missing."""
+    for key in path:
+        if not isinstance(result, dict):
+            return None
+        result = result.get(key)
+    return result
+
+
+def targets(servers: Report, floor_us: float | None, settings: BenchSettings) -> list[Report]:
+    """The project's targets, each as measured value, bound, and verdict."""
+    subject, baseline = servers.get(SUBJECT), servers.get(BASELINE)
+
+    def faster(*path: str) -> tuple[float | None, str]:
+        # A baseline that never converged took longer than the phase timeout,
+        # so timeout / subject is a lower bound on the ratio.
+        mine, theirs = dig(subject, *path), dig(baseline, *path)
+        if dig(baseline, path[0]) is not None and theirs is None and mine:
+            return settings.timeout / mine, "lower bound: inline-broadcast timed out"
+        return ratio(theirs, mine), ""
+
+    burst_time, burst_note = faster("burst", "seconds")
+    join_time, join_note = faster("join", "seconds")
+    capacity = dig(subject, "capacity")
+    held = None
+    if capacity is not None:
+        counts = [c for c in (capacity["held"], capacity["server_users"]) if c is not None]
+        held = min(counts) if counts else None
+    tried = settings.max_connections
+    rows = [
+        ("burst convergence vs inline-broadcast (x faster)", burst_time, ">=", 50, burst_note),
+        (
+            "burst server CPU vs inline-broadcast (x less)",
+            ratio(
+                dig(baseline, "burst", "server_cpu_seconds"),
+                dig(subject, "burst", "server_cpu_seconds"),
+            ),
+            ">=",
+            30,
+            "",
+        ),
+        ("join storm vs inline-broadcast (x faster)", join_time, ">=", 10, join_note),
+        (
+            "steady CPU per delivery (x socket.send floor)",
+            ratio(dig(subject, "steady", "cpu_us_per_delivery"), floor_us),
+            "<=",
+            1.5,
+            "",
+        ),
+        (
+            "server memory per idle connection (KiB)",
+            dig(subject, "memory", "kib_per_connection"),
+            "<=",
+            15,
+            "",
+        ),
+        (
+            "concurrent connections held",
+            held,
+            ">=",
+            10_000,
+            "" if tried >= 10_000 else f"only {tried} tried",
+        ),
+    ]
+    out = []
+    for name, value, op, bound, note in rows:
+        passed = meets(value, op, bound)
+        if bound == 10_000 and value is not None and value >= tried < bound:
+            passed = None  # holding every connection of a smaller run proves nothing about 10,000
+        out.append(
+            {
+                "target": name,
+                "measured": value,
+                "op": op,
+                "bound": bound,
+                "verdict": verdict(passed),
+                "note": note,
+            }
+        )
+    return out
+
+
+Row = tuple[str, Callable[[Report], str]]
+
+
+def rows(settings: BenchSettings, floor_us: float | None, base: Report | None) -> list[Row]:
+    n, k = settings.listeners, settings.burst
+
+    def timed(path: tuple[str, ...], reached: str) -> Callable[[Report], str]:
+        def cell(r: Report) -> str:
+            if dig(r, *path[:1]) is None:
+                return "-"
+            seconds = dig(r, *path)
+            if seconds is None:
+                return f"timeout ({fmt(dig(r, path[0], reached))}/{n})"
+            return fmt(seconds)
+
+        return cell
+
+    def times(path: tuple[str, ...], reference: float | None) -> Callable[[Report], str]:
+        return lambda r: fmt(ratio(dig(r, *path), reference))
+
+    def vs_base(path: tuple[str, ...], smaller_is_better: bool = True) -> Callable[[Report], str]:
+        def cell(r: Report) -> str:
+            mine, theirs = dig(r, *path), dig(base, *path)
+            value = ratio(theirs, mine) if smaller_is_better else ratio(mine, theirs)
+            return f"{fmt(value)}x" if value is not None else "-"
+
+        return cell
+
+    def steady_delays(r: Report) -> str:
+        s = r.get("steady")
+        if s is None or s["p50_ms"] is None:
+            return "-"
+        missing = f" ({s['missing']} missed)" if s["missing"] else ""
+        return f"{s['p50_ms']:.1f}/{s['p99_ms']:.1f}/{s['max_ms']:.1f}{missing}"
+
+    def capacity(r: Report) -> str:
+        c = r.get("capacity")
+        return "-" if c is None else f"{fmt(c['held'])} in {c['seconds']:.0f}s"
+
+    def server_users(r: Report) -> str:
+        c = r.get("capacity")
+        if c is None:
+            return "-"
+        return "no answer" if c["server_users"] is None else fmt(c["server_users"])
+
+    def per_listener(path: tuple[str, ...]) -> Callable[[Report], str]:
+        return lambda r: fmt(ratio(dig(r, *path), n), 2)
+
+    def join_counts(r: Report) -> str:
+        j = r.get("join")
+        return "-" if j is None else f"{j['connected']}/{j['failed']}/{j['listen_overflows']}"
+
+    def busy(phase: str) -> Callable[[Report], str]:
+        def cell(r: Report) -> str:
+            p = r.get(phase)
+            if p is None:
+                return "-"
+            flag = "*" if p["loadgen_busy"] >= SATURATED else ""
+            return f"{p['server_busy']:.0%} / {p['loadgen_busy']:.0%}{flag}"
+
+        return cell
+
+    def figure(*path: str) -> Callable[[Report], str]:
+        return lambda r: fmt(dig(r, *path))
+
+    return [
+        (f"join storm: all {n} see users={n} (s)", timed(("join", "seconds"), "reached")),
+        ("  faster than inline-broadcast", vs_base(("join", "seconds"))),
+        ("  CPU busy: server / loadgen", busy("join")),
+        ("  connected / failed / SYN drops", join_counts),
+        ("idle memory per connection (KiB)", figure("memory", "kib_per_connection")),
+        (f"burst: all see +{k} (s)", timed(("burst", "seconds"), "reached")),
+        ("  faster than inline-broadcast", vs_base(("burst", "seconds"))),
+        ("  CPU busy: server / loadgen", busy("burst")),
+        ("  server CPU (s)", figure("burst", "server_cpu_seconds")),
+        ("  less CPU than inline-broadcast", vs_base(("burst", "server_cpu_seconds"))),
+        ("  CPU per delivery (us)", figure("burst", "cpu_us_per_delivery")),
+        ("  x socket.send floor", times(("burst", "cpu_us_per_delivery"), floor_us)),
+        ("  frames per listener", per_listener(("burst", "frames_received"))),
+        (f"steady {settings.rate:g}/s: delay p50/p99/max (ms)", steady_delays),
+        ("  server CPU per delivery (us)", figure("steady", "cpu_us_per_delivery")),
+        ("  x socket.send floor", times(("steady", "cpu_us_per_delivery"), floor_us)),
+        (
+            "  x inline-broadcast",
+            vs_base(("steady", "cpu_us_per_delivery"), smaller_is_better=False),
+        ),
+        (f"capacity: held of {settings.max_connections:,}", capacity),
+        ("  server's own users count", server_users),
+        ("  memory per connection (KiB)", figure("capacity", "kib_per_connection")),
+    ]
+
+
+def render_table(report: Report, settings: BenchSettings) -> str:
+    servers: Report = report["servers"]
+    floor = report.get("floor")
+    floor_us = floor["cpu_us_per_message"] if floor else None
+    names = list(servers)
+    cells = [["", *names]]
+    for label, cell in rows(settings, floor_us, servers.get(BASELINE)):
+        cells.append([label, *(cell(servers[name]) for name in names)])
+    lines = [table(cells, align="<" + ">" * len(names), rule_after=1)]
+    if floor:
+        lines += ["", floor_line(floor)]
+    for name, result in servers.items():
+        for error in result.get("errors", []):
+            lines.append(f"{name}: {error}")
+        for phase in ("burst", "steady"):
+            to_driver = dig(result, phase, "driver", "errors") or 0
+            to_listeners = dig(result, phase, "error_events") or 0
+            if to_driver or to_listeners:
+                lines.append(
+                    f"{name}: {phase}: {to_driver} error events to the driver, "
+                    f"{to_listeners} to listeners (see the server log)"
+                )
+    for name, reason in report["skipped"].items():
+        lines.append(f"{name}: skipped ({reason})")
+    if any(
+        (dig(result, phase, "loadgen_busy") or 0) >= SATURATED
+        for result in servers.values()
+        for phase in ("join", "burst")
+    ):
+        lines.append(
+            f"* a load generator worker was >= {SATURATED:.0%} busy: that time is an upper bound"
+        )
+    load = report["environment"]["loadavg"]
+    if load[0] > 1.0:
+        lines.append(
+            f"note: load average was {load[0]:.2f} before the run: other processes shared "
+            f"the {report['environment']['cpus']} CPUs, so times and CPU figures are noisier"
+        )
+    lines += ["", f"Targets ({SUBJECT} vs {BASELINE}, measured in this run):"]
+    lines.append(targets_table(report["targets"]))
+    return "\n".join(lines)
+
+
+def draw_chart(report: Report, path: Path) -> str:
+    """A PNG of the headline numbers; matplotlib is optional."""
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return "matplotlib is not installed: no chart (pip install matplotlib)"
+    panels = [
+        ("join storm (s)", ("join", "seconds")),
+        ("burst convergence (s)", ("burst", "seconds")),
+        ("burst server CPU (s)", ("burst", "server_cpu_seconds")),
+        ("steady CPU per delivery (us)", ("steady", "cpu_us_per_delivery")),
+        ("steady p99 delay (ms)", ("steady", "p99_ms")),
+        ("memory per idle conn (KiB)", ("memory", "kib_per_connection")),
+    ]
+    names = list(report["servers"])
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), layout="constrained")
+    for ax, (title, key) in zip(axes.flat, panels, strict=True):
+        values = [dig(report["servers"][name], *key) or 0 for name in names]
+        ax.bar(names, values, color=["C0" if n == SUBJECT else "C7" for n in names])
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+        if all(v > 0 for v in values) and max(values) / min(values) > 50:
+            ax.set_yscale("log")
+    floor = report.get("floor")
+    if floor:
+        axes.flat[3].axhline(
+            floor["cpu_us_per_message"], color="C3", linestyle="--", label="socket.send floor"
+        )
+        axes.flat[3].legend()
+    fig.suptitle(
+        f"counter-sync bench, {report['settings']['listeners']} listeners, "
+        f"{report['environment']['date']}"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return f"chart written to {path}"

@@ -1,0 +1,1 @@
+"""The Python peers: the counter server as websockets' docs wrote it, then and now."""

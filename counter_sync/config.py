@@ -13,6 +13,7 @@ import dataclasses
 __all__ = [
     "BROADCAST_SLICE",
     "BURST",
+    "BUSY_TIMEOUT",
     "CLOSE_TIMEOUT",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
@@ -34,12 +35,15 @@ __all__ = [
     "MIN_MESSAGE_SIZE",
     "MIN_PACING_DELAY",
     "MIN_REDIS_EXPIRY",
+    "MIN_SECRET_BYTES",
     "MIN_SESSION_TTL",
     "PING_INTERVAL",
     "PING_TIMEOUT",
     "RATE",
     "REDIS_EXPIRY",
     "SESSION_ID",
+    "SESSION_SWEEP_INTERVAL",
+    "SESSION_SWEEP_LIMIT",
     "SESSION_TTL",
     "SOCKET_RECEIVE_BUFFER",
     "SOCKET_SEND_BUFFER",
@@ -121,9 +125,27 @@ MIN_SESSION_TTL = 10.0
 # with the dict entry): beyond, the longest idle ones go first, counted in
 # counter_sync_sessions_evicted_total.
 MAX_SESSIONS = 100_000
+# With --state: seconds between two sweeps of the sessions idle for longer
+# than --session-ttl out of the SQLite file. A sweep rides on a commit's
+# transaction (no fsync of its own); once a minute keeps the table within a
+# minute of sessions beyond the TTL, at the cost of one indexed DELETE.
+SESSION_SWEEP_INTERVAL = 60.0
+# With --state: sessions one sweep deletes at most, so that a commit after a
+# long quiet spell (or a restart after days) is not held up by one huge
+# DELETE; a full sweep makes the next commit sweep again until it caught up.
+# A few milliseconds of work at most.
+SESSION_SWEEP_LIMIT = 1_000
+# With --state: seconds a commit waits for another process's write lock (say,
+# an operator's sqlite3 shell) before its flush fails with "store
+# unavailable": long enough for a quick manual write, short enough that
+# clients hear of it while they still watch.
+BUSY_TIMEOUT = 5.0
 # A session id: 16 to 64 characters a URL carries as they are; the page makes
 # a random 128-bit one (22 characters of base64url).
 SESSION_ID = r"[A-Za-z0-9_-]{16,64}"
+# The shortest token secret: HS256 is as strong as its key, and RFC 7518
+# (3.2) asks for a key at least as long as the hash, 256 bits.
+MIN_SECRET_BYTES = 32
 # Seconds before a room asks the store again for what a failed commit left
 # to do (session ops it must record, sessions a newcomer must be told of):
 # soon enough for a blip, slow enough not to hammer a store that is down.

@@ -26,12 +26,13 @@ from websockets.exceptions import ConnectionClosed
 from bench.flags import Flag, parse, positive
 from bench.proc import raise_fd_limit
 from bench.reporting import RESULTS_DIR, Report, verdict, write_json
+from counter_sync.config import MAX_PENDING_PER_IP, MAX_USERS_PER_IP
 from testkit.processes import ServerProcess
 from testkit.rawclient import connected_socket
 
 __all__ = ["main"]
 
-PER_SOURCE = 100  # clients per source address: the default --max-users-per-ip
+IN_FLIGHT = 100  # handshakes at a time
 WINDOW_SHARE_TARGET = 0.40
 EXIT_MARGIN = 2.0  # seconds after the drain within which the process must exit
 
@@ -59,13 +60,14 @@ async def closed_at(client: ClientConnection) -> tuple[float, int | None]:
 async def measure(
     server: ServerProcess, clients: int
 ) -> tuple[float, list[tuple[float, int | None]]]:
-    # Round robin over the sources: each batch of handshakes in flight comes
-    # from many addresses, as the default --max-pending-per-ip expects.
-    addresses = -(-clients // PER_SOURCE)
+    # Round robin over enough sources for the default per-address caps: no
+    # address holds more than MAX_USERS_PER_IP clients, nor has more than
+    # MAX_PENDING_PER_IP of a batch's handshakes in flight.
+    addresses = max(-(-clients // MAX_USERS_PER_IP), -(-IN_FLIGHT // MAX_PENDING_PER_IP))
     sources = [f"127.0.2.{1 + index % addresses}" for index in range(clients)]
     connections = []
-    for start in range(0, clients, 100):  # 100 handshakes in flight at a time
-        batch = sources[start : start + 100]
+    for start in range(0, clients, IN_FLIGHT):
+        batch = sources[start : start + IN_FLIGHT]
         connections += await asyncio.gather(
             *(open_client(server.url, server.port, source) for source in batch)
         )

@@ -31,6 +31,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from bench.flags import Flag, parse, positive
 from counter_sync.sqlite_store import SqliteStore
+from counter_sync.store import Change
 from testkit.processes import ROOT, ServerProcess
 
 __all__ = ["main"]
@@ -105,7 +106,7 @@ async def commit_per_action(directory: Path, actions: int) -> float:
     await store.open()
     started = time.perf_counter()
     for _ in range(actions):
-        await store.add("/", 1)
+        await store.commit([Change("/", delta=1)])
     elapsed = time.perf_counter() - started
     await store.close()
     return elapsed
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.actions:,} actions in {group:.2f} s = {group_rate:,.0f} durable actions/s"
     )
     print(
-        f"one commit per action (SqliteStore.add(1) each):  "
+        f"one commit per action (one SqliteStore.commit each):  "
         f"{args.single:,} actions in {single:.2f} s = {single_rate:,.0f} durable actions/s"
     )
     print(f"ratio: {group_rate / single_rate:.1f}x")

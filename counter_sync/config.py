@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_PORT",
     "FD_HEADROOM",
     "FLUSH_PAUSE_RATIO",
+    "FORGET_AFTER",
     "HANDSHAKE_TIMEOUT",
     "LISTEN_BACKLOG",
     "LOG_INTERVAL",
@@ -40,7 +41,18 @@ __all__ = [
     "PING_INTERVAL",
     "PING_TIMEOUT",
     "RATE",
+    "REDIS_COMMAND_TIMEOUT",
+    "REDIS_COMMIT_MEMORY",
+    "REDIS_DISCONNECT_TIMEOUT",
     "REDIS_EXPIRY",
+    "REDIS_LAPSE_FRACTION",
+    "REDIS_LISTEN_POLL",
+    "REDIS_PART_TIMEOUT",
+    "REDIS_RECONNECT_FIRST",
+    "REDIS_RECONNECT_LAST",
+    "REDIS_RENEWALS_PER_EXPIRY",
+    "REDIS_STOP_TIMEOUT",
+    "REDIS_TASKS_STOP_TIMEOUT",
     "SESSION_ID",
     "SESSION_SWEEP_INTERVAL",
     "SESSION_SWEEP_LIMIT",
@@ -113,11 +125,48 @@ REDIS_EXPIRY = 15.0
 # every quarter of it; below a second, one slow round trip to Redis would make
 # a live instance's users stop counting (and Redis takes no expiry under 1 ms).
 MIN_REDIS_EXPIRY = 1.0
+# With --redis: an instance renews its liveness entry this many times per
+# expiry, and each renewal lets the entry lapse after this fraction of it.
+# Every live instance prunes lapsed ones at each renewal, so a dead instance
+# stops counting within 3/4 + 1/4 of the expiry; a live one has three
+# renewals' worth of slack before its entry could lapse.
+REDIS_RENEWALS_PER_EXPIRY = 4
+REDIS_LAPSE_FRACTION = 0.75
+# With --redis: seconds one command (or connecting, or a subscription) may
+# take before Redis counts as down. A healthy Redis answers in a millisecond;
+# two seconds rides out a fork for a snapshot or a slow network, and still
+# tells the clients well before they give up on their action.
+REDIS_COMMAND_TIMEOUT = 2.0
+# With --redis: seconds between reconnection attempts, doubling from the first
+# to the last: quick after a blip, and at most one attempt a second per
+# instance against a Redis that is down (with jitter, so instances spread out).
+REDIS_RECONNECT_FIRST = 0.05
+REDIS_RECONNECT_LAST = 1.0
+# With --redis: seconds the subscription's listener waits for a message before
+# checking it should go on (it stops at once on close(); this only bounds a
+# check of the connection's state).
+REDIS_LISTEN_POLL = 1.0
+# With --redis: seconds Redis keeps an instance's commit record (the number of
+# its last commit, and what that commit changed), which settles a commit whose
+# reply was lost. Far longer than any reply can be delayed or any outage lasts.
+REDIS_COMMIT_MEMORY = 86_400.0
+# With --redis, a clean stop: seconds for the store's tasks to end, then for
+# settling and leaving the user counts (milliseconds when Redis answers), then
+# for disconnecting. Their sum bounds RedisStore.close() within the second the
+# server gives a store (STORE_CLOSE_TIMEOUT in app.py), whatever Redis does.
+REDIS_TASKS_STOP_TIMEOUT = 0.25
+REDIS_PART_TIMEOUT = 0.5
+REDIS_DISCONNECT_TIMEOUT = 0.2
+REDIS_STOP_TIMEOUT = REDIS_TASKS_STOP_TIMEOUT + REDIS_PART_TIMEOUT + REDIS_DISCONNECT_TIMEOUT
 # Sessions (exactly-once actions): a store remembers a session's last done op
 # for at least this many seconds after its last op, so a client that retries
 # within it counts each action once. Ten minutes outlasts a Wi-Fi hand-over,
 # a rolling restart and a phone that slept a few minutes.
 SESSION_TTL = 600.0
+# Seconds after which a counter nobody changed or joined is forgotten, in every
+# store (--forget-after): 30 days keeps a weekly or monthly vote, and bounds
+# what one-off counters (and whoever makes them on purpose) leave behind.
+FORGET_AFTER = 30 * 24 * 60 * 60.0
 # The shortest --session-ttl: a client must get the chance to reconnect and
 # resend (the page waits up to a few seconds between attempts).
 MIN_SESSION_TTL = 10.0
@@ -183,6 +232,7 @@ class Settings:
     redis: str | None = None  # URL: share the counter with other instances
     redis_expiry: float = REDIS_EXPIRY
     state: str | None = None  # SQLite file: keep the counters across restarts
+    forget_after: float = FORGET_AFTER
     session_ttl: float = SESSION_TTL
     max_sessions: int = MAX_SESSIONS
     log_format: str = "text"  # or "json"

@@ -492,16 +492,20 @@ def test_page_from_disk_joins_the_room_in_its_query(
 
 
 def test_an_invalid_room_name_is_shown_as_text_and_not_joined(new_page: NewPage) -> None:
-    page = new_page()
+    page = new_page(viewport={"width": 375, "height": 720})
     count_sockets(page)
     name = '<img src="x" onerror="window.injected = true">'
     page.goto(from_disk(server="ws://127.0.0.1:9/", room=name))
     expect(page.get_by_role("heading", level=1)).to_have_text(name)
-    expect(page.locator("#status")).to_contain_text("not a counter's name")
+    expect(page.locator("#status")).to_have_text(
+        "This is not a counter's name. "
+        "A name is 1 to 64 letters (A-Z, a-z), digits, hyphens and underscores."
+    )
     assert page.locator("h1 img").count() == 0
     assert page.evaluate("window.injected") is None
     assert sockets_created(page) == 0
     expect(page.locator("#plus")).to_be_disabled()
+    screenshot(page, "invalid-name-375")
 
 
 @pytest.mark.parametrize("path", ["/c/two%20words", "/c/", "/c/a/b", "/c/" + "x" * 65])
@@ -927,7 +931,11 @@ def test_sync_is_answered_with_the_state(server_process: StartProcess, new_page:
     websocket.value.on("framereceived", lambda payload: answers.append(json.loads(payload)))
     with websocket.value.expect_event("framereceived", predicate=lambda p: "state" in p):
         page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
-    assert answers == [{"type": "users", "count": 1}, {"type": "state", "value": 0}]
+    users, state = answers
+    assert users == {"type": "users", "count": 1}
+    # The state carries its version too (docs/protocol.md): seq and epoch.
+    assert state == {"type": "state", "value": 0, "seq": state["seq"], "epoch": state["epoch"]}
+    assert isinstance(state["seq"], int) and isinstance(state["epoch"], str) and state["epoch"]
     expect(page.locator("#error")).to_be_hidden()
 
 

@@ -120,9 +120,10 @@ def open_store(settings: Settings) -> Store:
     if settings.state is not None:
         from counter_sync.sqlite_store import SqliteStore
 
-        return SqliteStore(settings.state)
+        return SqliteStore(settings.state, session_ttl=settings.session_ttl)
     return MemoryStore(
         max_counters=settings.max_rooms,
+        forget_after=settings.forget_after,
         session_ttl=settings.session_ttl,
         max_sessions=settings.max_sessions,
     )

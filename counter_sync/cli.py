@@ -35,9 +35,11 @@ from counter_sync.config import (
     BURST,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    FORGET_AFTER,
     HANDSHAKE_TIMEOUT,
     MAX_DRAIN_SECONDS,
     MAX_FLAG_SECONDS,
+    MAX_FORGET_AFTER,
     MAX_MESSAGE_SIZE,
     MAX_PENDING,
     MAX_PENDING_PER_IP,
@@ -45,6 +47,7 @@ from counter_sync.config import (
     MAX_SESSIONS,
     MAX_USERS,
     MAX_USERS_PER_IP,
+    MIN_FORGET_AFTER,
     MIN_MESSAGE_SIZE,
     MIN_REDIS_EXPIRY,
     MIN_SESSION_TTL,
@@ -322,6 +325,14 @@ def build_parser(prog: str) -> OneLineParser:
         "stop counting on the others within this many seconds",
     )
     add("--state", metavar="PATH", help="keep the counters in this SQLite file across restarts")
+    add(
+        "--forget-after",
+        type=Number(float, MIN_FORGET_AFTER, MAX_FORGET_AFTER),
+        default=FORGET_AFTER,
+        metavar="SECONDS",
+        help="a counter nobody changed or joined for this long is forgotten, in every store "
+        "(memory: dropped; --state: its row deleted; --redis: its keys expire)",
+    )
     add(
         "--session-ttl",
         type=Number(float, MIN_SESSION_TTL, MAX_FLAG_SECONDS),

@@ -21,23 +21,30 @@ __all__ = [
     "FLUSH_PAUSE_RATIO",
     "FORGET_AFTER",
     "HANDSHAKE_TIMEOUT",
+    "HANDSHAKE_TIMEOUT_UNDER_PRESSURE",
+    "HTTP_BURST",
+    "HTTP_RATE",
     "LISTEN_BACKLOG",
     "LOG_INTERVAL",
     "MAX_DRAIN_SECONDS",
     "MAX_FLAG_SECONDS",
+    "MAX_FORGET_AFTER",
     "MAX_MESSAGE_SIZE",
     "MAX_PENDING",
     "MAX_PENDING_PER_IP",
+    "MAX_RATED_ADDRESSES",
     "MAX_ROOMS",
     "MAX_SESSIONS",
     "MAX_USERS",
     "MAX_USERS_PER_IP",
     "MAX_VALUE",
+    "MIN_FORGET_AFTER",
     "MIN_MESSAGE_SIZE",
     "MIN_PACING_DELAY",
     "MIN_REDIS_EXPIRY",
     "MIN_SECRET_BYTES",
     "MIN_SESSION_TTL",
+    "PENDING_PRESSURE",
     "PING_INTERVAL",
     "PING_TIMEOUT",
     "RATE",
@@ -79,6 +86,17 @@ MAX_USERS_PER_IP = 100
 MAX_PENDING = 1_000
 MAX_PENDING_PER_IP = 20
 HANDSHAKE_TIMEOUT = 5.0  # seconds from accept to a finished handshake
+# Over this share of --max-pending, a new handshake gets at most
+# HANDSHAKE_TIMEOUT_UNDER_PRESSURE seconds: a socket that trickles its
+# request (and so is never evicted as silent) then holds its place for less,
+# and an attacker must open that many times more of them to keep the cap
+# full. Half: ordinary traffic finishes its handshakes in milliseconds and
+# never gets there.
+PENDING_PRESSURE = 0.5
+# A client sends its request as soon as it is connected: it arrives within a
+# round trip, or two with a lost packet resent (Linux resends after 200 ms
+# at the least), even over a slow mobile link.
+HANDSHAKE_TIMEOUT_UNDER_PRESSURE = 2.0
 # Seconds between two warnings about one connection's input or one
 # address's refused handshakes; the next says how many were held back.
 LOG_INTERVAL = 10.0
@@ -91,6 +109,17 @@ MAX_ROOMS = 10_000
 # (a double) holds exactly.
 MAX_VALUE = 2**53 - 1
 RATE = 20.0  # actions per second per connection; no human clicks faster
+# Plain HTTP requests (the page, /healthz, /metrics, /admission, 404s) per
+# second per client address, and at once; WebSocket handshakes have their own
+# caps. A page load costs one or two, a load balancer's probe or a scrape one
+# every few seconds; the burst lets everyone behind one NAT (--max-users-per-ip
+# of them) load the page at once.
+HTTP_RATE = 20.0
+HTTP_BURST = 200
+# Client addresses whose HTTP request rate is remembered (~200 bytes each):
+# beyond, the one quiet longest is forgotten; its bucket had refilled the
+# most, so an attacker with many addresses gains at most a burst per eviction.
+MAX_RATED_ADDRESSES = 10_000
 BURST = 40  # actions a connection may send at once before RATE applies
 PING_INTERVAL = 20.0  # seconds between keepalive pings
 PING_TIMEOUT = 20.0  # seconds to wait for the pong before dropping the peer
@@ -167,6 +196,10 @@ SESSION_TTL = 600.0
 # store (--forget-after): 30 days keeps a weekly or monthly vote, and bounds
 # what one-off counters (and whoever makes them on purpose) leave behind.
 FORGET_AFTER = 30 * 24 * 60 * 60.0
+# Its range: under a second a counter would go between a leave and a rejoin;
+# ten years is "never" for any vote, and keeps the number finite.
+MIN_FORGET_AFTER = 1.0
+MAX_FORGET_AFTER = 10 * 365 * 24 * 60 * 60.0
 # The shortest --session-ttl: a client must get the chance to reconnect and
 # resend (the page waits up to a few seconds between attempts).
 MIN_SESSION_TTL = 10.0
@@ -227,6 +260,8 @@ class Settings:
     max_message_size: int = MAX_MESSAGE_SIZE
     rate: float = RATE
     burst: int = BURST
+    http_rate: float = HTTP_RATE
+    http_burst: int = HTTP_BURST
     ping_interval: float = PING_INTERVAL
     ping_timeout: float = PING_TIMEOUT
     redis: str | None = None  # URL: share the counter with other instances

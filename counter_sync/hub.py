@@ -28,7 +28,7 @@ from counter_sync.fanout import FanOut
 from counter_sync.flush import Flusher
 from counter_sync.logs import fields
 from counter_sync.metrics import Metrics
-from counter_sync.store import DEFAULT_ROOM, RoomState, Store, StoreUnavailable
+from counter_sync.store import DEFAULT_ROOM, MemoryStore, RoomState, Store, StoreUnavailable
 from counter_sync.tasks import Supervisor
 
 __all__ = ["ROOM_NAME", "Hub", "room_from_path"]
@@ -64,6 +64,11 @@ class Hub:
             rooms=self.count_rooms_in_use,
             pending_handshakes=lambda: self.gate.handshakes,
         )
+        if isinstance(store, MemoryStore):  # only it drops what it keeps to stay in bounds
+            self.metrics.read_memory_store(
+                counters_forgotten=lambda: store.forgotten,
+                sessions_evicted=lambda: store.sessions.evicted,
+            )
         # Set when the server must stop: a store that cannot tell whether a
         # change was applied (see StoreInDoubt), or a bug in a background task.
         self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()

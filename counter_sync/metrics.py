@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from counter_sync.tasks import Supervisor
 
-__all__ = ["ACTION_RESULTS", "DISCONNECT_KINDS", "REJECT_REASONS", "Metrics"]
+__all__ = ["ACTION_RESULTS", "DISCONNECT_KINDS", "HTTP_ENDPOINTS", "REJECT_REASONS", "Metrics"]
 
 ACTION_RESULTS = (
     "accepted",
@@ -28,7 +30,28 @@ ACTION_RESULTS = (
     "out_of_range",
     "sync",
 )
-REJECT_REASONS = ("origin", "full", "per_address", "rooms", "pending", "draining", "malformed")
+REJECT_REASONS = (
+    "origin",
+    "full",
+    "per_address",
+    "rooms",
+    "pending",
+    "silent",
+    "draining",
+    "malformed",
+)
+# What an HTTP request asked for, a label of counter_sync_http_requests_total:
+# a fixed set, so that no client can make up new series ("other" takes the rest).
+HTTP_ENDPOINTS = (
+    "websocket",
+    "page",
+    "healthz",
+    "readyz",
+    "metrics",
+    "admission",
+    "favicon",
+    "other",
+)
 DISCONNECT_KINDS = (
     "clean_close",
     "connection_lost",
@@ -72,6 +95,12 @@ class Metrics:
             "counter_sync_handshakes_rejected",
             "Connections refused before or at the handshake, by reason.",
             ["reason"],
+            registry=registry,
+        )
+        self.http_requests = Counter(
+            "counter_sync_http_requests",
+            "HTTP requests answered, WebSocket handshakes included, by endpoint and status.",
+            ["endpoint", "status"],
             registry=registry,
         )
         self.broadcasts = Counter(
@@ -139,6 +168,26 @@ class Metrics:
         self.rooms.set_function(rooms)
         self.pending_handshakes.set_function(pending_handshakes)
 
+    def read_memory_store(
+        self, *, counters_forgotten: Callable[[], float], sessions_evicted: Callable[[], float]
+    ) -> None:
+        """Count what a memory store dropped to stay within its caps, read at each scrape."""
+        self.registry.register(
+            Totals(
+                {
+                    "counter_sync_counters_forgotten": (
+                        "Counters without users forgotten to make room (memory mode, --max-rooms).",
+                        counters_forgotten,
+                    ),
+                    "counter_sync_sessions_evicted": (
+                        "Sessions forgotten before their TTL to stay within --max-sessions "
+                        "(memory mode).",
+                        sessions_evicted,
+                    ),
+                }
+            )
+        )
+
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape's body and content type, in the format the scraper accepts."""
         encoder, content_type = choose_encoder(accept or "")
@@ -159,3 +208,14 @@ class Metrics:
             due = loop.time() + LAG_PERIOD
             await asyncio.sleep(LAG_PERIOD)
             self.event_loop_lag_seconds.observe(max(0.0, loop.time() - due))
+
+
+class Totals(Collector):
+    """Counters kept by someone else (a store), read when scraped: name -> (help, read)."""
+
+    def __init__(self, totals: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self.totals = totals
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (text, read) in self.totals.items():
+            yield CounterMetricFamily(name, text, value=read())

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
-from counter_sync.config import MAX_SESSIONS, MAX_VALUE, SESSION_TTL
+from counter_sync.config import FORGET_AFTER, LOG_INTERVAL, MAX_SESSIONS, MAX_VALUE, SESSION_TTL
 
 __all__ = [
     "DEFAULT_ROOM",
@@ -53,6 +54,8 @@ __all__ = [
     "StoreUnavailable",
     "new_epoch",
 ]
+
+log = logging.getLogger("counter_sync.store")
 
 DEFAULT_ROOM = "/"  # the counter at /, the one every version of the server had
 
@@ -109,17 +112,20 @@ class OpBatch:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Change:
-    """What one room's flush asks of the store.
+    """What one room's flush (or one API request) asks of the store.
 
     ``delta`` is the net change of the actions sent without a session; ``ops``
     the numbered ops of sessions; ``lookups`` the sessions whose last done op
-    the server wants to know (they just joined).
+    the server wants to know (they just joined). ``set_to`` (the API's set)
+    makes the value that, before the deltas, unless one of the ``ops`` is a
+    retry: a set sent again must not undo what came after it.
     """
 
     room: str
     delta: int = 0
     ops: tuple[OpBatch, ...] = ()
     lookups: tuple[str, ...] = ()
+    set_to: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -258,20 +264,32 @@ class Sessions:
 class MemoryStore:
     """The default store: the values live in this process and die with it.
 
-    It keeps at most ``max_counters`` values. A counter at 0 is not kept: it
-    reads as 0 anyway, with the store's latest ``seq``. Each start is a new
-    epoch.
+    It keeps a counter for as long as someone uses it: while anyone here is in
+    its room, and ``forget_after`` seconds after the last change or join.
+    When it keeps ``max_counters`` of them, the one used least recently with
+    nobody in it is forgotten to make room (counted in :attr:`forgotten`). A
+    forgotten counter reads as 0 again, with the store's latest ``seq``. Each
+    start is a new epoch.
     """
 
     def __init__(
         self,
         *,
         max_counters: int,
+        forget_after: float = FORGET_AFTER,
         session_ttl: float = SESSION_TTL,
         max_sessions: int = MAX_SESSIONS,
     ) -> None:
-        self.values: dict[str, RoomState] = {}
+        # Least recently used first: room -> (its state, when last used).
+        self.values: collections.OrderedDict[str, tuple[RoomState, float]] = (
+            collections.OrderedDict()
+        )
+        self.in_use: set[str] = set()  # loaded and not released: never forgotten
         self.max_counters = max_counters
+        self.forget_after = forget_after
+        self.forgotten = 0  # counters dropped to make room
+        self.unreported = 0  # of those, not yet in a log line
+        self.report_at = 0.0
         self.sessions = Sessions(ttl=session_ttl, limit=max_sessions)
         self.seq = 0  # one sequence for every room, so a forgotten room never goes back
         self._epoch = new_epoch()
@@ -284,45 +302,97 @@ class MemoryStore:
         pass
 
     async def load(self, room: str) -> RoomState:
-        return self.values.get(room) or RoomState(0, self.seq, self._epoch)
+        self.in_use.add(room)
+        state = self.state(room)
+        self.keep(room, state)
+        return state
 
     async def commit(self, changes: Sequence[Change]) -> list[Outcome]:
         return [self.apply(change) for change in changes]
 
     def apply(self, change: Change) -> Outcome:
         room = change.room
-        state = self.values.get(room) or RoomState(0, self.seq, self._epoch)
+        state = self.state(room)
         delta = change.delta
         done: dict[str, tuple[int, int]] = {}
+        retried = False
         for batch in change.ops:
             before = done[batch.session][1] if batch.session in done else None
             if before is None:
                 before = self.sessions.last_done(room, batch.session)
             start, after = apply_batch(before, batch)
+            retried |= start != batch.first
             delta += sum(batch.deltas[start - batch.first :])
             done[batch.session] = (done.get(batch.session, (before, 0))[0], after)
         for session in change.lookups:
             if session not in done:
                 last = self.sessions.last_done(room, session)
                 done[session] = (last, last)
-        applied = abs(state.value + delta) <= MAX_VALUE
-        if applied and delta:
+        value = change.set_to if change.set_to is not None and not retried else state.value
+        applied = abs(value + delta) <= MAX_VALUE
+        if applied and value + delta != state.value:
             self.seq += 1
-            state = RoomState(state.value + delta, self.seq, self._epoch)
-        if state.value:
-            self.values[room] = state
-        else:
-            self.values.pop(room, None)
+            state = RoomState(value + delta, self.seq, self._epoch)
+        self.keep(room, state)
         for session, (before, after) in done.items():
             if after != before:
                 self.sessions.set_done(room, session, after)
         return Outcome(state, applied, done)
 
+    def state(self, room: str) -> RoomState:
+        kept = self.values.get(room)
+        return RoomState(0, self.seq, self._epoch) if kept is None else kept[0]
+
+    def keep(self, room: str, state: RoomState) -> None:
+        """Remember ``room`` as used now; forget the stale, then the least used if too many."""
+        now = time.monotonic()
+        values = self.values
+        values[room] = (state, now)
+        values.move_to_end(room)
+        for _ in range(len(values)):  # at most one look at each: in use ones go to the back
+            name, (_, used) = next(iter(values.items()))
+            stale = now - used > self.forget_after
+            if len(values) <= self.max_counters and not stale:
+                break
+            if name in self.in_use:
+                values.move_to_end(name)
+                continue
+            del values[name]
+            if not stale:
+                self.forgotten += 1
+                self.unreported += 1
+        if self.unreported and now >= self.report_at:
+            log.warning(
+                "memory store full: forgot %d counter(s) used least recently, with nobody in "
+                "them, to make room (--max-rooms %d counters are kept)",
+                self.unreported,
+                self.max_counters,
+            )
+            self.unreported = 0
+            self.report_at = now + LOG_INTERVAL
+
     def release(self, room: str) -> None:
-        pass  # a counter at 0 was never kept
+        self.in_use.discard(room)
+        if room in self.values:
+            self.keep(room, self.values[room][0])  # left just now: recently used
+
+    async def peek(self, room: str) -> tuple[RoomState, int]:
+        return self.state(room), 0
+
+    async def counters(self, prefix: str, after: str, limit: int) -> list[tuple[str, RoomState]]:
+        names = sorted(name for name in self.values if name.startswith(prefix) and name > after)
+        return [(name, self.values[name][0]) for name in names[:limit]]
+
+    async def forget(self, room: str) -> RoomState:
+        self.values.pop(room, None)
+        self.seq += 1
+        state = RoomState(0, self.seq, self._epoch)
+        if room in self.in_use:
+            self.keep(room, state)
+        return state
 
     def can_open(self, room: str) -> bool:
-        return room in self.values or len(self.values) < self.max_counters
+        return True  # the least used counter makes room; the hub caps the rooms in use
 
     def healthy(self) -> bool:
         return True

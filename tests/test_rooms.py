@@ -125,17 +125,6 @@ async def test_an_empty_room_is_released_and_its_value_kept(app: App) -> None:
     await wait_for_value(again, 1)  # its connect sequence shows the kept value
 
 
-async def test_a_room_back_at_zero_is_not_kept(app: App) -> None:
-    client = await join(app, "/c/temp")
-    await client.send(PLUS)
-    await wait_for_value(client, 1)
-    await client.send(MINUS)
-    await wait_for_value(client, 0)
-    await client.close()
-    await wait_until(lambda: "temp" not in app.hub.rooms)
-    assert "temp" not in app.hub.store.values  # type: ignore[attr-defined]
-
-
 async def test_healthz_counts_rooms_with_users_and_every_user(app: App) -> None:
     await join(app, "/c/a")
     await join(app, "/c/a")
@@ -155,18 +144,45 @@ async def test_a_new_room_beyond_max_rooms_is_refused_with_503(start_server: Sta
     await join(app, "/c/one")  # an open room still takes users
 
 
-async def test_memory_mode_caps_the_counters_kept_as_well(start_server: StartServer) -> None:
-    app = await start_server(max_rooms=2)
-    for name in ("a", "b"):
-        client = await join(app, f"/c/{name}")
-        await client.send(PLUS)
-        await wait_for_value(client, 1)
-        await client.close()
-        await wait_until(lambda name=name: name not in app.hub.rooms)  # type: ignore[misc]
-    # "a" and "b" are kept (they hold 1; "/" at 0 is not): a third does not fit.
-    with pytest.raises(InvalidStatus) as refused:
-        await connect(f"ws://127.0.0.1:{app.port}/c/c")
-    assert refused.value.response.status_code == 503
+async def click_and_leave(app: App, name: str) -> None:
+    client = await join(app, f"/c/{name}")
+    await client.send(PLUS)
+    await wait_for_value(client, 1)
+    await client.close()
+    await wait_until(lambda: name not in app.hub.rooms)
+
+
+async def test_memory_mode_forgets_the_least_used_counter_to_make_room(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = await start_server(max_rooms=3)  # "/" (in use: never forgotten) and two more
+    for name in ("a", "b", "c"):
+        await click_and_leave(app, name)
+    # "c" needed room: "a", used longest ago and empty, was forgotten.
+    _, metrics = await asyncio.to_thread(http_get, app.port, "/metrics")
+    assert b"counter_sync_counters_forgotten_total 1.0" in metrics
+    assert any("forgot 1 counter" in record.getMessage() for record in caplog.records)
+    assert is_state(json.loads((await join_raw(app, "/c/c"))[1]), 1)
+    assert is_state(json.loads((await join_raw(app, "/c/a"))[1]), 0)
+
+
+async def test_a_counter_nobody_used_for_forget_after_is_forgotten(
+    start_server: StartServer,
+) -> None:
+    app = await start_server(forget_after=0.2)
+    await click_and_leave(app, "old")
+    left = asyncio.get_running_loop().time()
+    await wait_until(lambda: asyncio.get_running_loop().time() > left + 0.3)
+    await click_and_leave(app, "new")  # any later use sweeps what is stale
+    assert is_state(json.loads((await join_raw(app, "/c/old"))[1]), 0)
+
+
+async def join_raw(app: App, path: str) -> list[str]:
+    """The first two messages of a new connection to ``path``, unparsed."""
+    client = await connect(f"ws://127.0.0.1:{app.port}{path}")
+    messages = [str(await client.recv()) for _ in range(2)]
+    await client.close()
+    return messages
 
 
 async def test_max_rooms_counts_the_rooms_with_users_as_healthz_and_metrics_do(

@@ -22,7 +22,7 @@ from typing import Any, Self
 
 from bench.listeners import Reply, Worker, worker_main
 
-__all__ = ["JoinResult", "LoadGen", "LoadGenError", "Progress", "run_each"]
+__all__ = ["JoinResult", "LoadGen", "LoadGenError", "Progress", "run_each", "shares"]
 
 # How long the main process waits for a reply beyond the command's own timeout.
 REPLY_MARGIN = 15.0
@@ -30,6 +30,11 @@ REPLY_MARGIN = 15.0
 
 class LoadGenError(RuntimeError):
     """A worker failed, died, or did not answer in time."""
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """`total` in `parts` shares as even as can be, the larger first: 7 in 3 is [3, 2, 2]."""
+    return [total // parts + (index < total % parts) for index in range(parts)]
 
 
 @dataclass
@@ -188,7 +193,8 @@ class LoadGen:
         return self.ask({self.driver_id: (name, kwargs)}, limit)[self.driver_id]
 
     def split(self, total: int) -> list[int]:
-        return [total // self.workers + (i < total % self.workers) for i in self.listener_ids]
+        """`total` in shares, one per listener process."""
+        return shares(total, self.workers)
 
     # --- the steps the phases are made of ---
 

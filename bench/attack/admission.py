@@ -8,7 +8,7 @@ import resource
 import time
 
 from bench.attack import clients, raw
-from bench.attack.channel import AttackError
+from bench.attack.channel import Attacker, AttackError
 from bench.attack.figures import (
     Figure,
     Outcome,
@@ -30,10 +30,11 @@ from bench.attack.run import (
     SOCKETS_PER_PROCESS,
     Run,
     loopback_addresses,
-    split,
 )
 from bench.attack.subject import Subject
+from bench.loadgen import shares
 from bench.proc import CpuWatch, wait_idle
+from bench.reporting import Report
 from bench.serverlog import log_stats, lowered_caps
 from counter_sync.config import MAX_USERS_PER_IP
 
@@ -46,6 +47,46 @@ __all__ = [
 ]
 
 
+def silent_sockets(
+    run: Run, stack: contextlib.ExitStack, subject: Subject, count: int, *, concurrency: int
+) -> Attacker:
+    """A process that opens ``count`` silent sockets from SILENT_SOURCE and holds them."""
+    return run.attacker(
+        stack,
+        clients.silent_sockets,
+        port=subject.port,
+        source=SILENT_SOURCE,
+        count=count,
+        concurrency=concurrency,
+        connect_timeout=3.0,
+        limit=3 * run.timeout,
+    )
+
+
+def ordinary_clients(
+    run: Run,
+    stack: contextlib.ExitStack,
+    subject: Subject,
+    sources: list[str],
+    *,
+    health_source: str | None = None,
+) -> Report:
+    """Ordinary clients from ``sources`` try to get in (and ``/healthz`` from ``health_source``).
+
+    Returns their report once they are done; the kernel's side is read then.
+    """
+    legit = run.attacker(
+        stack,
+        clients.legit_clients,
+        port=subject.port,
+        sources=sources,
+        health_source=health_source,
+    )
+    result = legit.result(run.timeout)
+    subject.snapshot_kernel()
+    return result
+
+
 def attack_silent(run: Run, stack: contextlib.ExitStack, outcome: Outcome) -> Subject:
     """3a. Silent sockets from one host against a server held to 1024 open files."""
     args = run.args
@@ -53,26 +94,9 @@ def attack_silent(run: Run, stack: contextlib.ExitStack, outcome: Outcome) -> Su
     caps = next(
         (line.strip() for line in subject.lines_since(0) if "open-files limit" in line), None
     )
-    silent = run.attacker(
-        stack,
-        clients.silent_sockets,
-        port=subject.port,
-        source=SILENT_SOURCE,
-        count=args.silent,
-        concurrency=256,
-        connect_timeout=3.0,
-        limit=2 * run.timeout,
-    )
+    silent = silent_sockets(run, stack, subject, args.silent, concurrency=256)
     opened = silent.ready(2 * run.timeout)
-    legit = run.attacker(
-        stack,
-        clients.legit_clients,
-        port=subject.port,
-        sources=[LEGIT_SOURCE],
-        health_source=HEALTH_SOURCE,
-    )
-    result = legit.result(run.timeout)
-    subject.snapshot_kernel()
+    result = ordinary_clients(run, stack, subject, [LEGIT_SOURCE], health_source=HEALTH_SOURCE)
     held = silent.finish(run.timeout)
     client, health = result["clients"][0], result["health"]
     health_ok = health.get("status") == 200 and health.get("seconds", math.inf) < 1
@@ -106,28 +130,11 @@ def attack_silent_limit(run: Run, stack: contextlib.ExitStack, outcome: Outcome)
     subject = run.serve(stack, "silent-limit")
     # One process cannot hold more sockets than the limit: several share them.
     attackers = [
-        run.attacker(
-            stack,
-            clients.silent_sockets,
-            port=subject.port,
-            source=SILENT_SOURCE,
-            count=share,
-            concurrency=512,
-            connect_timeout=3.0,
-            limit=3 * run.timeout,
-        )
-        for share in split(count, math.ceil(count / SOCKETS_PER_PROCESS))
+        silent_sockets(run, stack, subject, share, concurrency=512)
+        for share in shares(count, math.ceil(count / SOCKETS_PER_PROCESS))
     ]
     opened = [attacker.ready(2 * run.timeout) for attacker in attackers]
-    legit = run.attacker(
-        stack,
-        clients.legit_clients,
-        port=subject.port,
-        sources=loopback_addresses(LEGIT_NETWORK, args.legit),
-        health_source=None,
-    )
-    result = legit.result(run.timeout)
-    subject.snapshot_kernel()
+    result = ordinary_clients(run, stack, subject, loopback_addresses(LEGIT_NETWORK, args.legit))
     held = [attacker.finish(run.timeout) for attacker in attackers]
     times = [client["seconds"] for client in result["clients"] if "seconds" in client]
     outcome.figures += [
@@ -159,15 +166,7 @@ def attack_per_address(run: Run, stack: contextlib.ExitStack, outcome: Outcome) 
     )
     outcomes = fill.ready(2 * run.timeout)["outcomes"]
     mark = subject.mark()
-    legit = run.attacker(
-        stack,
-        clients.legit_clients,
-        port=subject.port,
-        sources=[LEGIT_SOURCE] * args.legit,
-        health_source=None,
-    )
-    result = legit.result(run.timeout)
-    subject.snapshot_kernel()
+    result = ordinary_clients(run, stack, subject, [LEGIT_SOURCE] * args.legit)
     held = fill.finish(run.timeout)
     others = {k: v for k, v in outcomes.items() if k not in ("in", "429")}
     got_in = sum("seconds" in client for client in result["clients"])

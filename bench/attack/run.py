@@ -105,10 +105,6 @@ def loopback_addresses(prefix: str, count: int) -> list[str]:
     return [f"{prefix}{index + 1}" for index in range(count)]
 
 
-def split(total: int, parts: int) -> list[int]:
-    return [total // parts + (index < total % parts) for index in range(parts)]
-
-
 def dropped_after(users: Sequence[Sequence[float]], count: int) -> int | None:
     """Updates sent by the time the user count went down to ``count`` (from a higher one)."""
     higher = False

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.floor import measure_floor
 from bench.listeners import Reply
-from bench.loadgen import LoadGen, LoadGenError
+from bench.loadgen import LoadGen, LoadGenError, shares
 from bench.measure import Usage
 from bench.proc import Sampler, cpu_seconds, rss_bytes, wait_idle
 from bench.reporting import Report, say, spread_ms
@@ -332,8 +332,7 @@ def phase_cost(load: LoadGen, o: Options) -> Result:
         result["alone"] = cost_condition(load, server, room, o)
         say(f"cost: {o.others} idle users in {o.other_rooms} other rooms")
         sizes = {
-            f"idle-{o.tag}-{i}": o.others // o.other_rooms + (i < o.others % o.other_rooms)
-            for i in range(o.other_rooms)
+            f"idle-{o.tag}-{i}": size for i, size in enumerate(shares(o.others, o.other_rooms))
         }
         fill = {
             w: (
@@ -451,7 +450,7 @@ def isolation_plan(load: LoadGen, big: str, small: str, o: Options) -> dict[int,
     """Big room over the listener processes (+1 for its driver in the first), the
     prober alone in the driver process, the small room's other users with the listeners."""
     plan: dict[int, dict[str, int]] = {}
-    small_shares = [len(x) for x in deal(range(o.small_room - 1), o.workers)]
+    small_shares = shares(o.small_room - 1, o.workers)
     for w, (n, m) in enumerate(zip(load.split(o.big_room), small_shares, strict=True)):
         plan[w] = {big: n + (w == 0), **({small: m} if m else {})}
     plan[load.driver_id] = {small: 1}

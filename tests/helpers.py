@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -27,6 +28,7 @@ __all__ = [
     "is_state",
     "join",
     "require_binary",
+    "require_module",
     "room",
     "settled",
     "url",
@@ -44,9 +46,20 @@ def require_binary(name: str, *candidates: str) -> str:
     try:
         return find_binary(name, *candidates)
     except MissingBinary as exc:
-        if IN_CI:
-            pytest.fail(f"{exc}; CI=true, so this is a failure, not a skip")
-        pytest.skip(str(exc))
+        unavailable(str(exc))
+
+
+def require_module(name: str, hint: str) -> None:
+    """Skip without the Python package ``name`` locally, fail in CI; ``hint``: how to get it."""
+    if importlib.util.find_spec(name) is None:
+        unavailable(f"{name} is not installed: {hint}")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip: the test needs something this machine lacks. In CI, which installs all, fail."""
+    if IN_CI:
+        pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
+    pytest.skip(reason)
 
 
 # --- Clients of an in-process server ------------------------------------------------

@@ -8,7 +8,6 @@ can make the bench's numbers worse, never these tests fail.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,7 +19,8 @@ from bench.compare import available
 from bench.floor import state_frame
 from bench.reporting import percentile
 from bench.servers import SERVERS
-from testkit.processes import IN_CI, ROOT
+from testkit.processes import ROOT
+from tests.helpers import require_module, unavailable
 
 LISTENERS = 4
 BURST = 5
@@ -29,18 +29,10 @@ MAX_CONNECTIONS = 12
 RUNNABLE, UNAVAILABLE = available(list(SERVERS), install=False)
 
 
-def skip_unless_ci(reason: str) -> None:
-    # CI installs everything the bench needs, so there a missing piece is a bug.
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true, so this is a failure, not a skip)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The JSON report of one small bench run over every server that can run."""
-    if importlib.util.find_spec("picows") is None:
-        skip_unless_ci("the bench's load generator needs picows: run bench/setup")
+    require_module("picows", "the bench's load generator needs it: run bench/setup")
     output = tmp_path_factory.mktemp("bench") / "smoke.json"
     command = [
         sys.executable, "-m", "bench", "--quick", "--no-install",
@@ -62,7 +54,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.parametrize("server", list(SERVERS))
 def test_server_starts_and_every_phase_converges(server: str, smoke: dict[str, Any]) -> None:
     if (reason := UNAVAILABLE.get(server)) is not None:
-        skip_unless_ci(f"{server}: {reason}")
+        unavailable(f"{server}: {reason}")
     result = smoke["servers"][server]
     assert "errors" not in result, result.get("errors")
     assert result["join"]["connected"] == LISTENERS

@@ -10,7 +10,6 @@ so a figure the bench prints is never the figure of a broken run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,17 +20,14 @@ import pytest
 from bench.rooms.phases import PHASES, deal
 from bench.rooms.report import TARGETS
 from bench.rooms.worker import room_url
-from testkit.processes import IN_CI, ROOT
+from testkit.processes import ROOT
+from tests.helpers import require_module
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The JSON report of one `--quick` run of every phase."""
-    if importlib.util.find_spec("picows") is None:
-        reason = "the bench's load generator needs picows: run bench/setup"
-        if IN_CI:  # CI installs it, so there a missing one is a bug
-            pytest.fail(f"{reason} (CI=true, so this is a failure, not a skip)")
-        pytest.skip(reason)
+    require_module("picows", "the bench's load generator needs it: run bench/setup")
     output = tmp_path_factory.mktemp("bench") / "rooms.json"
     command = [sys.executable, "-m", "bench.rooms", "--quick", "--output", str(output)]
     run = subprocess.run(

@@ -2,22 +2,44 @@
 
 What shared mode promises, for each room, in the order a change goes through it:
 
-* One order. A room's counter lives in Redis. Each instance applies the net
-  change of one flush with one Lua script that adds it, bumps the room's
-  sequence number and publishes the new ``{value, seq}`` on the room's
-  channel: actions from every instance add up, and each value carries its
-  place in the one order Redis applied them in.
-* Within range. The script refuses a change that would take the value beyond
-  ±MAX_VALUE, and applies nothing of it (:exc:`~counter_sync.store.OutOfRange`).
-* No reordering. An instance keeps, per room, the value with the highest
-  sequence number it has seen; an older message is ignored. The hub learns of
-  it through :meth:`counter_sync.store.Observer.observe` and shows it in the
-  room's next flush, the one place where its value changes.
+* One order, one round trip. A room's counter lives in Redis. The hub's
+  flush pass hands every room's change to :meth:`RedisStore.commit`, which
+  applies all of them with one Lua script (``lua/commit.lua``): each room's
+  delta, its sessions' ops by the rule of
+  :func:`~counter_sync.store.apply_batch`, its new version, and the
+  publication of its new state on the room's channel. Actions from every
+  instance add up, in the one order Redis ran the scripts in.
+* Within range. A room whose change would take the value beyond ±MAX_VALUE
+  counts none of its deltas (``applied=False``); its ops are done all the
+  same.
+* Versions. Every room's ``seq`` is drawn from one counter for all rooms,
+  so a room whose key was deleted or evicted reads as 0 with a version newer
+  than the one it had, never older. ``epoch`` names Redis's history; it is
+  set once, by the first instance that finds none. Every script is given the
+  epoch the instance believes in, and applies nothing if Redis's differs.
+* Exactly once, with sessions. The last done op of each (room, session)
+  lives in Redis, in a key of its own that expires ``session_ttl`` after its
+  last write, and changes in the same script as the counter.
 * Nothing missed. An instance subscribes to a room's channel when the room is
   loaded (its first user here joins), waits for Redis to confirm, and only
   then reads the room: a change published in between is in what is read or
   arrives afterwards, never neither. After an outage it does the same for
-  every loaded room at once.
+  every loaded room at once. Every state it hands the hub (returned by
+  :meth:`~RedisStore.load` and :meth:`~RedisStore.commit`, or passed to
+  :meth:`~counter_sync.store.Observer.observe`) belongs to the epoch it
+  believes in.
+* Data loss is seen, said and shown. A ``FLUSHALL``, a restart without
+  persistence or the eviction of the history starts a new epoch: the first
+  script to find the history gone draws it and publishes it on the epoch
+  channel. Each instance that hears of it (there, from a script's reply, or
+  on reconnecting) logs one warning, reads every room it has users in, and
+  hands each room's new state to the hub, which shows it (and closes session
+  connections with 1012: their op numbers belong to the old history). The
+  commit that found it raises :exc:`~counter_sync.store.StoreUnavailable`,
+  nothing applied. A room whose key alone was deleted or evicted is logged
+  (once per interval per room) and read again; each instance checks for it
+  at every renewal of its entry, so clients see the loss within a quarter of
+  the expiry even if nobody clicks.
 * No work for rooms without users here. The subscription ends when the hub
   releases the room, so an instance receives only its rooms' changes.
 * Users everywhere. Each instance keeps its user count per room in Redis, and
@@ -26,29 +48,37 @@ What shared mode promises, for each room, in the order a change goes through it:
   shows the sum over live instances. One killed with ``kill -9`` stops counting
   in every room within the expiry, by Redis's clock (whoever prunes it reads
   the set of rooms it was in); one that stops cleanly leaves every room at once.
-* Outages. While Redis is unreachable, actions get an error reply, new rooms
-  cannot be opened, and ``/readyz`` answers 503. The store reconnects with
-  backoff, resubscribes, resyncs every loaded room, and the hub shows what
-  Redis holds. One log line per outage.
+* Outages. While Redis is unreachable, commits raise StoreUnavailable, new
+  rooms cannot be opened, and ``/readyz`` answers 503. The store reconnects
+  with backoff, resubscribes, resyncs every loaded room, and the hub shows
+  what Redis holds. One log line per outage.
 * Bounded stop. :meth:`RedisStore.close` returns within about
-  :data:`STOP_TIMEOUT` seconds whatever Redis does (down, stopped, silent),
-  even if a task swallows its cancellation.
+  :data:`~counter_sync.config.REDIS_STOP_TIMEOUT` seconds whatever Redis does
+  (down, stopped, silent), even if a task swallows its cancellation.
 
-A flush whose reply is lost (the connection broke after the script was sent)
-may or may not have been applied. It is never retried: its senders get an
-error reply, like any action that was not applied. On reconnection (or at a
-clean stop, if Redis answers) the store settles it before anything else: it
-marks the flush number as used in that room, so a delayed copy can no longer
-apply, and if it had been applied, takes it back. So an error reply means
-"not counted", and no action counts twice. (Taking back is exact even at the
-edge of the range: if others moved the value to the very edge meanwhile, it
-can end up beyond it by that one flush's change.)
+A commit whose reply is lost (the connection broke after the script was sent)
+may or may not have been applied. It is never retried: it raises
+StoreUnavailable, so its senders are told "not applied". On reconnection (or
+at a clean stop, if Redis answers) the store settles it before anything else
+(``lua/settle.lua``): it marks the commit's number as used, so a delayed copy
+can no longer apply; if it had been applied, it takes back each room's delta;
+and either way it records its sessions' ops as done with no delta (last done
+= max(last done, the batch's last op)), so that their later ops follow on. So
+an error reply means "not counted", and no action counts twice. (Taking back
+is exact even at the edge of the range: if others moved the value to the very
+edge meanwhile, it can end up beyond it by that one commit's change.) An
+instance commits one pass at a time, so at most one commit is in doubt.
 
 The keys, ``counter-sync:`` first (``/`` keeps the names of the single-counter
 version, so that a rolling upgrade goes on sharing it; a named room's are
 ``room:<name>:state`` and so on):
 
-* ``state``: hash, the value and its sequence number;
+* ``history``: hash, ``epoch`` (the history's name) and ``seq`` (the one
+  counter every room's version is drawn from), lost together or not at all;
+* ``state``: hash, the room's value and its version (seq);
+* ``session:<epoch>:<session>``: the last done op of a session in the room,
+  expiring ``session_ttl`` after its last write; the epoch in the name makes
+  a new history start every session over, as the clients do;
 * ``users``: hash, instance id -> its users in the room; ``users:seq``: bumped
   with every change to it;
 * ``instances``: sorted set, instance id -> when its entry lapses (ms);
@@ -56,10 +86,14 @@ version, so that a rolling upgrade goes on sharing it; a named room's are
   keeps up too (that version prunes only ``/``);
 * ``instance:<id>:rooms``: set, the rooms an instance has users in, for
   whoever prunes it; ``instance:<id>:gone``: it left, so a late script of
-  its changes nothing;
-* ``flush:<id>:<room>``: hash, the last flush number used and settled;
-* channels ``counter-sync:<db>:changes`` for ``/`` and
-  ``counter-sync:<db>:room:<name>``: pub/sub is not per database.
+  its changes nothing; ``instance:<id>:commit``: hash, the number of its last
+  commit, the last it settled, and what the last one added to each room;
+* channels ``counter-sync:<db>:changes`` for ``/``,
+  ``counter-sync:<db>:room:<name>`` for a named room, and
+  ``counter-sync:<db>:epoch`` for a new history: pub/sub is not per database.
+
+The scripts are the ``.lua`` files beside this module (package data), read
+once at import.
 """
 
 from __future__ import annotations
@@ -68,11 +102,13 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import importlib.resources
 import json
 import logging
 import random
+import time
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,32 +119,38 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from counter_sync.config import MAX_VALUE
-from counter_sync.store import DEFAULT_ROOM, Observer, OutOfRange, StoreError, StoreUnavailable
+from counter_sync.config import (
+    LOG_INTERVAL,
+    MAX_VALUE,
+    REDIS_COMMAND_TIMEOUT,
+    REDIS_COMMIT_MEMORY,
+    REDIS_DISCONNECT_TIMEOUT,
+    REDIS_LAPSE_FRACTION,
+    REDIS_LISTEN_POLL,
+    REDIS_PART_TIMEOUT,
+    REDIS_RECONNECT_FIRST,
+    REDIS_RECONNECT_LAST,
+    REDIS_RENEWALS_PER_EXPIRY,
+    REDIS_TASKS_STOP_TIMEOUT,
+    SESSION_TTL,
+)
+from counter_sync.store import (
+    DEFAULT_ROOM,
+    Change,
+    Observer,
+    Outcome,
+    RoomState,
+    StoreError,
+    StoreUnavailable,
+    new_epoch,
+)
 
-__all__ = ["Flush", "RedisStore", "room_keys"]
+__all__ = ["RedisStore", "room_keys"]
 
-log = logging.getLogger("counter-sync")
-
-# Seconds one command (or connecting, or a subscription) may take before Redis counts as down.
-COMMAND_TIMEOUT = 2.0
-# Seconds between reconnection attempts: doubling from the first to the last.
-RECONNECT_FIRST = 0.05
-RECONNECT_LAST = 1.0
-# Seconds the listener waits for a message before checking it should go on.
-LISTEN_POLL = 1.0
-# How long Redis remembers an instance's flush numbers in a room (milliseconds):
-# far longer than any reply can be delayed or any outage lasts.
-FLUSH_MEMORY = 24 * 60 * 60 * 1000
-# A clean stop, in seconds: the tasks' end, then settling and leaving the user
-# counts (milliseconds when Redis answers), then disconnecting. STOP_TIMEOUT
-# bounds the whole of close(), inside the second the server gives a store.
-TASKS_STOP_TIMEOUT = 0.25
-PART_TIMEOUT = 0.5
-DISCONNECT_TIMEOUT = 0.2
-STOP_TIMEOUT = TASKS_STOP_TIMEOUT + PART_TIMEOUT + DISCONNECT_TIMEOUT
+log = logging.getLogger("counter_sync.redis_store")
 
 PREFIX = "counter-sync"
+HISTORY = f"{PREFIX}:history"  # hash: epoch, seq
 INSTANCES = f"{PREFIX}:instances"  # sorted set: instance id -> when its entry lapses (ms)
 ALIVE = f"{PREFIX}:alive"  # the same, for the single-counter version, which prunes only /
 
@@ -116,6 +158,32 @@ ALIVE = f"{PREFIX}:alive"  # the same, for the single-counter version, which pru
 # RedisError too: it leaves the store down rather than half-working.
 # (TimeoutError is an OSError.)
 ERRORS = (RedisError, OSError)
+
+# How an op's delta travels to the commit script: one character each.
+SIGNS = {1: "+", -1: "-", 0: "0"}
+
+# A state nobody was handed: the first real one replaces it (another epoch).
+UNKNOWN = RoomState(0, 0, "")
+
+
+def load_scripts() -> dict[str, str]:
+    """The scripts' texts, each with the shared functions it uses in front."""
+    folder = importlib.resources.files("counter_sync").joinpath("lua")
+
+    def text(name: str) -> str:
+        return folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+    history, users_message = text("history"), text("users_message")
+    return {
+        "commit": history + text("commit"),
+        "settle": history + text("settle"),
+        "read": history + users_message + text("read"),
+        "probe": history + text("probe"),
+        "users": users_message + text("users"),
+    }
+
+
+SCRIPTS = load_scripts()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,191 +193,41 @@ class RoomKeys:
     state: str
     users: str
     users_seq: str
+    sessions: str  # a session's key: this, the epoch and the session id
     channel: str
+
+    def session(self, epoch: str, session: str) -> str:
+        return f"{self.sessions}:{epoch}:{session}"
 
 
 def room_keys(room: str, db: int) -> RoomKeys:
-    """The names of a room's keys; USERS_SCRIPT's ``room_keys`` gives the same ones."""
+    """The names of a room's keys; ``room_keys`` in ``lua/users.lua`` gives the same ones."""
     channels = f"{PREFIX}:{db}"  # keys belong to a database; channels do not
     if room == DEFAULT_ROOM:  # the names the single-counter version used
         return RoomKeys(
-            f"{PREFIX}:state", f"{PREFIX}:users", f"{PREFIX}:users:seq", f"{channels}:changes"
+            f"{PREFIX}:state",
+            f"{PREFIX}:users",
+            f"{PREFIX}:users:seq",
+            f"{PREFIX}:session",
+            f"{channels}:changes",
         )
     base = f"{PREFIX}:room:{room}"
     return RoomKeys(
-        f"{base}:state", f"{base}:users", f"{base}:users:seq", f"{channels}:room:{room}"
+        f"{base}:state",
+        f"{base}:users",
+        f"{base}:users:seq",
+        f"{base}:session",
+        f"{channels}:room:{room}",
     )
 
 
-# A room's users message: every live instance's count and the sequence number.
-USERS_MESSAGE = """
-local function users_message(users_key, seq)
-  local users = {}
-  local flat = redis.call('HGETALL', users_key)
-  for i = 1, #flat, 2 do users[flat[i]] = tonumber(flat[i + 1]) end
-  return cjson.encode({type = 'users', seq = seq, users = users})
-end
-"""
-
-# Apply one flush at most once, and only within range. KEYS[2] holds this
-# instance's highest flush number used in the room ("last") and settled
-# ("settled"); a number not above "last" is a delayed copy of a flush that
-# was applied or settled already. Returns the state message, or nil (false)
-# when the change would leave ±ARGV[5]: then nothing was applied.
-ADD = """
-local number = tonumber(ARGV[2])
-local fresh = number > tonumber(redis.call('HGET', KEYS[2], 'last') or 0)
-if fresh then
-  local value = tonumber(redis.call('HGET', KEYS[1], 'value') or 0)
-  if math.abs(value + tonumber(ARGV[1])) > tonumber(ARGV[5]) then return false end
-  redis.call('HSET', KEYS[2], 'last', number)
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  redis.call('HINCRBY', KEYS[1], 'value', ARGV[1])
-  redis.call('HINCRBY', KEYS[1], 'seq', 1)
-end
-local state = redis.call('HMGET', KEYS[1], 'value', 'seq')
-local message = '{"type":"state","value":' .. (state[1] or 0) .. ',"seq":' .. (state[2] or 0) .. '}'
-if fresh then redis.call('PUBLISH', ARGV[3], message) end
-return message
-"""
-
-# Settle a flush whose reply was lost: its senders were told it failed, so
-# make that true. Using up its number stops a delayed copy; if it had been
-# applied, apply the opposite change. Settling twice (this script's own reply
-# lost) does nothing the second time. Returns 1 if the flush was taken back.
-CANCEL = """
-local number = tonumber(ARGV[2])
-local mark = redis.call('HMGET', KEYS[2], 'last', 'settled')
-local last = tonumber(mark[1] or 0)
-if number <= tonumber(mark[2] or 0) then return 0 end
-redis.call('HSET', KEYS[2], 'last', math.max(last, number), 'settled', number)
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-if number > last then return 0 end
-redis.call('HINCRBY', KEYS[1], 'value', -tonumber(ARGV[1]))
-redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local state = redis.call('HMGET', KEYS[1], 'value', 'seq')
-local message = '{"type":"state","value":' .. state[1] .. ',"seq":' .. state[2] .. '}'
-redis.call('PUBLISH', ARGV[3], message)
-return 1
-"""
-
-# Read rooms in one step: KEYS are (state, users, users seq) per room; the
-# reply is (value, seq, users message) per room.
-READ = (
-    USERS_MESSAGE
-    + """
-local reply = {}
-for i = 1, #KEYS, 3 do
-  local state = redis.call('HMGET', KEYS[i], 'value', 'seq')
-  reply[#reply + 1] = state[1] or '0'
-  reply[#reply + 1] = state[2] or '0'
-  reply[#reply + 1] = users_message(KEYS[i + 1], tonumber(redis.call('GET', KEYS[i + 2]) or 0))
-end
-return reply
-"""
-)
-
-# This instance's user counts, and the pruning of dead instances, in one step.
-# KEYS: the instances' lapse times, the single-counter version's, this
-# instance's set of rooms, its "gone" marker. ARGV: the key prefix, the
-# channel prefix, this instance, its entry's lifetime in ms ('' to leave every
-# room), '1' if the (room, count) pairs from ARGV[7] on are all of its rooms,
-# the lifetime of the "gone" marker. Other instances' room keys are named
-# here, not passed: their rooms are only known inside (Redis Cluster is not
-# supported). Every room whose counts changed gets its users message
-# published. Returns {1 if this instance had no entry (first time, or pruned:
-# it must send all its counts), room, message, room, message...}.
-USERS_SCRIPT = (
-    USERS_MESSAGE
-    + """
-local prefix, channels, me = ARGV[1], ARGV[2], ARGV[3]
-local function room_keys(room)
-  if room == '/' then
-    return prefix .. ':users', prefix .. ':users:seq', channels .. ':changes'
-  end
-  local base = prefix .. ':room:' .. room
-  return base .. ':users', base .. ':users:seq', channels .. ':room:' .. room
-end
-if redis.call('EXISTS', KEYS[4]) == 1 then return {0} end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local changed = {}
-local function forget(instance, room)
-  if redis.call('HDEL', (room_keys(room)), instance) == 1 then changed[room] = true end
-end
--- An instance whose entry lapsed leaves every room it was in.
-for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
-  if dead ~= me then
-    local rooms = prefix .. ':instance:' .. dead .. ':rooms'
-    for _, room in ipairs(redis.call('SMEMBERS', rooms)) do forget(dead, room) end
-    redis.call('DEL', rooms)
-    redis.call('ZREM', KEYS[1], dead)
-    redis.call('ZREM', KEYS[2], dead)
-  end
-end
-for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
-  if dead ~= me then
-    redis.call('ZREM', KEYS[2], dead)
-    forget(dead, '/')
-  end
-end
-local missing = 0
-if ARGV[4] == '' then
-  for _, room in ipairs(redis.call('SMEMBERS', KEYS[3])) do forget(me, room) end
-  redis.call('DEL', KEYS[3])
-  redis.call('ZREM', KEYS[1], me)
-  redis.call('ZREM', KEYS[2], me)
-  redis.call('SET', KEYS[4], 1, 'PX', ARGV[6])
-else
-  if not redis.call('ZSCORE', KEYS[1], me) then missing = 1 end
-  local lapse = now + tonumber(ARGV[4])
-  redis.call('ZADD', KEYS[1], lapse, me)
-  redis.call('ZADD', KEYS[2], lapse, me)
-  local listed = {}
-  for i = 7, #ARGV, 2 do
-    local room, count = ARGV[i], ARGV[i + 1]
-    listed[room] = true
-    if count == '0' then
-      redis.call('SREM', KEYS[3], room)
-      forget(me, room)
-    else
-      redis.call('SADD', KEYS[3], room)
-      local users = room_keys(room)
-      if redis.call('HGET', users, me) ~= count then
-        redis.call('HSET', users, me, count)
-        changed[room] = true
-      end
-    end
-  end
-  if ARGV[5] == '1' then
-    for _, room in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-      if not listed[room] then
-        redis.call('SREM', KEYS[3], room)
-        forget(me, room)
-      end
-    end
-  end
-end
-local reply = {missing}
-for room in pairs(changed) do
-  local users, seq_key, channel = room_keys(room)
-  local message = users_message(users, redis.call('INCR', seq_key))
-  redis.call('PUBLISH', channel, message)
-  reply[#reply + 1] = room
-  reply[#reply + 1] = message
-end
-return reply
-"""
-)
-
-
 @dataclasses.dataclass(frozen=True)
-class Flush:
-    """One flush's net change to one room, and its number among this instance's flushes."""
+class Commit:
+    """One commit of this instance: its number, the epoch it is sent in, and what it asks."""
 
-    room: str
     number: int
-    delta: int
+    epoch: str
+    changes: tuple[Change, ...]
 
 
 @dataclasses.dataclass
@@ -319,12 +237,15 @@ class SharedRoom:
     keys: RoomKeys
     # Whether the hub has the room: until load() returns, nothing is shown.
     opened: bool = False
-    # The newest value known, its sequence number, and the value the hub was
-    # last handed (returned by add, or passed to observe).
-    value: int = 0
-    seq: int = 0
-    shown: int = 0
-    adding: bool = False
+    # The newest state known (in the epoch believed in), and the newest the
+    # hub was handed (returned by load or commit, or passed to observe).
+    state: RoomState = UNKNOWN
+    shown: RoomState = UNKNOWN
+    # Whether Redis held the room's key when last heard of: if it is gone
+    # later, it was deleted or evicted. That is logged at most once per
+    # LOG_INTERVAL (monotonic time of the next line allowed).
+    exists: bool = False
+    lost_log_at: float = 0.0
     # Users per live instance, as of the newest snapshot, and the count of
     # the other instances the hub was last handed.
     users: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -332,22 +253,35 @@ class SharedRoom:
     shown_elsewhere: int = 0
 
 
+@dataclasses.dataclass
+class Encoded:
+    """Changes as the commit and settle scripts take them."""
+
+    keys: list[str]
+    rooms: list[list[Any]]
+    # Per change: the index in KEYS (from 1, as in Lua) of each session's key.
+    sessions: list[dict[int, str]]
+
+
 class RedisStore:
     """Every room's counter and user count in Redis, shared by every instance that uses it.
 
     ``expiry`` is the number of seconds after which the users of an instance
-    that died without closing stop counting on the others.
+    that died without closing stop counting on the others; ``session_ttl``
+    how long a session's last done op is kept after its last op.
     """
 
-    def __init__(self, url: str, *, expiry: float) -> None:
+    def __init__(self, url: str, *, expiry: float, session_ttl: float = SESSION_TTL) -> None:
         self.url = url
         self.expiry = expiry
+        self.session_ttl_ms = max(1, int(session_ttl * 1000))
         self.instance = uuid.uuid4().hex[:16]  # this process, among the instances
         self.where = "Redis"  # host:port/db for messages: the URL may hold a password
         self.db = 0
         self.redis: Redis | None = None
         self.scripts: dict[str, AsyncScript] = {}
         self.observer: Observer | None = None
+        self._epoch = ""  # the history this instance believes in; open() learns it
         self.rooms: dict[str, SharedRoom] = {}  # loaded: the hub has users in them
         self.by_channel: dict[str, str] = {}
         # (Un)subscriptions for the listener to send, in the order asked for,
@@ -359,16 +293,39 @@ class RedisStore:
         self.here: dict[str, int] = {}
         self.unsent: set[str] = set()
         self.beat_now = asyncio.Event()
-        self.flushes = 0  # number of this instance's last flush, in any room
-        self.in_doubt: list[Flush] = []  # sent, reply lost, not settled yet
+        # One commit at a time: so at most one is in doubt, and the commit
+        # record in Redis describes it.
+        self.committing = asyncio.Lock()
+        self.commits = 0  # number of this instance's last commit
+        self.in_doubt: Commit | None = None  # sent, reply lost, not settled yet
+        # Reads that may move the epoch run one at a time, in order: the last
+        # one answered is the newest truth.
+        self.reading = asyncio.Lock()
+        self.resync_all = False
+        self.resync_rooms: set[str] = set()
+        self.resync_task: asyncio.Task[None] | None = None
         self.up = False
         self.stopping = False
         self.tasks: list[asyncio.Task[None]] = []
 
+    @property
+    def epoch(self) -> str:
+        """The history this instance believes Redis holds ("" until :meth:`open`)."""
+        return self._epoch
+
+    @property
+    def epoch_channel(self) -> str:
+        return f"{PREFIX}:{self.db}:epoch"
+
+    @property
+    def record_key(self) -> str:
+        """This instance's commit record (see ``lua/commit.lua``)."""
+        return self.instance_key("commit")
+
     # The Store interface (see counter_sync.store.Store).
 
     async def open(self) -> None:
-        """Connect, register this instance and start following Redis.
+        """Connect, learn the epoch, register this instance and start following Redis.
 
         Raise :exc:`StoreError` with one line if the URL is bad or Redis cannot
         be used, so the server stops before serving anyone.
@@ -390,33 +347,68 @@ class RedisStore:
         ]
         log.info("sharing the counters through Redis at %s", self.where)
 
-    async def load(self, room: str) -> int:
+    async def load(self, room: str) -> RoomState:
         """Subscribe to the room's changes, then read it: someone here joins it.
 
         Raise :exc:`StoreUnavailable` while Redis is unreachable.
         """
         if not self.up:
-            raise StoreUnavailable(f"Redis at {self.where} is unreachable")
+            raise StoreUnavailable(self.unreachable())
         shared = self.rooms[room] = SharedRoom(room_keys(room, self.db))
         self.by_channel[shared.keys.channel] = room
         confirmed = self.subscribe(shared.keys.channel)
         try:
             # Read only once Redis confirms: a change published before the
             # subscription took effect would otherwise be in neither.
-            async with asyncio.timeout(COMMAND_TIMEOUT):
+            async with asyncio.timeout(REDIS_COMMAND_TIMEOUT):
                 await confirmed
-            [snapshot] = await self.read([room])
+            epoch, [snapshot] = await self.read([room])
+            if epoch == self._epoch:
+                self.replace(shared, epoch, snapshot, users=True)
+            else:  # a new history (or this read is older than one taken meanwhile)
+                await self.resync()
         except ERRORS as exc:
             self.release(room)
             self.lost(exc)
-            raise StoreUnavailable(f"Redis at {self.where} is unreachable") from None
-        self.replace(shared, snapshot)
-        shared.shown = shared.value
+            raise StoreUnavailable(self.unreachable()) from None
+        if self.rooms.get(room) is not shared or shared.state.epoch != self._epoch:
+            raise StoreUnavailable(self.unreachable())  # lost meanwhile: reconnecting
+        shared.shown = shared.state
         shared.opened = True
         # The hub makes the room right after this returns: the users elsewhere
         # reach it once it exists, before anyone here is shown a count.
         asyncio.get_running_loop().call_soon(self.show, room)
-        return shared.value
+        return shared.state
+
+    async def commit(self, changes: Sequence[Change]) -> list[Outcome]:
+        """Apply every room's change with one script, in one round trip; one outcome each.
+
+        Raise :exc:`StoreUnavailable` if nothing was applied: at once while
+        Redis is known to be down; when the script fails (then the reply may
+        be all that was lost, and :meth:`settle` sees to it); or when Redis
+        holds another history than the one believed in (then the store
+        resyncs every room, and the hub hears of the new states).
+        """
+        if not changes:
+            return []
+        async with self.committing:
+            if not self.up:
+                raise StoreUnavailable(self.unreachable())
+            self.commits += 1
+            commit = Commit(self.commits, self._epoch, tuple(changes))
+            encoded = self.encode(changes, commit.epoch)
+            try:
+                reply = await self.run_commit(commit, encoded)
+            except ERRORS as exc:
+                self.in_doubt = commit
+                self.lost(exc)
+                raise StoreUnavailable(self.unreachable()) from None
+            if reply[0] != "ok" or commit.epoch != self._epoch:
+                # Redis lost its data: the history believed in is gone, and
+                # with it whatever this commit would have added to it.
+                self.start_resync()
+                raise StoreUnavailable(f"Redis at {self.where} lost its data")
+            return self.outcomes(changes, encoded, reply, commit.epoch)
 
     def release(self, room: str) -> None:
         """Nobody here is in ``room`` any more: stop receiving its changes."""
@@ -425,39 +417,8 @@ class RedisStore:
             del self.by_channel[shared.keys.channel]
             self.commands.put_nowait((False, shared.keys.channel))
 
-    def has_room_for(self, room: str) -> bool:
+    def can_open(self, room: str) -> bool:
         return True  # Redis keeps any number of rooms; the hub caps those in use
-
-    async def add(self, room: str, delta: int) -> int:
-        """Apply one flush's net change to ``room``; return the newest value known.
-
-        Raise :exc:`OutOfRange` if it would leave ±MAX_VALUE and
-        :exc:`StoreUnavailable` if it was not applied otherwise: at once while
-        Redis is known to be down, else when the script fails. In the second
-        case the reply may be all that was lost; :meth:`settle` sees to it.
-        """
-        shared = self.rooms[room]
-        if not self.up:
-            raise StoreUnavailable(f"Redis at {self.where} is unreachable")
-        self.flushes += 1
-        flush = Flush(room, self.flushes, delta)
-        # Messages that arrive meanwhile are not shown to the hub: the value
-        # returned here is at least as new, and observe() must never undo it.
-        shared.adding = True
-        try:
-            reply = await self.run_add(flush)
-        except ERRORS as exc:
-            self.in_doubt.append(flush)
-            self.lost(exc)
-            raise StoreUnavailable(f"Redis at {self.where} is unreachable") from None
-        finally:
-            shared.adding = False
-        if reply is None:
-            self.show(room)  # what arrived meanwhile
-            raise OutOfRange
-        self.receive(shared, json.loads(reply))
-        shared.shown = shared.value
-        return shared.value
 
     def healthy(self) -> bool:
         """True while connected and in sync; False from an error to the resync."""
@@ -466,28 +427,30 @@ class RedisStore:
     async def close(self) -> None:
         """Leave every room's user count at once (not at the expiry) and disconnect.
 
-        Returns within about :data:`STOP_TIMEOUT` seconds whatever Redis does:
-        every wait is bounded, and a task that swallows its cancellation is
-        left to end by itself (the ``stopping`` flag ends its loop).
+        Returns within about :data:`~counter_sync.config.REDIS_STOP_TIMEOUT`
+        seconds whatever Redis does: every wait is bounded, and a task that
+        swallows its cancellation is left to end by itself (the ``stopping``
+        flag ends its loop).
         """
         self.stopping = True
         tasks, self.tasks = self.tasks, []
+        if self.resync_task is not None:
+            tasks.append(self.resync_task)
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=TASKS_STOP_TIMEOUT)
+            await asyncio.wait(tasks, timeout=REDIS_TASKS_STOP_TIMEOUT)
         redis, self.redis = self.redis, None
         if redis is None:
             return  # closed already, or never opened
         self.up = False
-        await within(PART_TIMEOUT, self.part())
-        if self.in_doubt:
+        await within(REDIS_PART_TIMEOUT, self.part())
+        if self.in_doubt is not None:
             log.warning(
-                "stopping with %d flush(es) whose reply was lost not settled: "
-                "Redis may count actions whose senders were told they were not applied",
-                len(self.in_doubt),
+                "stopping with a commit whose reply was lost not settled: Redis may "
+                "count actions whose senders were told they were not applied"
             )
-        await within(DISCONNECT_TIMEOUT, redis.aclose())
+        await within(REDIS_DISCONNECT_TIMEOUT, redis.aclose())
 
     def watch(self, observer: Observer) -> None:
         """Tell ``observer`` from now on what the other instances change."""
@@ -506,6 +469,129 @@ class RedisStore:
         self.unsent.add(room)
         self.beat_now.set()
 
+    # Commits: what the script is given, and what it answers.
+
+    def encode(self, changes: Iterable[Change], epoch: str) -> Encoded:
+        """The keys and the JSON of ``lua/commit.lua`` for ``changes`` in ``epoch``."""
+        keys = [HISTORY, self.record_key]
+        rooms: list[list[Any]] = []
+        sessions: list[dict[int, str]] = []
+        for change in changes:
+            names = room_keys(change.room, self.db)
+            keys.append(names.state)
+            state = len(keys)
+            index: dict[str, int] = {}
+            for session in (*(batch.session for batch in change.ops), *change.lookups):
+                if session not in index:
+                    keys.append(names.session(epoch, session))
+                    index[session] = len(keys)
+            batches = [
+                [index[batch.session], batch.first, "".join(SIGNS[d] for d in batch.deltas)]
+                for batch in change.ops
+            ]
+            lookups = [index[session] for session in change.lookups]
+            set_to = [] if change.set_to is None else [change.set_to]
+            rooms.append([state, names.channel, change.delta, batches, lookups, set_to])
+            sessions.append({position: session for session, position in index.items()})
+        return Encoded(keys, rooms, sessions)
+
+    def outcomes(
+        self, changes: Sequence[Change], encoded: Encoded, reply: list[Any], epoch: str
+    ) -> list[Outcome]:
+        """Read the commit script's reply; note what it says of each loaded room."""
+        outcomes = []
+        at = 1
+        for change, sessions in zip(changes, encoded.sessions, strict=True):
+            value, seq, applied, existed, exists, count = reply[at : at + 6]
+            at += 6
+            done = {}
+            for _ in range(count):
+                position, before, after = reply[at : at + 3]
+                at += 3
+                done[sessions[position]] = (int(before), int(after))
+            state = RoomState(int(value), int(seq), epoch)
+            outcomes.append(Outcome(state, bool(applied), done))
+            shared = self.rooms.get(change.room)
+            if shared is not None:
+                if shared.exists and not existed:
+                    self.room_lost(shared, change.room)
+                shared.exists = bool(exists)
+                shared.state = newest(shared.state, state)
+                shared.shown = newest(shared.shown, state)  # the hub takes the outcome
+        return outcomes
+
+    async def settle(self) -> None:
+        """Make sure a commit whose reply was lost does not count (see the module doc)."""
+        doubt = self.in_doubt
+        if doubt is None:
+            return
+        reply, encoded = await self.run_settle(doubt)
+        self.in_doubt = None
+        if reply[0] == "ok" and reply[1]:
+            taken = {
+                encoded.keys[int(reply[at]) - 1]: int(reply[at + 1])
+                for at in range(2, len(reply), 2)
+            }
+            log.warning(
+                "a commit whose reply was lost had been applied; taken back, as its "
+                "senders were told it failed: %s",
+                ", ".join(
+                    f"{delta:+d} in {change.room}"
+                    for change in doubt.changes
+                    if (delta := taken.get(room_keys(change.room, self.db).state, 0))
+                )
+                or "no change to any value",
+            )
+
+    # The scripts that change counters, each run in one place.
+
+    async def run_commit(self, commit: Commit, encoded: Encoded) -> list[Any]:
+        """Run ``lua/commit.lua`` for ``commit`` (``encoded`` from :meth:`encode`); its reply."""
+        reply: list[Any] = await self.scripts["commit"](
+            keys=encoded.keys,
+            args=[
+                commit.epoch,
+                new_epoch(),
+                self.epoch_channel,
+                commit.number,
+                MAX_VALUE,
+                self.session_ttl_ms,
+                int(REDIS_COMMIT_MEMORY * 1000),
+                json.dumps(encoded.rooms),
+            ],
+        )
+        return reply
+
+    async def run_settle(self, doubt: Commit) -> tuple[list[Any], Encoded]:
+        """Run ``lua/settle.lua`` for a commit in doubt; its reply, and its keys."""
+        encoded = self.encode(doubt.changes, doubt.epoch)
+        rooms = []
+        for change, room, sessions in zip(
+            doubt.changes, encoded.rooms, encoded.sessions, strict=True
+        ):
+            last: dict[str, int] = {}
+            for batch in change.ops:
+                last[batch.session] = max(last.get(batch.session, 0), batch.last)
+            ops = [
+                [position, last[session]]
+                for position, session in sessions.items()
+                if session in last
+            ]
+            rooms.append([room[0], room[1], ops])
+        reply: list[Any] = await self.scripts["settle"](
+            keys=encoded.keys,
+            args=[
+                doubt.epoch,
+                new_epoch(),
+                self.epoch_channel,
+                doubt.number,
+                self.session_ttl_ms,
+                int(REDIS_COMMIT_MEMORY * 1000),
+                json.dumps(rooms),
+            ],
+        )
+        return reply, encoded
+
     # Connecting, and keeping in sync.
 
     def open_client(self) -> Redis:
@@ -519,10 +605,10 @@ class RedisStore:
             redis = Redis.from_url(
                 self.url,
                 decode_responses=True,
-                socket_timeout=COMMAND_TIMEOUT,
-                socket_connect_timeout=COMMAND_TIMEOUT,
+                socket_timeout=REDIS_COMMAND_TIMEOUT,
+                socket_connect_timeout=REDIS_COMMAND_TIMEOUT,
                 # No hidden retries: a script retried after its reply was lost
-                # would count twice. The store settles such a flush instead.
+                # would count twice. The store settles such a commit instead.
                 retry=Retry(NoBackoff(), 0),
                 client_name=f"{PREFIX}:{self.instance}",
             )
@@ -536,39 +622,130 @@ class RedisStore:
             self.where = (
                 f"{options.get('host') or 'localhost'}:{options.get('port') or 6379}/{self.db}"
             )
-        self.scripts = {
-            "add": redis.register_script(ADD),
-            "cancel": redis.register_script(CANCEL),
-            "read": redis.register_script(READ),
-            "users": redis.register_script(USERS_SCRIPT),
-        }
+        self.scripts = {name: redis.register_script(text) for name, text in SCRIPTS.items()}
         return redis
 
     async def connect(self) -> PubSub:
-        """Subscribe to every loaded room, then settle and read: the order that misses nothing."""
+        """Subscribe to the epoch and every loaded room, then settle and read: missing nothing."""
         assert self.redis is not None
         # Commands queued for an earlier connection are moot: this one
         # subscribes to what is loaded now, and later changes queue here.
         self.commands = asyncio.Queue()
-        rooms = list(self.rooms)
-        channels = [self.rooms[room].keys.channel for room in rooms]
+        channels = [self.epoch_channel, *(shared.keys.channel for shared in self.rooms.values())]
         pubsub = self.redis.pubsub()
         try:
             await pubsub.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
-            if channels:
-                await pubsub.subscribe(*channels)
-                await subscriptions_confirmed(pubsub, len(channels))
+            await pubsub.subscribe(*channels)
+            await subscriptions_confirmed(pubsub, len(channels))
             await self.settle()
-            snapshots = await self.read(rooms)
+            await self.resync(users=True)
         except BaseException:
             await close_quietly(pubsub)
             raise
-        for room, channel, snapshot in zip(rooms, channels, snapshots, strict=True):
-            if (shared := self.rooms.get(room)) is not None:
-                self.replace(shared, snapshot)
-            else:  # released meanwhile
-                self.commands.put_nowait((False, channel))
         return pubsub
+
+    async def read(self, rooms: list[str]) -> tuple[str, list[tuple[str, str, int, str]]]:
+        """Redis's epoch, and each room's (value, seq, exists, users message), read in one step."""
+        keys = [HISTORY]
+        for room in rooms:
+            names = room_keys(room, self.db)
+            keys += [names.state, names.users, names.users_seq]
+        flat: list[Any] = await self.scripts["read"](
+            keys=keys, args=[new_epoch(), self.epoch_channel]
+        )
+        snapshots = [
+            (flat[i], flat[i + 1], int(flat[i + 2]), flat[i + 3]) for i in range(1, len(flat), 4)
+        ]
+        return flat[0], snapshots
+
+    async def resync(self, rooms: Iterable[str] | None = None, *, users: bool = False) -> None:
+        """Read ``rooms`` (every loaded room by default) and hand the hub what changed.
+
+        Reads that may move the epoch run one at a time, so the newest read
+        wins. A new epoch is logged once and makes every loaded room read
+        again. ``users``: take the counts read even if their version is lower
+        (after an outage: Redis may have lost them).
+        """
+        async with self.reading:
+            names = list(self.rooms if rooms is None else (r for r in rooms if r in self.rooms))
+            epoch, snapshots = await self.read(names)
+            if epoch != self._epoch:
+                self.new_history(epoch)
+                if rooms is not None:
+                    names = list(self.rooms)
+                    epoch, snapshots = await self.read(names)
+                    if epoch != self._epoch:
+                        self.new_history(epoch)
+                users = True
+            for room, snapshot in zip(names, snapshots, strict=True):
+                if (shared := self.rooms.get(room)) is not None:
+                    self.replace(shared, epoch, snapshot, users=users)
+                    self.show(room)
+
+    def new_history(self, epoch: str) -> None:
+        """Redis holds another history than the one believed in: say so once, start over."""
+        if self._epoch:
+            log.warning(
+                "Redis at %s lost its data (FLUSHALL, a restart without persistence, or "
+                "an eviction): a new history begins; every counter shows what Redis "
+                "holds now (%d room(s) here)",
+                self.where,
+                len(self.rooms),
+                extra={"event": "store_data_lost", "reason": "new epoch"},
+            )
+        self._epoch = epoch
+        # What was in doubt belonged to the lost history, and went with it.
+        self.in_doubt = None
+        for shared in self.rooms.values():
+            shared.state = UNKNOWN
+            shared.users_seq = 0
+
+    def start_resync(self, rooms: Iterable[str] | None = None) -> None:
+        """Read ``rooms`` (every loaded room by default) again soon, in a task of its own."""
+        if rooms is None:
+            self.resync_all = True
+        else:
+            self.resync_rooms.update(rooms)
+        if self.resync_task is None and not self.stopping:
+            self.resync_task = asyncio.create_task(self.resyncing())
+
+    async def resyncing(self) -> None:
+        try:
+            while (self.resync_all or self.resync_rooms) and self.up and not self.stopping:
+                rooms = None if self.resync_all else list(self.resync_rooms)
+                self.resync_all, self.resync_rooms = False, set()
+                await self.resync(rooms)
+        except Exception as exc:
+            if not isinstance(exc, ERRORS):
+                log.exception("unexpected error while reading Redis again")
+            self.lost(exc)  # the reconnection reads every room
+        finally:
+            self.resync_task = None
+
+    def replace(
+        self, shared: SharedRoom, epoch: str, snapshot: tuple[str, str, int, str], *, users: bool
+    ) -> None:
+        """Take a room read from Redis, unless what is known is newer."""
+        value, seq, exists, users_message = snapshot
+        state = RoomState(int(value), int(seq), epoch)
+        if state.is_newer_than(shared.state):
+            shared.state = state
+            shared.exists = bool(exists)
+        message = json.loads(users_message)
+        if users or int(message["seq"]) > shared.users_seq:
+            self.replace_users(shared, message)
+
+    def room_lost(self, shared: SharedRoom, room: str) -> None:
+        """Redis no longer holds a room it held: say so, at most once per interval."""
+        now = time.monotonic()
+        if now < shared.lost_log_at:
+            return
+        shared.lost_log_at = now + LOG_INTERVAL
+        log.warning(
+            "Redis lost the counter of %s (its key was deleted or evicted): it counts from 0 again",
+            room,
+            extra={"event": "store_data_lost", "room": room, "reason": "key missing"},
+        )
 
     def subscribe(self, channel: str) -> asyncio.Future[None]:
         """Queue a SUBSCRIBE; the future is done once Redis confirms this one."""
@@ -603,47 +780,16 @@ class RedisStore:
         if not confirmed.done():
             confirmed.set_result(None)
 
-    async def read(self, rooms: list[str]) -> list[tuple[str, str, str]]:
-        """Each room's (value, seq, users message), read in one step."""
-        if not rooms:
-            return []
-        keys = []
-        for room in rooms:
-            names = room_keys(room, self.db)
-            keys += [names.state, names.users, names.users_seq]
-        flat = await self.scripts["read"](keys=keys)
-        return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
-
-    def replace(self, shared: SharedRoom, snapshot: tuple[str, str, str]) -> None:
-        """Take what was just read, even with a lower sequence number: Redis may have lost it."""
-        value, seq, users = snapshot
-        shared.value, shared.seq = int(value), int(seq)
-        self.replace_users(shared, json.loads(users))
-
-    async def settle(self) -> None:
-        """Make sure no flush whose reply was lost counts (see the module doc)."""
-        while self.in_doubt:
-            flush = self.in_doubt[0]
-            taken_back = await self.run_cancel(flush)
-            self.in_doubt.remove(flush)
-            if taken_back:
-                log.warning(
-                    "a flush of %+d to %s whose reply was lost had been applied; "
-                    "taken back, as its senders were told it failed",
-                    flush.delta,
-                    flush.room,
-                )
-
     async def follow(self, pubsub: PubSub | None) -> None:
         """Apply other instances' changes as they arrive; after an outage, reconnect."""
-        delay = RECONNECT_FIRST
+        delay = REDIS_RECONNECT_FIRST
         try:
             while not self.stopping:
                 try:
                     if pubsub is None:
                         pubsub = await self.connect()
                         self.recovered()
-                        delay = RECONNECT_FIRST
+                        delay = REDIS_RECONNECT_FIRST
                     await self.listen(pubsub)
                 except Exception as exc:
                     # Whatever went wrong, this task must go on: it is the
@@ -658,7 +804,7 @@ class RedisStore:
                     break
                 # Jitter, so instances do not all knock at the same moment.
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, RECONNECT_LAST)
+                delay = min(delay * 2, REDIS_RECONNECT_LAST)
         finally:
             if pubsub is not None:
                 await close_quietly(pubsub)
@@ -668,7 +814,7 @@ class RedisStore:
         sender = asyncio.create_task(self.send_subscriptions(pubsub, self.commands))
         try:
             while self.up and not self.stopping:
-                message = await pubsub.get_message(timeout=LISTEN_POLL)
+                message = await pubsub.get_message(timeout=REDIS_LISTEN_POLL)
                 if message is None:
                     continue
                 if message["type"] == "message":
@@ -679,19 +825,22 @@ class RedisStore:
             sender.cancel()
 
     async def beat(self) -> None:
-        """Renew this instance's entry four times per expiry; send count changes at once."""
+        """Renew this instance's entry, check that Redis holds its rooms; send counts at once."""
         while not self.stopping:
             # asyncio.timeout, not wait_for: in Python 3.11, wait_for can swallow
             # a cancellation that races with the event, and close() would hang.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.expiry / 4):
+                async with asyncio.timeout(self.expiry / REDIS_RENEWALS_PER_EXPIRY):
                     await self.beat_now.wait()
+            renewal = not self.beat_now.is_set()
             self.beat_now.clear()
             if not self.up:
                 continue  # recovered() wakes this task
             rooms, self.unsent = self.unsent, set()
             try:
                 await self.share_here(rooms=rooms)
+                if renewal:
+                    await self.probe()
             except ERRORS as exc:
                 self.unsent |= rooms
                 self.lost(exc)
@@ -700,7 +849,7 @@ class RedisStore:
         """Send this instance's counts in ``rooms`` (every room if ``full``) and renew its entry."""
         reply = await self.run_users_script(self.here if full else rooms, full=full)
         if reply[0] and not full:
-            # Pruned during an outage, or Redis restarted empty: send it all.
+            # Pruned during an outage, or Redis lost its data: send it all.
             reply = await self.run_users_script(self.here, full=True)
         for index in range(1, len(reply), 2):
             room, message = reply[index], reply[index + 1]
@@ -708,31 +857,29 @@ class RedisStore:
                 self.receive(shared, json.loads(message))
                 self.show(room)
 
+    async def probe(self) -> None:
+        """Check that Redis holds the history and the rooms' keys it held; resync if not."""
+        rooms = [room for room, shared in self.rooms.items() if shared.exists]
+        keys = [HISTORY, *(self.rooms[room].keys.state for room in rooms)]
+        reply: list[Any] = await self.scripts["probe"](
+            keys=keys, args=[new_epoch(), self.epoch_channel]
+        )
+        if reply[0] != self._epoch:
+            self.start_resync()
+            return
+        lost = [rooms[int(position) - 1] for position in reply[1:]]
+        for room in lost:
+            if (shared := self.rooms.get(room)) is not None and shared.exists:
+                shared.exists = False
+                self.room_lost(shared, room)
+        if lost:
+            self.start_resync(lost)
+
     async def part(self) -> None:
         """What a clean stop owes the others: settle what is in doubt, leave every room."""
         await asyncio.gather(
             self.settle(), self.run_users_script(leave=True), return_exceptions=True
         )
-
-    # The scripts, each in one place.
-
-    async def run_add(self, flush: Flush) -> str | None:
-        """Apply a flush unless it was applied or settled; None if it would leave the range."""
-        keys = room_keys(flush.room, self.db)
-        reply: str | None = await self.scripts["add"](
-            keys=[keys.state, self.flush_key(flush.room)],
-            args=[flush.delta, flush.number, keys.channel, FLUSH_MEMORY, MAX_VALUE],
-        )
-        return reply
-
-    async def run_cancel(self, flush: Flush) -> int:
-        """Settle a flush whose reply was lost; 1 if it had been applied and was taken back."""
-        keys = room_keys(flush.room, self.db)
-        taken_back: int = await self.scripts["cancel"](
-            keys=[keys.state, self.flush_key(flush.room)],
-            args=[flush.delta, flush.number, keys.channel, FLUSH_MEMORY],
-        )
-        return taken_back
 
     async def run_users_script(
         self, rooms: Iterable[str] = (), *, full: bool = False, leave: bool = False
@@ -745,12 +892,10 @@ class RedisStore:
                 PREFIX,
                 f"{PREFIX}:{self.db}",
                 self.instance,
-                # The entry lapses at 3/4 of the expiry and every instance
-                # prunes every 1/4: a dead one is gone within the expiry.
-                "" if leave else int(self.expiry * 750),
+                "" if leave else int(self.expiry * REDIS_LAPSE_FRACTION * 1000),
                 int(full),
                 # Long enough for any script of this instance still on its way.
-                FLUSH_MEMORY,
+                int(REDIS_COMMIT_MEMORY * 1000),
                 *counts,
             ],
         )
@@ -763,6 +908,7 @@ class RedisStore:
                 "Redis at %s is unreachable, rejecting actions until it is back: %s",
                 self.where,
                 one_line(exc),
+                extra={"event": "store_unavailable", "reason": one_line(exc)},
             )
         self.up = False
         # Loads waiting for a confirmation on this connection will not get one.
@@ -779,9 +925,16 @@ class RedisStore:
         for room in self.rooms:
             self.show(room)
 
+    def unreachable(self) -> str:
+        return f"Redis at {self.where} is unreachable"
+
     # What arrives: replies and published messages, in any order.
 
     def receive_published(self, channel: str, data: str) -> None:
+        if channel == self.epoch_channel:
+            if data != self._epoch:
+                self.start_resync()  # a new history: see what Redis holds now
+            return
         room = self.by_channel.get(channel)
         if room is None:
             return  # released since; the unsubscription is on its way
@@ -795,8 +948,15 @@ class RedisStore:
     def receive(self, shared: SharedRoom, message: dict[str, Any]) -> None:
         """Keep what is newer than what is known; ignore what is not."""
         if message["type"] == "state":
-            if int(message["seq"]) > shared.seq:
-                shared.value, shared.seq = int(message["value"]), int(message["seq"])
+            # The single-counter version's messages have no epoch: it shares ours.
+            epoch = message.get("epoch", self._epoch)
+            if epoch != self._epoch:
+                self.start_resync()  # a new history, or one already left behind
+                return
+            state = RoomState(int(message["value"]), int(message["seq"]), epoch)
+            if state.is_newer_than(shared.state):
+                shared.state = state
+                shared.exists = True
         elif message["type"] == "users" and int(message["seq"]) > shared.users_seq:
             self.replace_users(shared, message)
 
@@ -809,29 +969,34 @@ class RedisStore:
         shared = self.rooms.get(room)
         if self.observer is None or shared is None or not shared.opened:
             return
-        if shared.value != shared.shown and not shared.adding:
-            shared.shown = shared.value
-            self.observer.observe(room, value=shared.value)
+        state = shared.state
+        if state.epoch == self._epoch and state.is_newer_than(shared.shown):
+            shared.shown = state
+            self.observer.observe(room, state=state)
         elsewhere = sum(count for who, count in shared.users.items() if who != self.instance)
         if elsewhere != shared.shown_elsewhere:
             shared.shown_elsewhere = elsewhere
             self.observer.observe(room, elsewhere=elsewhere)
 
-    def flush_key(self, room: str) -> str:
-        """Where Redis keeps this instance's last flush number in ``room``, and last settled one."""
-        return f"{PREFIX}:flush:{self.instance}:{room}"
-
     def instance_key(self, what: str) -> str:
         return f"{PREFIX}:instance:{self.instance}:{what}"
 
 
+def newest(known: RoomState, state: RoomState) -> RoomState:
+    return state if state.is_newer_than(known) else known
+
+
 async def subscriptions_confirmed(pubsub: PubSub, count: int) -> None:
     """Wait for Redis to confirm ``count`` subscriptions; what is published meanwhile is read."""
-    async with asyncio.timeout(COMMAND_TIMEOUT):
+    async with asyncio.timeout(REDIS_COMMAND_TIMEOUT):
         while count:
-            message = await pubsub.get_message(timeout=COMMAND_TIMEOUT)
+            message = await pubsub.get_message(timeout=REDIS_COMMAND_TIMEOUT)
             if message is not None and message["type"] == "subscribe":
                 count -= 1
+
+
+# within() has a twin with the arguments the other way round in app.py, and
+# one_line() one in sqlite_store.py; they are to become one each.
 
 
 async def within(seconds: float, awaitable: Awaitable[Any]) -> None:
@@ -851,7 +1016,7 @@ async def within(seconds: float, awaitable: Awaitable[Any]) -> None:
 
 async def close_quietly(pubsub: PubSub) -> None:
     """Drop a subscription's connection; Redis forgets the subscriptions with it."""
-    await within(DISCONNECT_TIMEOUT, pubsub.aclose())  # type: ignore[no-untyped-call]
+    await within(REDIS_DISCONNECT_TIMEOUT, pubsub.aclose())
 
 
 def one_line(exc: BaseException) -> str:

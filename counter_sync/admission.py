@@ -4,10 +4,15 @@ Two gates, both before the hub spends anything on a client:
 
 * At accept, before a byte is read: a cap on handshakes in progress, overall
   and per client address (:meth:`Gate.admit_handshake`). A peer that opens
-  sockets and sends nothing holds at most ``max_pending_per_ip`` of them.
+  sockets and sends nothing holds at most ``max_pending_per_ip`` of them; at
+  the overall cap, the socket silent longest makes room for the newcomer, so
+  silent sockets from many addresses cannot lock everyone out.
 * At the handshake, once the request is read: the origin, the caps on users
   overall and per address (:meth:`Gate.refuse`). The hub adds its own
   reasons (rooms, draining) on top.
+
+Plain HTTP requests (the page, ``/healthz``...) have a rate per client
+address of their own (:class:`RequestRate`).
 
 Client addresses are per IPv4 address and per IPv6 /64 (one host gets a /64).
 Behind a reverse proxy every client has the proxy's address: the proxies
@@ -21,17 +26,28 @@ import dataclasses
 import http
 import ipaddress
 import logging
+import math
 import resource
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from urllib.parse import urlsplit
+from typing import Protocol
+from urllib.parse import SplitResult, urlsplit
 
-from counter_sync.config import FD_HEADROOM, Settings
+from counter_sync.config import (
+    FD_HEADROOM,
+    HANDSHAKE_TIMEOUT_UNDER_PRESSURE,
+    MAX_RATED_ADDRESSES,
+    PENDING_PRESSURE,
+    Settings,
+)
 
 __all__ = [
+    "Evictable",
     "Gate",
+    "MalformedRequest",
     "RateLimit",
     "Refusal",
+    "RequestRate",
     "TokenBucket",
     "address_key",
     "fit_to_open_files",
@@ -41,6 +57,11 @@ __all__ = [
 log = logging.getLogger("counter_sync.admission")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class MalformedRequest(ValueError):
+    """A request that cannot be read one way: a single-valued header repeated, a value that
+    does not parse. Its message is the reason, one line, for the 400 it gets."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +74,13 @@ class Refusal:
     kind: str  # a short name, the same for every refusal of its sort (for metrics)
 
 
+class Evictable(Protocol):
+    """A connection whose handshake is in progress: the gate may reset it to make room."""
+
+    def evict(self) -> None:
+        """Reset the connection now; the gate has already counted it out."""
+
+
 class Gate:
     """Counts handshakes in progress and users per client address, and says who may pass."""
 
@@ -61,45 +89,85 @@ class Gate:
         self.trusted = [
             ipaddress.ip_network(proxy, strict=False) for proxy in settings.trusted_proxies
         ]
-        self.handshakes = 0
+        # Every handshake in progress, with the address key it counts under.
+        self.pending: dict[Evictable, str] = {}
+        # Those not heard from yet, oldest first: the next to go at the cap is
+        # the first, found without a scan (an OrderedDict pops either end in O(1)).
+        self.silent: OrderedDict[Evictable, None] = OrderedDict()
         self.handshakes_by_address: Counter[str] = Counter()
         self.users_by_address: Counter[str] = Counter()
 
+    @property
+    def handshakes(self) -> int:
+        """Handshakes in progress: accepted connections whose handshake is not over."""
+        return len(self.pending)
+
     # Before the handshake: the socket's own address.
 
-    def admit_handshake(self, peer_ip: str) -> bool:
-        """Count one more handshake in progress from ``peer_ip``, unless that is one too many."""
+    def admit_handshake(self, connection: Evictable, peer_ip: str) -> bool:
+        """Count ``connection``, just accepted from ``peer_ip``, among the handshakes in progress.
+
+        False: it must be reset, as one too many from its address. At the
+        overall cap the connection silent longest (accepted, not a byte
+        received) is evicted to make room, and counted out before this
+        returns; with none silent, False too. Silent sockets from many
+        addresses then cycle among themselves while clients that talk get in.
+        """
         key = address_key(peer_ip)
-        if self.handshakes >= self.settings.max_pending:
-            return False
         # A trusted proxy brings everyone's handshakes: only the overall cap applies.
         if not self.is_trusted(peer_ip) and (
             self.handshakes_by_address[key] >= self.settings.max_pending_per_ip
         ):
             return False
-        self.handshakes += 1
+        if self.handshakes >= self.settings.max_pending:
+            if not self.silent:
+                return False
+            oldest = next(iter(self.silent))
+            self.end_handshake(oldest)
+            oldest.evict()
+        self.pending[connection] = key
+        self.silent[connection] = None
         self.handshakes_by_address[key] += 1
         return True
 
-    def end_handshake(self, peer_ip: str) -> None:
-        key = address_key(peer_ip)
-        self.handshakes -= 1
+    def heard_from(self, connection: Evictable) -> None:
+        """``connection`` sent bytes of its request: it is no longer evicted to make room."""
+        self.silent.pop(connection, None)
+
+    def end_handshake(self, connection: Evictable) -> None:
+        """Count ``connection`` out of the handshakes in progress. Idempotent."""
+        key = self.pending.pop(connection, None)
+        if key is None:
+            return
+        self.silent.pop(connection, None)
         self.handshakes_by_address[key] -= 1
         if not self.handshakes_by_address[key]:
             del self.handshakes_by_address[key]
 
+    def handshake_timeout(self) -> float:
+        """Seconds a handshake starting now gets: less once the pending ones crowd the cap."""
+        if self.handshakes > PENDING_PRESSURE * self.settings.max_pending:
+            return min(self.settings.handshake_timeout, HANDSHAKE_TIMEOUT_UNDER_PRESSURE)
+        return self.settings.handshake_timeout
+
     # At the handshake: the request is read, so the client's address is known.
 
     def client_address(self, peer_ip: str, forwarded_for: str | None) -> str:
-        """The client's address: the peer's, or what a trusted proxy says it forwarded."""
+        """The client's address: the peer's, or what a trusted proxy says it forwarded.
+
+        Raises :exc:`MalformedRequest` when a hop our own proxies appended is
+        no address: falling back to the proxy's address would charge the
+        request to every client behind it.
+        """
         if forwarded_for is None or not self.is_trusted(peer_ip):
             return peer_ip
         # Each proxy appends the address it got the request from: read from
-        # the right, skipping our own proxies; the first other one is the client.
-        hops = [hop.strip() for hop in forwarded_for.split(",")]
-        for hop in reversed(hops):
+        # the right, skipping our own proxies; the first other one is the
+        # client. What lies left of it, the client wrote: never read.
+        for hop in reversed(forwarded_for.split(",")):
+            hop = hop.strip()
             if not valid_ip(hop):
-                break  # forged or garbled beyond here: trust what we have
+                raise MalformedRequest("garbled X-Forwarded-For header")
             if not self.is_trusted(hop):
                 return hop
             peer_ip = hop
@@ -180,14 +248,23 @@ def origin_allowed(origin: str | None, host: str | None, extra: Sequence[str]) -
     (the page was loaded from the ``Host`` the browser connects to) when its
     host is an IP address or ``localhost``. A rebinding page has a domain
     name of the attacker's as its origin and sends it as ``Host`` too: that
-    name matches, but only ``--origin`` can vouch for a name.
+    name matches, but only ``--origin`` can vouch for a name. Raises
+    :exc:`MalformedRequest` for an Origin that does not parse.
     """
     if origin is None or origin == "null" or origin in extra:
         return True
-    parts = urlsplit(origin)
+    parts = split_origin(origin)
     if parts.scheme not in ("http", "https") or host is None or parts.netloc != host:
         return False
     return cannot_be_rebound(parts.hostname or "")
+
+
+def split_origin(origin: str) -> SplitResult:
+    """``origin`` as a URL's parts; :exc:`MalformedRequest` if it is none (``http://[``)."""
+    try:
+        return urlsplit(origin)
+    except ValueError:
+        raise MalformedRequest("malformed Origin header") from None
 
 
 def cannot_be_rebound(hostname: str) -> bool:
@@ -281,3 +358,35 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
+
+
+class RequestRate:
+    """Plain HTTP requests per client address: a token bucket each, in a bounded table.
+
+    The table keeps the ``MAX_RATED_ADDRESSES`` addresses heard from last:
+    an attacker with more addresses than that pushes out the longest quiet
+    ones, whose buckets have refilled the most anyway, so forgetting them
+    costs at most one burst each. A rate of 0 turns the limit off.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def retry_after(self, address: str, now: float) -> int | None:
+        """Spend a token for one request from ``address``: None if there was one, else the
+        whole seconds until there is (the ``Retry-After`` to send)."""
+        if self.rate <= 0:
+            return None
+        key = address_key(address)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            if len(self.buckets) >= MAX_RATED_ADDRESSES:
+                self.buckets.popitem(last=False)
+            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, now)
+        else:
+            self.buckets.move_to_end(key)
+        if bucket.take(now):
+            return None
+        return max(1, math.ceil((1 - bucket.tokens) / self.rate))

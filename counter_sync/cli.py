@@ -37,6 +37,8 @@ from counter_sync.config import (
     DEFAULT_PORT,
     FORGET_AFTER,
     HANDSHAKE_TIMEOUT,
+    HTTP_BURST,
+    HTTP_RATE,
     MAX_DRAIN_SECONDS,
     MAX_FLAG_SECONDS,
     MAX_FORGET_AFTER,
@@ -296,6 +298,20 @@ def build_parser(prog: str) -> OneLineParser:
         help="messages per second per connection; 0 turns the limit off",
     )
     add("--burst", type=count, default=BURST, help="messages a connection may send at once")
+    add(
+        "--http-rate",
+        type=Number(float, 0),
+        default=HTTP_RATE,
+        help="plain HTTP requests (the page, /healthz, /metrics...) per second per client "
+        "address; beyond, 429 with Retry-After (WebSocket handshakes have their own caps); "
+        "0 turns the limit off",
+    )
+    add(
+        "--http-burst",
+        type=count,
+        default=HTTP_BURST,
+        help="plain HTTP requests a client address may send at once",
+    )
     keepalive = Number(float, 0, MAX_FLAG_SECONDS)
     add(
         "--ping-interval",

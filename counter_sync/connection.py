@@ -41,6 +41,7 @@ from counter_sync.config import CLOSE_TIMEOUT
 from counter_sync.logs import fields
 from counter_sync.metrics import Metrics
 from counter_sync.tasks import Supervisor
+from counter_sync.tokens import Grant
 
 __all__ = ["Connection", "LivenessWatch", "disconnect_kind", "log_disconnect"]
 
@@ -53,6 +54,10 @@ END_OF_HEAD = b"\r\n\r\n"
 FEED_SIZE = 1024
 
 
+# A connection without a token on a server without tokens: today's anyone.
+ANYONE = Grant(None, can_write=True)
+
+
 class Connection(ServerConnection):
     """A server connection with read-side backpressure, a liveness clock, handshake accounting."""
 
@@ -62,9 +67,10 @@ class Connection(ServerConnection):
         "client",
         "drop_reason",
         "ended_by",
+        "endpoint",
         "gate",
+        "grant",
         "head_seen",
-        "in_handshake",
         "last_heard",
         "metrics",
         "paused_for_queue",
@@ -87,7 +93,6 @@ class Connection(ServerConnection):
         super().__init__(protocol, server, **options)
         self.gate = gate
         self.metrics = metrics
-        self.in_handshake = False  # counted among the handshakes in progress
         # Worked out once, from the request, before the upgrade: the room it
         # joins, its session (exactly-once actions), and the client's address
         # as the caps count it (behind a trusted proxy, the forwarded one),
@@ -95,6 +100,10 @@ class Connection(ServerConnection):
         self.room = ""
         self.session: str | None = None
         self.client = "unknown peer"
+        self.grant = ANYONE  # what it may do: set from its token, or --anonymous
+        # What the request asked for, set by the HTTP side: a label of the
+        # HTTP requests metric, counted with the status once it is answered.
+        self.endpoint = "other"
         # Reading pauses while the library's queue of received messages is
         # full, or while our write buffer is: both must clear before it resumes.
         self.paused_for_queue = False
@@ -114,7 +123,8 @@ class Connection(ServerConnection):
         peer = self.transport.get_extra_info("peername")
         return str(peer[0]) if peer else ""
 
-    # Admission before the handshake: count it, or refuse it at once.
+    # Admission before the handshake: count it, or refuse it at once; the
+    # gate may evict a silent one (see Gate.admit_handshake) to make room.
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -123,23 +133,31 @@ class Connection(ServerConnection):
         peer = self.transport.get_extra_info("peername")
         if peer:
             self.client = f"{peer[0]}:{peer[1]}"
-        if not self.gate.admit_handshake(self.peer_ip):
+        if not self.gate.admit_handshake(self, self.peer_ip):
             # Before a byte is read: an open file costs more than a reset.
             self.metrics.handshakes_rejected.labels("pending").inc()
             self.transport.abort()
-            return
-        self.in_handshake = True
+
+    def evict(self) -> None:
+        """Reset this connection, silent since it was accepted, to make room for a new one."""
+        self.metrics.handshakes_rejected.labels("silent").inc()
+        self.transport.abort()
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
-            await super().handshake(*args, **kwargs)
+            # The library's own deadline is --handshake-timeout; when the
+            # pending handshakes crowd their cap, a new one gets less.
+            async with asyncio.timeout(self.gate.handshake_timeout()):
+                await super().handshake(*args, **kwargs)
         finally:
             self.end_handshake()
+            if self.request is not None and self.response is not None:
+                self.metrics.http_requests.labels(
+                    self.endpoint, str(self.response.status_code)
+                ).inc()
 
     def end_handshake(self) -> None:
-        if self.in_handshake:
-            self.in_handshake = False
-            self.gate.end_handshake(self.peer_ip)
+        self.gate.end_handshake(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -150,6 +168,7 @@ class Connection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         self.last_heard = self.loop.time()
         if self.protocol.state is State.CONNECTING:
+            self.gate.heard_from(self)
             data = self.first_request_head(data)
         self.unread += data
         self.feed()

@@ -35,7 +35,6 @@ from websockets.frames import CloseCode
 from counter_sync.admission import RateLimit
 from counter_sync.config import MAX_VALUE, Settings
 from counter_sync.connection import Connection, log_disconnect
-from counter_sync.fanout import format_peer
 from counter_sync.flush import Flusher, RoomFlush
 from counter_sync.logs import Throttle, fields
 from counter_sync.metrics import Metrics
@@ -178,7 +177,7 @@ class Room:
 
     async def serve(self, websocket: Connection) -> None:
         """Serve one client until its connection ends, however it ends; then unregister it."""
-        peer = format_peer(websocket)
+        peer = websocket.client
         limit = RateLimit(self.settings.rate, self.settings.burst, websocket.loop.time())
         # One warning per interval for this connection, however much it sends.
         warnings = Throttle()

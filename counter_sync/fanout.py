@@ -36,7 +36,7 @@ from counter_sync.connection import Connection
 from counter_sync.metrics import Metrics
 from counter_sync.tasks import Supervisor
 
-__all__ = ["Audience", "Delivery", "FanOut", "cap_socket_buffers", "format_peer", "text_frame"]
+__all__ = ["Audience", "Delivery", "FanOut", "cap_socket_buffers", "text_frame"]
 
 log = logging.getLogger("counter_sync.fanout")
 
@@ -168,7 +168,7 @@ class FanOut:
             try:
                 transport.write(everyone + extras.pop(websocket, b"") if extras else everyone)
             except Exception as exc:
-                log.warning("%s skipped: %s", format_peer(websocket), exc)
+                log.warning("%s skipped: %s", websocket.client, exc)
             else:
                 sent += 1
         return sent, skipped
@@ -196,7 +196,7 @@ class FanOut:
         try:
             transport.write(data)
         except Exception as exc:
-            log.warning("%s skipped: %s", format_peer(websocket), exc)
+            log.warning("%s skipped: %s", websocket.client, exc)
             return None
         return True
 
@@ -239,8 +239,3 @@ def cap_socket_buffers(sock: socket.socket) -> None:
     """
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RECEIVE_BUFFER)
-
-
-def format_peer(websocket: Connection) -> str:
-    address = websocket.remote_address
-    return f"{address[0]}:{address[1]}" if address else "unknown peer"

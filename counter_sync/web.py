@@ -17,17 +17,23 @@ import json
 import logging
 import re
 from importlib import resources
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
+from websockets.exceptions import InvalidHeader
 from websockets.http11 import Request, Response
 
-from counter_sync.admission import Refusal
+from counter_sync.admission import (
+    MalformedRequest,
+    Refusal,
+    RequestRate,
+    address_key,
+    split_origin,
+)
 from counter_sync.config import SESSION_ID
 from counter_sync.connection import Connection
-from counter_sync.fanout import format_peer
-from counter_sync.hub import Hub, room_from_path
+from counter_sync.hub import SINGLE_HEADERS, Hub, room_from_path
 from counter_sync.logs import ThrottleByKey, fields
 from counter_sync.store import DEFAULT_ROOM
 
@@ -40,6 +46,17 @@ SESSION = re.compile(SESSION_ID)
 # client.html at the top of the repository is the one source: the package
 # holds a symbolic link to it, which a wheel turns into a copy.
 PAGE = resources.files("counter_sync") / "client.html"
+
+# The paths of plain endpoints, and their names in the HTTP requests metric.
+ENDPOINTS = {
+    "/healthz": "healthz",
+    "/readyz": "readyz",
+    "/metrics": "metrics",
+    "/admission": "admission",
+    "/favicon.ico": "favicon",
+}
+# What makes a request malformed: the request cannot be read one way.
+MALFORMED = (MalformedRequest, MultipleValuesError, InvalidHeader)
 
 # The 404 page of a /c/ path that names no counter ({path} is escaped in).
 NOT_A_COUNTER = """<!doctype html>
@@ -75,34 +92,80 @@ class Web:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.page = PAGE.read_text(encoding="utf-8")
-        # One warning per client address per interval, however fast it knocks.
+        self.http_rate = RequestRate(hub.settings.http_rate, hub.settings.http_burst)
+        # One warning per client address per interval and per kind, however
+        # fast it knocks.
         self.refusals = ThrottleByKey()
+        self.malformed = ThrottleByKey()
+        self.over_rate = ThrottleByKey()
 
     def process_request(self, websocket: ServerConnection, request: Request) -> Response | None:
         """Answer plain HTTP requests; let allowed WebSocket upgrades to a room through.
 
         ``/`` and ``/c/<name>`` are rooms: a GET is the page, an upgrade joins.
+        The target is read here and only here: the room rides on the
+        connection to the hub. A request that cannot be read one way (a
+        single-valued header repeated, a value that does not parse) gets 400
+        with the reason, whatever it asked for; plain requests beyond the
+        client address's rate get 429.
         """
         assert isinstance(websocket, Connection)
-        path, _, query = request.path.partition("?")
-        if not path.startswith("/") or path.startswith("//") or "#" in request.path:
-            # Only origin-form targets (RFC 9112 3.2.1): what a browser sends.
-            path = ""
+        path, query = split_target(request.path)
         room = room_from_path(path)
-        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-        if room is not None and upgrade:
-            return self.check_upgrade(websocket, request, room, query)
+        upgrade = "websocket" in list_header(request.headers, "Upgrade").lower()
         if room is not None:
+            websocket.endpoint = "websocket" if upgrade else "page"
+        else:
+            websocket.endpoint = ENDPOINTS.get(path, "other")
+        address, charged = websocket.peer_ip, False
+        try:
+            address = self.identify(websocket, request.headers)
+            if websocket.endpoint != "websocket":
+                charged = True
+                if (retry_after := self.charge(address, websocket)) is not None:
+                    return self.too_many_requests(websocket, address, retry_after)
+            if room is not None and upgrade:
+                return self.check_upgrade(websocket, request, address, room, query)
+            return self.answer(websocket, request, path, query, upgrade=upgrade)
+        except MALFORMED as exc:
+            if not charged and (retry_after := self.charge(address, websocket)) is not None:
+                return self.too_many_requests(websocket, address, retry_after)
+            return self.bad_request(websocket, address, malformed_reason(exc))
+
+    def identify(self, websocket: Connection, headers: Headers) -> str:
+        """The client's address as the caps count it; the log lines name it from now on.
+
+        Raises :exc:`MalformedRequest` for a single-valued header repeated
+        (two would make us guess which counts) or a garbled forwarded address.
+        """
+        for name in SINGLE_HEADERS:
+            if len(headers.get_all(name)) > 1:
+                raise MalformedRequest(f"repeated {name} header")
+        address = self.hub.gate.client_address(websocket.peer_ip, headers.get("X-Forwarded-For"))
+        if address != websocket.peer_ip:
+            websocket.client = address
+        return address
+
+    def charge(self, address: str, websocket: Connection) -> int | None:
+        """Spend one of ``address``'s plain requests: None, or the seconds until it has one."""
+        return self.http_rate.retry_after(address, websocket.loop.time())
+
+    def answer(
+        self, websocket: Connection, request: Request, path: str, query: str, *, upgrade: bool
+    ) -> Response:
+        """A plain request's answer: the page, an endpoint, or 404."""
+        endpoint = websocket.endpoint
+        if endpoint == "page":
             return respond(websocket, http.HTTPStatus.OK, self.page, "text/html; charset=utf-8")
-        if path == "/healthz":
+        if endpoint == "healthz":
             return self.health(websocket)
-        if path == "/readyz":
+        if endpoint == "readyz":
             return self.readiness(websocket)
-        if path == "/admission":
-            return self.admission(websocket, request)
-        if path == "/metrics":
+        if endpoint == "admission":
+            return self.admission(websocket, request, query)
+        if endpoint == "metrics":
             return self.metrics(websocket, request)
-        if path == "/favicon.ico":
+        if endpoint == "favicon":
             return no_content(websocket)  # the page's icon is inline; this is for the rest
         if path.startswith("/c/") and not upgrade:
             # A person typed or followed it: say what a counter's address looks like.
@@ -111,29 +174,22 @@ class Web:
         return websocket.respond(http.HTTPStatus.NOT_FOUND, "Not found\n")
 
     def check_upgrade(
-        self, websocket: Connection, request: Request, room: str, query: str
+        self, websocket: Connection, request: Request, address: str, room: str, query: str
     ) -> Response | None:
         """Let the upgrade through, with its room and session on the connection, or refuse it."""
-        refusal = self.hub.refuse(room, peer_ip=websocket.peer_ip, headers=request.headers)
+        headers = request.headers
+        refusal = self.hub.refuse(room, peer_ip=websocket.peer_ip, headers=headers)
         if refusal is None:
             session = session_from_query(query)
             if session is not None and not SESSION.fullmatch(session):
-                return websocket.respond(
-                    http.HTTPStatus.BAD_REQUEST,
-                    "bad session: 16 to 64 characters of A-Z a-z 0-9 _ -\n",
-                )
+                raise MalformedRequest("bad session: 16 to 64 characters of A-Z a-z 0-9 _ -")
             websocket.room, websocket.session = room, session
-            address = self.hub.gate.client_address(
-                websocket.peer_ip, request.headers.get("X-Forwarded-For")
-            )
-            if address != websocket.peer_ip:
-                websocket.client = address
             return None
         self.hub.metrics.handshakes_rejected.labels(refusal.kind).inc()
-        peer = format_peer(websocket)
         detail = refusal.detail
-        origin, host = request.headers.get("Origin"), request.headers.get("Host")
-        if refusal.kind == "origin" and origin and urlsplit(origin).netloc == host:
+        # Each of them once at most: identify() made sure.
+        origin, host = headers.get("Origin"), headers.get("Host")
+        if refusal.kind == "origin" and origin and split_origin(origin).netloc == host:
             # The server's own page, opened by a name: only the operator can
             # vouch for the name, since a DNS-rebinding page looks the same.
             detail += (
@@ -141,16 +197,50 @@ class Web:
                 f"server's, add --origin {origin} to accept it"
             )
         self.refusals.warning(
-            websocket.peer_ip,
+            address_key(address),
             log,
             "%s rejected: %s",
-            peer,
+            websocket.client,
             detail,
             **fields(
-                "rejected", peer=peer, room=room, code=int(refusal.status), reason=refusal.reason
+                "rejected",
+                peer=websocket.client,
+                room=room,
+                code=int(refusal.status),
+                reason=refusal.reason,
             ),
         )
         return websocket.respond(refusal.status, f"{refusal.reason}\n")
+
+    def bad_request(self, websocket: Connection, address: str, reason: str) -> Response:
+        """400 with the reason in one line; a warning, throttled per client address."""
+        if websocket.endpoint == "websocket":
+            self.hub.metrics.handshakes_rejected.labels("malformed").inc()
+        self.malformed.warning(
+            address_key(address),
+            log,
+            "%s sent a malformed request: %s",
+            websocket.client,
+            reason,
+            **fields("rejected", peer=websocket.client, code=400, reason=reason),
+        )
+        return websocket.respond(http.HTTPStatus.BAD_REQUEST, f"{reason}\n")
+
+    def too_many_requests(self, websocket: Connection, address: str, retry_after: int) -> Response:
+        """429 with ``Retry-After``; a warning, throttled per client address."""
+        settings = self.hub.settings
+        self.over_rate.warning(
+            address_key(address),
+            log,
+            "%s is over the HTTP request rate (%g a second, %d at once): 429",
+            websocket.client,
+            settings.http_rate,
+            settings.http_burst,
+            **fields("rejected", peer=websocket.client, code=429, reason="too many requests"),
+        )
+        response = websocket.respond(http.HTTPStatus.TOO_MANY_REQUESTS, "too many requests\n")
+        response.headers["Retry-After"] = str(retry_after)
+        return response
 
     def health(self, websocket: ServerConnection) -> Response:
         """Liveness: 200 while the process serves, with what it holds."""
@@ -175,7 +265,8 @@ class Web:
 
     def metrics(self, websocket: ServerConnection, request: Request) -> Response:
         """The Prometheus scrape, in the format the scraper asked for."""
-        body, content_type = self.hub.metrics.exposition(request.headers.get("Accept"))
+        accept = list_header(request.headers, "Accept")
+        body, content_type = self.hub.metrics.exposition(accept or None)
         response = websocket.respond(http.HTTPStatus.OK, "")
         response.body = body
         del response.headers["Content-Type"]
@@ -184,14 +275,14 @@ class Web:
         response.headers["Content-Length"] = str(len(body))
         return response
 
-    def admission(self, websocket: Connection, request: Request) -> Response:
+    def admission(self, websocket: Connection, request: Request, query_string: str) -> Response:
         """Would a WebSocket to this room, from this page, be let in now? Why not?
 
         The page says its own origin in the query: a same-origin fetch sends
         no Origin header. Nothing is granted here, so the answer is for anyone
         (``Access-Control-Allow-Origin: *``).
         """
-        query = parse_qs(urlsplit(request.path).query)
+        query = parse_qs(query_string)
         name = query.get("room", [DEFAULT_ROOM])[0]
         room = DEFAULT_ROOM if name == DEFAULT_ROOM else room_from_path(f"/c/{name}")
         if room is None:
@@ -214,6 +305,33 @@ class Web:
         response.headers["Access-Control-Allow-Origin"] = "*"
         response.headers["Cache-Control"] = "no-store"
         return response
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """A request target's path and query; the path is "" unless the target is in origin-form.
+
+    Origin-form (RFC 9112 3.2.1) is what a browser sends: a path from ``/``,
+    maybe a query, no fragment. ``//host/c/x`` or ``http://host/c/x``
+    names no room here, whatever a URL parser would make of it.
+    """
+    path, _, query = target.partition("?")
+    if not path.startswith("/") or path.startswith("//") or "#" in target:
+        return "", ""
+    return path, query
+
+
+def list_header(headers: Headers, name: str) -> str:
+    """A list-valued header's values as one, the way RFC 9110 5.3 combines repeated lines."""
+    return ", ".join(headers.get_all(name))
+
+
+def malformed_reason(exc: Exception) -> str:
+    """What was wrong with a malformed request, in one line for the client and the log."""
+    if isinstance(exc, MultipleValuesError):
+        return f"repeated {exc.args[0]} header"
+    if isinstance(exc, InvalidHeader):
+        return f"invalid {exc.name} header"
+    return str(exc)
 
 
 def session_from_query(query: str) -> str | None:

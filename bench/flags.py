@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Flag", "loopback", "names_in", "parse", "positive", "settings_from"]
 
-Settings = TypeVar("Settings", bound="DataclassInstance")
+Fields = TypeVar("Fields", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def parse(
     return args
 
 
-def settings_from(cls: type[Settings], args: argparse.Namespace, **extra: Any) -> Settings:
+def settings_from(cls: type[Fields], args: argparse.Namespace, **extra: Any) -> Fields:
     """A dataclass of settings: each field from the flag of its name, unless ``extra`` has it."""
     names = {field.name for field in dataclasses.fields(cls)} - set(extra)
     return cls(**{name: getattr(args, name) for name in names}, **extra)

@@ -110,8 +110,8 @@ def attack_stall(run: Run, stack: contextlib.ExitStack, outcome: Outcome) -> Sub
     """2. A client stops reading while updates are queued for it as fast as they go.
 
     Thousands of updates back up behind it before its first keepalive ping
-    is due (the issue's case): the ping then waits behind them, so only the
-    liveness deadline can drop it in time.
+    is due (the case that once broke the server): the ping then waits behind
+    them, so only the liveness deadline can drop it in time.
     """
     return stalled_reader(run, stack, outcome, name="stall", pace=0.0)
 

@@ -27,6 +27,7 @@ from testkit.processes import IN_CI, TIMEOUT, MissingBinary, find_binary
 __all__ = [
     "is_state",
     "join",
+    "raw_http",
     "require_binary",
     "require_module",
     "room",
@@ -91,7 +92,7 @@ async def wait_for_event(
 
 def is_state(event: dict[str, Any], value: int) -> bool:
     """A state message with ``value``, whatever its version (``seq``, ``epoch``)."""
-    return event["type"] == "state" and event["value"] == value
+    return bool(event["type"] == "state" and event["value"] == value)
 
 
 async def wait_for_value(websocket: ClientConnection, value: int) -> dict[str, Any]:
@@ -107,6 +108,16 @@ async def wait_until(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(TIMEOUT):
         while not condition():  # noqa: ASYNC110 - the server exposes no event for these
             await asyncio.sleep(0.001)
+
+
+async def raw_http(port: int, request: bytes, source: str = "127.0.0.1") -> bytes:
+    """Send ``request`` as it is, from ``source``; return every byte until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(request)
+    async with asyncio.timeout(TIMEOUT):
+        response = await reader.read()
+    writer.close()
+    return response
 
 
 def room(app: App, name: str = DEFAULT_ROOM) -> Room:

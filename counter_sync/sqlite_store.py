@@ -1,94 +1,175 @@
 """Keep the counters in a SQLite file so they survive restarts: ``--state PATH``.
 
 One file holds every counter, one row per room (``"/"`` and each named
-counter); a room that has never changed, or is back at 0, has no row and
-reads as 0. What the store promises, in the order a change goes through it:
+counter) with its version; the last done op of each (room, session); and the
+file's history, its epoch and sequence. A room that has never changed, or is
+back at 0, has no row and reads as 0. What the store promises, in the order a
+change goes through it:
 
-* Write-ahead. :meth:`SqliteStore.add` returns only after its transaction is
-  committed with ``synchronous=FULL`` (the WAL is fsynced), and the hub
-  broadcasts a value only after ``add`` returned it. A value anyone was shown
-  is on disk.
-* Group commit, across rooms. Each room's flush calls ``add`` with the net
-  change of every action gathered since its previous one. The adds of every
-  room that flushes in the same event-loop turn, or while a commit waits for
-  the disk, go into one transaction: one fsync for all of them.
+* Write-ahead. :meth:`SqliteStore.commit` returns only after its transaction
+  is committed with ``synchronous=FULL`` (the WAL is fsynced), and the hub
+  broadcasts a value, or acknowledges an op, only after ``commit`` returned
+  it. A value anyone was shown, and an op anyone was told is done, is on disk.
+* Atomic per room, sessions included. A room's new value, its ``seq`` and the
+  last done op of every session in its change are written in one
+  transaction, by the one rule of :func:`~counter_sync.store.apply_batch`. So
+  an op sent again after the server died mid-flush counts at most once, and
+  exactly once if it was not applied. A change that would take the value
+  beyond ±MAX_VALUE counts no delta (``applied=False``), but its ops are done.
+* Versions. Every committed change of a room takes the next number of one
+  sequence kept in the file for all rooms, so a room whose row was deleted at
+  0 and is loaded again never goes back; so does a counter the API forgets.
+  The epoch is drawn when the file is created (or migrated) and kept in it:
+  it is the same after every restart.
+* Group commit. The flusher sends the changes of every room that flushes in
+  one pass as one :meth:`~SqliteStore.commit`; the commits that arrive while
+  one waits for the disk go into the next transaction together. One fsync for
+  all of them.
 * Off the event loop. A commit blocks in fsync, and a sqlite3 connection
   belongs to the thread that opened it, so one worker thread owns the
-  connection and makes every SQLite call; the loop only awaits it.
+  connection and makes every SQLite call; the loop only awaits it. The thread
+  is a daemon: one stuck in fsync does not keep the process alive after the
+  server's bounded stop has given up on it.
+* Sessions are forgotten, not kept forever. A session whose last op is older
+  than ``session_ttl`` is deleted by a sweep that rides on a commit that
+  writes, at most once per ``SESSION_SWEEP_INTERVAL``, deleting at most
+  ``SESSION_SWEEP_LIMIT`` rows (then again at the next one, until it has
+  caught up). The age is wall-clock time, so that it survives restarts; a
+  clock set forward forgets sessions early by as much.
 * Honest failures. A commit SQLite certainly rolled back (disk full, database
   locked) raises :exc:`~counter_sync.store.StoreUnavailable`: nothing of it
   counts, and the store carries on. Any other failure of a commit (an I/O
   error, say fsync returning EIO) may have left it on disk, so it raises
-  :exc:`~counter_sync.store.StoreInDoubt`, and so does every later ``add``:
+  :exc:`~counter_sync.store.StoreInDoubt`, and so does every later ``commit``:
   only a restart, which reads the file afresh, can tell what it holds.
 
 At start-up the file is checked before SQLite may write to it: a file that is
 not a counter-sync database, is corrupt, read-only, held by another server, or
 holds a value beyond ±MAX_VALUE is refused with one line for the operator
-(:exc:`~counter_sync.store.StoreError`) and left as it was. A file of the
-single-counter version (schema 1) is migrated in one transaction: its value
-becomes the counter at ``/``.
+(:exc:`~counter_sync.store.StoreError`) and left as it was. A file of an
+earlier layout is migrated in one transaction: schema 1 (one counter) and
+schema 2 (one row per room, no versions) keep every value, at ``seq`` 0 in a
+new epoch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
+import queue
 import sqlite3
 import stat
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
-from counter_sync.config import MAX_VALUE
+from counter_sync.config import (
+    BUSY_TIMEOUT,
+    MAX_VALUE,
+    SESSION_SWEEP_INTERVAL,
+    SESSION_SWEEP_LIMIT,
+    SESSION_TTL,
+)
 from counter_sync.store import (
     DEFAULT_ROOM,
+    Change,
     Observer,
-    OutOfRange,
+    Outcome,
+    RoomState,
     StoreError,
     StoreInDoubt,
     StoreUnavailable,
+    apply_batch,
+    new_epoch,
 )
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteStore"]
 
-log = logging.getLogger("counter-sync")
+log = logging.getLogger("counter_sync.sqlite_store")
+
+T = TypeVar("T")
 
 # "CSYN" in the database header: four bytes at a fixed offset tell a foreign
 # SQLite file from ours without letting SQLite open it (and maybe write to it).
 APPLICATION_ID = 0x4353594E
-SCHEMA_VERSION = 2  # PRAGMA user_version for the layout below
+SCHEMA_VERSION = 3  # PRAGMA user_version for the layout below
 SINGLE_COUNTER_VERSION = 1  # the layout before rooms: one row, id 0
-# Seconds a commit waits for another process's write lock (say, an operator's
-# sqlite3 shell) before the flush fails with StoreUnavailable.
-BUSY_TIMEOUT = 5.0
+ROOMS_VERSION = 2  # one row per room, without versions or sessions
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 HEADER_SIZE = 100
 APPLICATION_ID_OFFSET = 68
-# One row per counter that is not 0. The CHECK is the range rule itself: a
-# change that would leave ±MAX_VALUE fails its statement, not the whole
-# transaction, so the other rooms' changes in it still commit. WITHOUT ROWID:
-# the name is the key, so the table is one b-tree instead of two.
-SCHEMA = f"""
-CREATE TABLE counter (
-    name TEXT PRIMARY KEY NOT NULL,
-    value INTEGER NOT NULL
-        CHECK (typeof(value) = 'integer' AND value BETWEEN -{MAX_VALUE} AND {MAX_VALUE})
-) WITHOUT ROWID
-"""
+# counter: one row per counter that is not 0, with the seq of its last
+# change. meta: the one row of the file's history, its epoch and the last
+# seq handed out to any room. session: the last done op of each (room,
+# session), and when it was last changed (Unix time), indexed for the sweep.
+# The CHECKs restate the rules the code keeps, so that a bug or a hand edit
+# fails a statement instead of storing a value no client could be shown.
+# WITHOUT ROWID: the key is the name, so each table is one b-tree instead of two.
+SCHEMA = (
+    f"""
+    CREATE TABLE counter (
+        name TEXT PRIMARY KEY NOT NULL,
+        value INTEGER NOT NULL
+            CHECK (typeof(value) = 'integer' AND value BETWEEN -{MAX_VALUE} AND {MAX_VALUE}),
+        seq INTEGER NOT NULL CHECK (typeof(seq) = 'integer' AND seq >= 0)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE meta (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        epoch TEXT NOT NULL,
+        seq INTEGER NOT NULL CHECK (typeof(seq) = 'integer' AND seq >= 0)
+    )
+    """,
+    f"""
+    CREATE TABLE session (
+        room TEXT NOT NULL,
+        session TEXT NOT NULL,
+        done INTEGER NOT NULL CHECK (typeof(done) = 'integer' AND done BETWEEN 0 AND {MAX_VALUE}),
+        touched REAL NOT NULL,
+        PRIMARY KEY (room, session)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX session_by_age ON session (touched)",
+)
+# The columns of each table of each layout, as pragma_table_info lists them.
+TABLES_BY_VERSION = {
+    SINGLE_COUNTER_VERSION: {"counter": ["id", "value"]},
+    ROOMS_VERSION: {"counter": ["name", "value"]},
+    SCHEMA_VERSION: {
+        "counter": ["name", "value", "seq"],
+        "meta": ["id", "epoch", "seq"],
+        "session": ["room", "session", "done", "touched"],
+    },
+}
 # The rows of each layout as (name, value), for the checks before migrating.
 COUNTERS_BY_VERSION = {
     SINGLE_COUNTER_VERSION: f"SELECT '{DEFAULT_ROOM}' AS name, value FROM counter WHERE id = 0",
+    ROOMS_VERSION: "SELECT name, value FROM counter",
     SCHEMA_VERSION: "SELECT name, value FROM counter",
 }
-ADD = """
-INSERT INTO counter (name, value) VALUES (?, ?)
-ON CONFLICT (name) DO UPDATE SET value = value + excluded.value
-RETURNING value
+SET_COUNTER = """
+INSERT INTO counter (name, value, seq) VALUES (?, ?, ?)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value, seq = excluded.seq
+"""
+SET_DONE = """
+INSERT INTO session (room, session, done, touched) VALUES (?, ?, ?, ?)
+ON CONFLICT (room, session) DO UPDATE SET done = excluded.done, touched = excluded.touched
+"""
+# The oldest idle sessions first, a bounded number, through the index.
+SWEEP = """
+DELETE FROM session WHERE (room, session) IN (
+    SELECT room, session FROM session WHERE touched < ? ORDER BY touched LIMIT ?
+)
 """
 # Errors after which SQLite has certainly rolled the transaction back: it
 # could not write the WAL (disk full) or never got the write lock.
@@ -96,87 +177,141 @@ KNOWN_ROLLBACKS = ("SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED")
 
 
 @dataclasses.dataclass
-class Change:
-    """One room's ``add``, waiting for the transaction that carries it."""
+class Pending:
+    """One :meth:`SqliteStore.commit` call, waiting for the transaction that carries it."""
 
-    room: str
-    delta: int
-    done: asyncio.Future[int]
+    changes: Sequence[Change]
+    done: asyncio.Future[list[Outcome]]
 
 
 class SqliteStore:
-    """Every counter in one SQLite file, in WAL mode, held by this process alone."""
+    """Every counter and session in one SQLite file, in WAL mode, held by this process alone.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    ``session_ttl`` (seconds, ``--session-ttl``): how long after its last op
+    a session's last done op is kept at least.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, session_ttl: float = SESSION_TTL) -> None:
         self.path = Path(path)
         self.name = os.fspath(path)  # as the operator wrote it, for messages
-        # One thread: it owns the connection and runs the calls one at a time.
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self.session_ttl = session_ttl
+        self.worker: Worker | None = None  # started by open()
+        self._epoch = ""  # read from the file by open()
         # Touched on the worker thread only.
         self.connection: sqlite3.Connection | None = None
         self.lock: int | None = None  # descriptor of the file, holding the flock
+        self.seq = 0  # the last seq committed to any room: meta.seq
+        self.next_sweep = 0.0  # Unix time; the first write sweeps what the last run left
         # Touched on the event loop only.
-        self.queued: list[Change] = []  # for the next transaction
+        self.queued: list[Pending] = []  # for the next transaction
+        self.committing: list[Pending] = []  # in the transaction under way
         self.committer: asyncio.Task[None] | None = None
         self.last_commit_ok = True
         self.in_doubt: str | None = None  # why, once a commit's outcome is unknown
         self.closed = False
 
+    @property
+    def epoch(self) -> str:
+        """The history of this file: drawn when it was created or migrated, kept in it."""
+        return self._epoch
+
     async def open(self) -> None:
-        """Open (or create, empty) the file, migrating a single-counter one.
+        """Open (or create, empty) the file, migrating one of an earlier layout.
 
         Raise :exc:`StoreError` with one line if the file cannot be ours.
         """
-        loop = asyncio.get_running_loop()
+        worker = self.worker = Worker()
         try:
-            how = await loop.run_in_executor(self.worker, self.open_file)
-            value, others = await loop.run_in_executor(self.worker, self.summary)
+            how = await worker.call(self.open_file)
+            value, others, sessions = await worker.call(self.summary)
         except BaseException:
-            await loop.run_in_executor(self.worker, self.release_file)
-            self.worker.shutdown()
+            await worker.call(self.release_file)
+            worker.stop()
             raise
-        log.info("state %s: value %d at /, %d other counter(s) (%s)", self.name, value, others, how)
+        log.info(
+            "state %s: value %d at /, %d other counter(s), %d session(s) (%s)",
+            self.name,
+            value,
+            others,
+            sessions,
+            how,
+        )
 
-    async def load(self, room: str) -> int:
-        """Read the value of ``room``; a room without a row is at 0 and gets none."""
-        if self.in_doubt is not None or self.closed:
+    async def load(self, room: str) -> RoomState:
+        """Read the state of ``room``; one without a row is at 0, at the file's latest seq.
+
+        Raise :exc:`StoreUnavailable` if the file cannot be read now.
+        """
+        return await self.read(functools.partial(self.read_state, room))
+
+    async def peek(self, room: str) -> tuple[RoomState, int]:
+        """Read the state of ``room`` as :meth:`load` does; no other instance has users."""
+        return await self.load(room), 0
+
+    async def counters(self, prefix: str, after: str, limit: int) -> list[tuple[str, RoomState]]:
+        """Up to ``limit`` counters by name, those starting with ``prefix``, after ``after``.
+
+        A counter at 0 has no row, so it is not listed. Raise
+        :exc:`StoreUnavailable` if the file cannot be read now.
+        """
+        return await self.read(functools.partial(self.read_counters, prefix, after, limit))
+
+    async def read(self, function: Callable[[], T]) -> T:
+        """Run a read on the worker thread; :exc:`StoreUnavailable` if it fails."""
+        if self.in_doubt is not None or self.closed or self.worker is None:
             # Once in doubt, the server is stopping: nobody new joins it.
             raise StoreUnavailable(self.in_doubt or f"{self.name} is closed")
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.worker, self.read_value, room)
+            return await self.worker.call(function)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot read {self.name}: {exc}") from exc
+
+    async def commit(self, changes: Sequence[Change]) -> list[Outcome]:
+        """Apply ``changes`` durably, in the next group transaction; one outcome each, in order.
+
+        Each room's change is atomic with its sessions, and the whole call is
+        one transaction. Raise :exc:`StoreUnavailable` if it was rolled back
+        (nothing of it counts), and :exc:`StoreInDoubt` if it failed in a way
+        that may have left it on disk (and for every call after that).
+        """
+        if self.in_doubt is not None:
+            raise StoreInDoubt(self.in_doubt)  # the store is done: only a restart can tell
+        if self.closed or self.worker is None:
+            raise StoreUnavailable(f"{self.name} is closed")
+        if not changes:
+            return []
+        pending = Pending(changes, asyncio.get_running_loop().create_future())
+        self.queued.append(pending)
+        if self.committer is None:
+            # A task starts on the next loop turn: every commit called in
+            # this one is queued by then.
+            self.committer = asyncio.create_task(self.commit_queued())
+        return await pending.done
+
+    async def forget(self, room: str) -> RoomState:
+        """Reset ``room`` to 0, durably, in a transaction of its own; return its new state.
+
+        Its row goes and the state takes the next seq, so it replaces any
+        shown. Its sessions are kept, as :class:`~counter_sync.store.MemoryStore`
+        keeps them: a client still connected goes on with its next op. Raise
+        as :meth:`commit` does.
+        """
+        if self.in_doubt is not None:
+            raise StoreInDoubt(self.in_doubt)
+        if self.closed or self.worker is None:
+            raise StoreUnavailable(f"{self.name} is closed")
+        try:
+            state = await self.worker.call(functools.partial(self.reset, room))
+        except sqlite3.Error as exc:
+            raise self.failure(exc) from exc
+        self.last_commit_ok = True
+        return state
 
     def release(self, room: str) -> None:
         pass  # nothing is kept per room outside the file
 
-    def has_room_for(self, room: str) -> bool:
+    def can_open(self, room: str) -> bool:
         return True  # the file holds any number; the hub caps the rooms in use
-
-    async def add(self, room: str, delta: int) -> int:
-        """Commit ``delta`` to ``room`` durably, in the next group transaction.
-
-        Return the room's new value. Raise :exc:`OutOfRange` if the change would
-        take it beyond ±MAX_VALUE (not applied), :exc:`StoreUnavailable` if the
-        transaction was rolled back (nothing of it is counted), and
-        :exc:`StoreInDoubt` if it failed in a way that may have left it on disk.
-        """
-        if self.in_doubt is not None:
-            raise StoreInDoubt(self.in_doubt)  # the store is done: only a restart can tell
-        if self.closed:
-            raise StoreUnavailable(f"{self.name} is closed")
-        if abs(delta) > 2 * MAX_VALUE:
-            # No value in range can absorb it, and past 2**63 sqlite3 could not
-            # even bind it: it would fail the whole batch, not this change.
-            raise OutOfRange
-        change = Change(room, delta, asyncio.get_running_loop().create_future())
-        self.queued.append(change)
-        if self.committer is None:
-            # A task starts on the next loop turn: every room flushing in this
-            # one has queued its change by then.
-            self.committer = asyncio.create_task(self.commit_queued())
-        return await change.done
 
     def healthy(self) -> bool:
         """False from a failed commit until the next one succeeds, and for good once in doubt."""
@@ -189,65 +324,69 @@ class SqliteStore:
         pass
 
     async def close(self) -> None:
-        """Finish the queued commits, close the database and release the file."""
+        """Finish the queued commits, close the database and release the file.
+
+        The caller bounds the wait: if the disk hangs, the worker thread stays
+        stuck, and being a daemon it does not hold up the process's exit.
+        """
         if self.closed:
             return
         self.closed = True
         if self.committer is not None:
             await self.committer
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.worker, self.release_file)
-        self.worker.shutdown()
+        if self.worker is not None:
+            await self.worker.call(self.release_file)
+            self.worker.stop()
 
     # The event loop's side of group commit.
 
     async def commit_queued(self) -> None:
         """Commit what is queued, one transaction at a time, until nothing is."""
-        loop = asyncio.get_running_loop()
-        batch: list[Change] = []
+        assert self.worker is not None
         try:
             while self.queued and self.in_doubt is None:
                 batch, self.queued = self.queued, []
-                changes = [(change.room, change.delta) for change in batch]
+                self.committing = batch
+                changes = [change for pending in batch for change in pending.changes]
                 try:
-                    values = await loop.run_in_executor(self.worker, self.commit, changes)
+                    outcomes = await self.worker.call(functools.partial(self.write, changes))
                 except sqlite3.Error as exc:
-                    self.fail(batch, exc)
+                    failure = self.failure(exc)
+                    for pending in batch:
+                        settle(pending, failure)
                 except Exception as exc:
-                    # Not SQLite's: raised before COMMIT ran (commit() has
+                    # Not SQLite's: raised before COMMIT ran (write() has
                     # nothing after it), so rolled back. Every caller hears it.
-                    for change in batch:
-                        settle(change, exc)
+                    for pending in batch:
+                        settle(pending, exc)
                 else:
                     self.last_commit_ok = True
-                    for change, value in zip(batch, values, strict=True):
-                        settle(change, OutOfRange() if value is None else value)
-                batch = []
+                    results = iter(outcomes)
+                    for pending in batch:
+                        settle(pending, [next(results) for _ in pending.changes])
+                self.committing = []
             # Queued behind a commit that ended in doubt: the store is done.
-            for change in self.queued:
-                settle(change, StoreInDoubt(self.in_doubt))
+            for pending in self.queued:
+                settle(pending, StoreInDoubt(self.in_doubt))
             self.queued = []
         finally:
             # Cancelled (the loop is going away): nobody waits for an answer.
-            for change in [*batch, *self.queued]:
-                change.done.cancel()
+            for pending in [*self.committing, *self.queued]:
+                pending.done.cancel()
+            self.committing = []
             self.committer = None
 
-    def fail(self, batch: list[Change], exc: sqlite3.Error) -> None:
-        """Tell every change of a failed transaction whether it certainly did not apply."""
+    def failure(self, exc: sqlite3.Error) -> StoreUnavailable | StoreInDoubt:
+        """What a failed transaction means: certainly not applied, or in doubt for good."""
         code = getattr(exc, "sqlite_errorname", None) or "no SQLite error code"
         if code.startswith(KNOWN_ROLLBACKS):
             self.last_commit_ok = False
-            reason = f"cannot commit to {self.name}: {exc}"
-            for change in batch:
-                settle(change, StoreUnavailable(reason))
-            return
+            return StoreUnavailable(f"cannot commit to {self.name}: {exc}")
         self.in_doubt = (
             f"--state {self.name}: a commit failed ({one_line(str(exc))}, {code}) "
             "and may or may not be on disk"
         )
-        for change in batch:
-            settle(change, StoreInDoubt(self.in_doubt))
+        return StoreInDoubt(self.in_doubt)
 
     # The worker thread's side.
 
@@ -277,11 +416,16 @@ class SqliteStore:
             version = check_schema(connection, self.name)
             # Before any write: a refused file is left as it was.
             check_range(connection, version, self.name)
-            if version == SINGLE_COUNTER_VERSION:
-                self.migrate(connection)  # which logs its own line
+            if version != SCHEMA_VERSION:
+                self.migrate(connection, version)  # which logs its own line
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"--state {self.name}: SQLite cannot use WAL mode here ({mode})")
+        self._epoch, meta_seq = connection.execute("SELECT epoch, seq FROM meta").fetchone()
+        # A row's seq is never above meta's (they change together), unless
+        # someone edited the file: go on above both, so no room goes back.
+        (highest,) = connection.execute("SELECT coalesce(max(seq), 0) FROM counter").fetchone()
+        self.seq = max(int(meta_seq), int(highest))
         return how
 
     def create_schema(self, connection: sqlite3.Connection) -> None:
@@ -290,80 +434,180 @@ class SqliteStore:
         # even if the process dies before the first WAL checkpoint.
         connection.execute("BEGIN IMMEDIATE")
         connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        connection.execute(SCHEMA)
+        self.create_tables(connection)
         connection.execute("COMMIT")
         # The new file's directory entry must be durable too; SQLite syncs the
         # directory for its journals, not for the database file we created.
         fsync_directory(self.path.absolute().parent)
 
-    def migrate(self, connection: sqlite3.Connection) -> None:
-        """Turn the single counter of schema 1 into the row of ``/``, in one transaction.
+    def create_tables(self, connection: sqlite3.Connection) -> None:
+        """The tables of this layout and a new history, inside the caller's transaction."""
+        for statement in SCHEMA:
+            connection.execute(statement)
+        connection.execute("INSERT INTO meta (id, epoch, seq) VALUES (0, ?, 0)", (new_epoch(),))
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-        The version number is in the same transaction, so a crash leaves
-        either the old layout, migrated again at the next start, or the new one.
+    def migrate(self, connection: sqlite3.Connection, version: int) -> None:
+        """Move the counters of schema 1 or 2 into this layout, in one transaction.
+
+        Every value is kept, at seq 0 of a new epoch (the old layouts had no
+        versions), and no session is known yet. The version number is in the
+        same transaction, so a crash leaves either the old layout, migrated
+        again at the next start, or the new one.
         """
         try:
             connection.execute("BEGIN IMMEDIATE")
-            (value,) = connection.execute("SELECT value FROM counter WHERE id = 0").fetchone()
-            connection.execute("ALTER TABLE counter RENAME TO single_counter")
-            connection.execute(SCHEMA)
-            if value != 0:  # 0 has no row, as for every counter
-                connection.execute(
-                    "INSERT INTO counter (name, value) VALUES (?, ?)", (DEFAULT_ROOM, value)
-                )
-            connection.execute("DROP TABLE single_counter")
-            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            rows = connection.execute(COUNTERS_BY_VERSION[version]).fetchall()
+            connection.execute("DROP TABLE counter")
+            self.create_tables(connection)
+            # 0 has no row, as for every counter.
+            connection.executemany(
+                "INSERT INTO counter (name, value, seq) VALUES (?, ?, 0)",
+                [(name, value) for name, value in rows if value != 0],
+            )
             connection.execute("COMMIT")
         except BaseException:
             rollback(connection)
             raise
+        if version == SINGLE_COUNTER_VERSION:
+            ((_, value),) = rows
+            kept = f"/ keeps its value {value}"
+        else:
+            kept = f"{sum(value != 0 for _, value in rows)} counter(s) keep their values"
         log.info(
-            "state %s: migrated from one counter (schema %d) to named counters (schema %d); "
-            "/ keeps its value %d",
+            "state %s: migrated from schema %d to schema %d (versions and sessions); %s",
             self.name,
-            SINGLE_COUNTER_VERSION,
+            version,
             SCHEMA_VERSION,
-            value,
+            kept,
         )
 
-    def summary(self) -> tuple[int, int]:
-        """The value at ``/`` and how many other counters the file holds, for the log."""
+    def summary(self) -> tuple[int, int, int]:
+        """The value at ``/``, how many other counters and sessions the file holds, for the log."""
         connection = self.open_connection()
         (others,) = connection.execute(
             "SELECT count(*) FROM counter WHERE name != ?", (DEFAULT_ROOM,)
         ).fetchone()
-        return self.read_value(DEFAULT_ROOM), int(others)
+        (sessions,) = connection.execute("SELECT count(*) FROM session").fetchone()
+        return self.read_state(DEFAULT_ROOM).value, int(others), int(sessions)
 
-    def read_value(self, room: str) -> int:
+    def read_state(self, room: str, latest: int | None = None) -> RoomState:
+        """The state of ``room``; without a row, 0 at ``latest`` (the last seq handed out)."""
         connection = self.open_connection()
-        row = connection.execute("SELECT value FROM counter WHERE name = ?", (room,)).fetchone()
-        return 0 if row is None else int(row[0])
+        row = connection.execute(
+            "SELECT value, seq FROM counter WHERE name = ?", (room,)
+        ).fetchone()
+        if row is None:  # at 0: as new as anything the file holds
+            return RoomState(0, self.seq if latest is None else latest, self._epoch)
+        return RoomState(int(row[0]), int(row[1]), self._epoch)
 
-    def commit(self, changes: list[tuple[str, int]]) -> list[int | None]:
-        """Apply every change in one transaction; the new values, None where out of range."""
+    def write(self, changes: list[Change]) -> list[Outcome]:
+        """Apply every change in one transaction; return their outcomes once it is committed."""
         connection = self.open_connection()
+        now = time.time()
+        # A transaction that only reads (sessions that joined) needs no write
+        # lock, so an operator's write in a sqlite3 shell does not hold up
+        # joins. Sweeps ride on writes: without them, no session is added.
+        writes = any(change.delta or change.ops or change.set_to is not None for change in changes)
+        sweep = writes and now >= self.next_sweep
+        seq = self.seq
         try:
-            connection.execute("BEGIN IMMEDIATE")
-            values = [self.apply(connection, room, delta) for room, delta in changes]
+            connection.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+            outcomes = []
+            for change in changes:
+                outcome = self.apply(connection, change, seq, now)
+                seq = max(seq, outcome.state.seq)
+                outcomes.append(outcome)
+            if seq != self.seq:
+                connection.execute("UPDATE meta SET seq = ?", (seq,))
+            swept = self.sweep(connection, now) if sweep else 0
             connection.execute("COMMIT")
         except BaseException:
             # SQLite rolls back by itself after most errors (disk full, I/O).
             rollback(connection)
             raise
-        return values
+        self.seq = seq
+        if sweep:
+            # Caught up: wait a period. A full batch: the next commit goes on.
+            self.next_sweep = now + SESSION_SWEEP_INTERVAL if swept < SESSION_SWEEP_LIMIT else now
+        return outcomes
 
-    def apply(self, connection: sqlite3.Connection, room: str, delta: int) -> int | None:
-        """Add ``delta`` to ``room`` inside the open transaction; None if out of range."""
+    def apply(
+        self, connection: sqlite3.Connection, change: Change, seq: int, now: float
+    ) -> Outcome:
+        """Apply one room's change inside the open transaction, as :class:`MemoryStore` does.
+
+        ``seq`` is the last one handed out so far; a change of the value takes the next.
+        """
+        room = change.room
+        state = self.read_state(room, seq)
+        delta = change.delta
+        done: dict[str, tuple[int, int]] = {}
+        retried = False
+        for batch in change.ops:
+            if batch.session in done:
+                first_before, before = done[batch.session]
+            else:
+                first_before = before = self.last_done(connection, room, batch.session)
+            start, after = apply_batch(before, batch)
+            retried |= start != batch.first
+            delta += sum(batch.deltas[start - batch.first :])
+            done[batch.session] = (first_before, after)
+        for session in change.lookups:
+            if session not in done:
+                last = self.last_done(connection, room, session)
+                done[session] = (last, last)
+        # A set sent again must not undo what came after it.
+        value = state.value if change.set_to is None or retried else change.set_to
+        applied = abs(value + delta) <= MAX_VALUE
+        if applied and value + delta != state.value:
+            state = RoomState(value + delta, seq + 1, self._epoch)
+            if state.value:
+                connection.execute(SET_COUNTER, (room, state.value, state.seq))
+            else:  # a counter back at 0 takes no room in the file
+                connection.execute("DELETE FROM counter WHERE name = ?", (room,))
+        for session, (before, after) in done.items():
+            if after != before:
+                connection.execute(SET_DONE, (room, session, after, now))
+        return Outcome(state, applied, done)
+
+    def read_counters(self, prefix: str, after: str, limit: int) -> list[tuple[str, RoomState]]:
+        connection = self.open_connection()
+        query = "SELECT name, value, seq FROM counter WHERE name > ?"
+        bounds: tuple[str, ...] = (after,)
+        if prefix:
+            # Room names are ASCII below DEL, so every name starting with
+            # prefix sorts before prefix + DEL: the scan stops there.
+            query += " AND name >= ? AND name < ?"
+            bounds += (prefix, prefix + "\x7f")
+        rows = connection.execute(f"{query} ORDER BY name LIMIT ?", (*bounds, limit)).fetchall()
+        return [(name, RoomState(value, seq, self._epoch)) for name, value, seq in rows]
+
+    def reset(self, room: str) -> RoomState:
+        """Delete ``room``'s row and give it the next seq, in one transaction."""
+        connection = self.open_connection()
+        seq = self.seq + 1
         try:
-            ((value,),) = connection.execute(ADD, (room, delta)).fetchall()
-        except sqlite3.IntegrityError:
-            # The CHECK failed: SQLite undid this statement alone, and the
-            # transaction goes on with the other rooms' changes.
-            return None
-        if value == 0:  # a counter back at 0 takes no room in the file
+            connection.execute("BEGIN IMMEDIATE")
             connection.execute("DELETE FROM counter WHERE name = ?", (room,))
-        return int(value)
+            connection.execute("UPDATE meta SET seq = ?", (seq,))
+            connection.execute("COMMIT")
+        except BaseException:
+            rollback(connection)
+            raise
+        self.seq = seq
+        return RoomState(0, seq, self._epoch)
+
+    def last_done(self, connection: sqlite3.Connection, room: str, session: str) -> int:
+        row = connection.execute(
+            "SELECT done FROM session WHERE room = ? AND session = ?", (room, session)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def sweep(self, connection: sqlite3.Connection, now: float) -> int:
+        """Forget the sessions idle for longer than the TTL, a bounded number; return how many."""
+        cursor = connection.execute(SWEEP, (now - self.session_ttl, SESSION_SWEEP_LIMIT))
+        return cursor.rowcount
 
     def open_connection(self) -> sqlite3.Connection:
         if self.connection is None:
@@ -385,16 +629,53 @@ class SqliteStore:
             self.lock = None
 
 
-def settle(change: Change, outcome: int | Exception | None) -> None:
-    """Give one ``add`` its answer, unless its caller stopped waiting."""
-    if change.done.done():
+class Worker:
+    """One daemon thread that makes every call of the store, one at a time, in order.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so
+    a commit stuck in fsync would keep a stopped server from ever exiting.
+    """
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.run, name="sqlite-store", daemon=True)
+        self.thread.start()
+
+    async def call(self, function: Callable[[], T]) -> T:
+        """Run ``function()`` on the thread; return what it returns, or raise what it raises."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # its caller stopped waiting before it started
+            try:
+                result = function()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        self.calls.put(run)
+        # wrap_future hands the result to the loop, and drops it if the loop is closed.
+        return await asyncio.wrap_future(future)
+
+    def stop(self) -> None:
+        """Let the thread end after the calls already queued."""
+        self.calls.put(None)
+
+    def run(self) -> None:
+        while (call := self.calls.get()) is not None:
+            call()
+
+
+def settle(pending: Pending, outcome: list[Outcome] | Exception) -> None:
+    """Give one ``commit`` its answer, unless its caller stopped waiting."""
+    if pending.done.done():
         return
-    if outcome is None:
-        change.done.set_exception(OutOfRange())
-    elif isinstance(outcome, Exception):
-        change.done.set_exception(outcome)
+    if isinstance(outcome, Exception):
+        pending.done.set_exception(outcome)
     else:
-        change.done.set_result(outcome)
+        pending.done.set_result(outcome)
 
 
 def rollback(connection: sqlite3.Connection) -> None:
@@ -487,21 +768,27 @@ def check_header(fd: int, name: str) -> None:
 def check_schema(connection: sqlite3.Connection, name: str) -> int:
     """Check that our own file is whole and in a layout this code knows; return its version."""
     version = int(connection.execute("PRAGMA user_version").fetchone()[0])
-    if version not in COUNTERS_BY_VERSION:
-        raise StoreError(
-            f"--state {name}: schema version {version}; this server knows "
-            f"{SINGLE_COUNTER_VERSION} and {SCHEMA_VERSION}"
-        )
-    columns = [
-        row[0] for row in connection.execute("SELECT name FROM pragma_table_info('counter')")
-    ]
-    expected = ["id", "value"] if version == SINGLE_COUNTER_VERSION else ["name", "value"]
-    # Schema 1 always had its one row; without it there is nothing to migrate.
-    if columns != expected or (
-        version == SINGLE_COUNTER_VERSION
-        and connection.execute("SELECT 1 FROM counter WHERE id = 0").fetchone() is None
-    ):
-        raise StoreError(f"--state {name}: marked as counter-sync but holds no counter table")
+    if version not in TABLES_BY_VERSION:
+        known = ", ".join(str(each) for each in sorted(TABLES_BY_VERSION))
+        raise StoreError(f"--state {name}: schema version {version}; this server knows {known}")
+    for table, expected in TABLES_BY_VERSION[version].items():
+        columns = [
+            row[0] for row in connection.execute("SELECT name FROM pragma_table_info(?)", (table,))
+        ]
+        if columns != expected:
+            raise StoreError(
+                f"--state {name}: marked as counter-sync schema {version} "
+                f"but its {table} table is missing or not in that layout"
+            )
+    # Schema 1 always had its one row, and this layout its meta row: without
+    # them there is nothing to migrate, or no history to go on with.
+    row_check = {
+        SINGLE_COUNTER_VERSION: "SELECT 1 FROM counter WHERE id = 0",
+        SCHEMA_VERSION: "SELECT 1 FROM meta WHERE id = 0 AND typeof(epoch) = 'text'",
+    }.get(version)
+    if row_check is not None and connection.execute(row_check).fetchone() is None:
+        table = "counter" if version == SINGLE_COUNTER_VERSION else "meta"
+        raise StoreError(f"--state {name}: marked as counter-sync but its {table} row is missing")
     problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
     if problems != ["ok"]:
         if all(problem.startswith("CHECK constraint failed") for problem in problems):

@@ -1,5 +1,5 @@
 /*
- * Make the disk fail on demand, for real, under an unmodified server:
+ * Make the disk fail or hang on demand, for real, under an unmodified server:
  *
  *     gcc -shared -fPIC -o faults.so faults.c -ldl
  *     LD_PRELOAD=./faults.so FAULTS_SUFFIX=-wal FAULTS_TRIGGER=/tmp/trigger python3 server.py ...
@@ -7,9 +7,12 @@
  * While the file FAULTS_TRIGGER exists, fsync(), fdatasync(), write(), pwrite()
  * and pwrite64() on a file whose path ends with FAULTS_SUFFIX fail, doing
  * nothing. The trigger's first word is the error: "eio" (an I/O error) or
- * "enospc" (a full disk). An optional second word narrows it to the "sync"
- * calls or the "write" calls; without it both fail. Remove the file and the
- * disk works again. Every other call goes straight to the C library.
+ * "enospc" (a full disk); or "hang": the call waits, as on a disk that stopped
+ * answering, until the trigger is removed, then goes through. While a call
+ * hangs, the file FAULTS_TRIGGER.hanging exists (a test waits for it). An
+ * optional second word narrows it to the "sync" calls or the "write" calls;
+ * without it both fail. Remove the file and the disk works again. Every other
+ * call goes straight to the C library.
  *
  * The trigger is read at each call, not cached, so a test switches the fault
  * on and off while the server runs, between two of its commits.
@@ -22,11 +25,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 enum call_kind { SYNC_CALL, WRITE_CALL };
 
-/* The errno the call under way must fail with, or 0 to let it through. */
+/* Not an errno: the call under way must wait while the trigger says so. */
+#define HANG (-1)
+
+/* The errno the call under way must fail with, HANG, or 0 to let it through. */
 static int injected_error(int fd, enum call_kind kind) {
     const char *trigger = getenv("FAULTS_TRIGGER");
     const char *suffix = getenv("FAULTS_SUFFIX");
@@ -57,6 +64,8 @@ static int injected_error(int fd, enum call_kind kind) {
                         error = EIO;
                     } else if (wanted && strcmp(word, "enospc") == 0) {
                         error = ENOSPC;
+                    } else if (wanted && strcmp(word, "hang") == 0) {
+                        error = HANG;
                     }
                 }
             }
@@ -74,9 +83,31 @@ static void *next(const char *name) {
     return function;
 }
 
+/* Wait while the trigger says "hang", showing it with FAULTS_TRIGGER.hanging. */
+static int hang_while_injected(int fd, enum call_kind kind) {
+    int error = injected_error(fd, kind);
+    if (error != HANG) {
+        return error;
+    }
+    int saved_errno = errno;
+    char hanging[4096];
+    snprintf(hanging, sizeof hanging, "%s.hanging", getenv("FAULTS_TRIGGER"));
+    int marker = open(hanging, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (marker >= 0) {
+        close(marker);
+    }
+    const struct timespec pause = {0, 10 * 1000 * 1000}; /* 10 ms */
+    while ((error = injected_error(fd, kind)) == HANG) {
+        nanosleep(&pause, NULL);
+    }
+    unlink(hanging);
+    errno = saved_errno;
+    return error;
+}
+
 #define FAIL_IF_INJECTED(fd, kind)                                                 \
     do {                                                                           \
-        int error = injected_error((fd), (kind));                                  \
+        int error = hang_while_injected((fd), (kind));                             \
         if (error != 0) {                                                          \
             errno = error;                                                         \
             return -1;                                                             \

@@ -204,6 +204,27 @@ class Store(Protocol):
     def release(self, room: str) -> None:
         """Nobody here watches ``room`` any more: stop doing work for it."""
 
+    async def peek(self, room: str) -> tuple[RoomState, int]:
+        """Read ``room`` without joining it: its state, and its users on other instances.
+
+        Raise :exc:`StoreUnavailable` if it cannot be read now.
+        """
+
+    async def counters(self, prefix: str, after: str, limit: int) -> list[tuple[str, RoomState]]:
+        """Up to ``limit`` counters kept, by name: those starting with ``prefix``, after ``after``.
+
+        Raise :exc:`StoreUnavailable` if they cannot be read now.
+        """
+
+    async def forget(self, room: str) -> RoomState:
+        """Reset ``room`` to 0 and forget it; return its new state.
+
+        Its sessions are kept (they lapse after their TTL): a client connected
+        now goes on numbering where it was.
+
+        Raise :exc:`StoreUnavailable` if it was not done.
+        """
+
     def can_open(self, room: str) -> bool:
         """Tell whether ``room`` may be opened now (a memory store keeps a bounded number)."""
 

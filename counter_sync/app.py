@@ -116,7 +116,9 @@ def open_store(settings: Settings) -> Store:
             raise StoreError(
                 "--redis needs the redis package: pip install 'counter-sync[redis]'"
             ) from None
-        return RedisStore(settings.redis, expiry=settings.redis_expiry)
+        return RedisStore(
+            settings.redis, expiry=settings.redis_expiry, session_ttl=settings.session_ttl
+        )
     if settings.state is not None:
         from counter_sync.sqlite_store import SqliteStore
 

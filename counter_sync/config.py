@@ -58,6 +58,7 @@ __all__ = [
     "REDIS_RECONNECT_FIRST",
     "REDIS_RECONNECT_LAST",
     "REDIS_RENEWALS_PER_EXPIRY",
+    "REDIS_SCAN_COUNT",
     "REDIS_STOP_TIMEOUT",
     "REDIS_TASKS_STOP_TIMEOUT",
     "SESSION_ID",
@@ -179,6 +180,10 @@ REDIS_LISTEN_POLL = 1.0
 # its last commit, and what that commit changed), which settles a commit whose
 # reply was lost. Far longer than any reply can be delayed or any outage lasts.
 REDIS_COMMIT_MEMORY = 86_400.0
+# With --redis: keys Redis looks at per SCAN step when the API lists the
+# counters (Redis keeps no index of them): a step of a thousand keys takes well
+# under a millisecond, so the scan never holds Redis up for long.
+REDIS_SCAN_COUNT = 1000
 # With --redis, a clean stop: seconds for the store's tasks to end, then for
 # settling and leaving the user counts (milliseconds when Redis answers), then
 # for disconnecting. Their sum bounds RedisStore.close() within the second the

@@ -131,6 +131,7 @@ from counter_sync.config import (
     REDIS_RECONNECT_FIRST,
     REDIS_RECONNECT_LAST,
     REDIS_RENEWALS_PER_EXPIRY,
+    REDIS_SCAN_COUNT,
     REDIS_TASKS_STOP_TIMEOUT,
     SESSION_TTL,
 )
@@ -179,6 +180,7 @@ def load_scripts() -> dict[str, str]:
         "settle": history + text("settle"),
         "read": history + users_message + text("read"),
         "probe": history + text("probe"),
+        "forget": history + text("forget"),
         "users": users_message + text("users"),
     }
 
@@ -416,6 +418,94 @@ class RedisStore:
         if shared is not None:
             del self.by_channel[shared.keys.channel]
             self.commands.put_nowait((False, shared.keys.channel))
+
+    async def peek(self, room: str) -> tuple[RoomState, int]:
+        """Read ``room`` without joining it: its state, and its users on the other instances.
+
+        Raise :exc:`StoreUnavailable` while Redis is unreachable.
+        """
+        if not self.up:
+            raise StoreUnavailable(self.unreachable())
+        try:
+            epoch, [snapshot] = await self.read([room])
+            if epoch != self._epoch:  # a new history: believe in it first
+                await self.resync()
+                epoch, [snapshot] = await self.read([room])
+        except ERRORS as exc:
+            self.lost(exc)
+            raise StoreUnavailable(self.unreachable()) from None
+        if epoch != self._epoch:
+            raise StoreUnavailable(f"Redis at {self.where} lost its data")
+        value, seq, _, users = snapshot
+        counts = json.loads(users)["users"]
+        elsewhere = sum(int(count) for who, count in counts.items() if who != self.instance)
+        return RoomState(int(value), int(seq), epoch), elsewhere
+
+    async def counters(self, prefix: str, after: str, limit: int) -> list[tuple[str, RoomState]]:
+        """Up to ``limit`` counters by name: those starting with ``prefix``, after ``after``.
+
+        Redis keeps no index of them: this scans its keys, a cost that grows
+        with everything the database holds (fine for thousands of counters).
+        Raise :exc:`StoreUnavailable` while Redis is unreachable.
+        """
+        if not self.up or self.redis is None:
+            raise StoreUnavailable(self.unreachable())
+        base = f"{PREFIX}:room:"
+        names = {DEFAULT_ROOM} if DEFAULT_ROOM.startswith(prefix) else set()
+        page: list[tuple[str, RoomState]] = []
+        try:
+            pattern = f"{base}{glob_escape(prefix)}*:state"
+            async for key in self.redis.scan_iter(match=pattern, count=REDIS_SCAN_COUNT):
+                names.add(key[len(base) : -len(":state")])
+            candidates = sorted(name for name in names if name > after and ":" not in name)
+            # Some may be gone by now: read as many more as it takes.
+            for start in range(0, len(candidates), limit):
+                chunk = candidates[start : start + limit]
+                async with self.redis.pipeline(transaction=False) as pipeline:
+                    pipeline.hget(HISTORY, "epoch")
+                    for name in chunk:
+                        pipeline.hmget(room_keys(name, self.db).state, ["value", "seq"])
+                    epoch, *states = await pipeline.execute()
+                if epoch != self._epoch:
+                    self.start_resync()
+                    raise StoreUnavailable(f"Redis at {self.where} lost its data")
+                for name, (value, seq) in zip(chunk, states, strict=True):
+                    if value is not None and len(page) < limit:
+                        page.append((name, RoomState(int(value), int(seq or 0), epoch)))
+                if len(page) == limit:
+                    break
+        except ERRORS as exc:
+            self.lost(exc)
+            raise StoreUnavailable(self.unreachable()) from None
+        return page
+
+    async def forget(self, room: str) -> RoomState:
+        """Reset ``room`` to 0 and forget it (its key goes); its sessions are kept.
+
+        The new state takes a new version, so it replaces whatever anyone
+        shows. Raise :exc:`StoreUnavailable` if it was not done, or if the
+        reply was lost (then it may have been: forgetting again is harmless).
+        """
+        if not self.up:
+            raise StoreUnavailable(self.unreachable())
+        keys, epoch = room_keys(room, self.db), self._epoch
+        try:
+            reply: list[Any] = await self.scripts["forget"](
+                keys=[HISTORY, keys.state],
+                args=[epoch, new_epoch(), self.epoch_channel, keys.channel],
+            )
+        except ERRORS as exc:
+            self.lost(exc)
+            raise StoreUnavailable(f"{self.unreachable()}; it may or may not be reset") from None
+        if reply[0] != "ok" or epoch != self._epoch:
+            self.start_resync()
+            raise StoreUnavailable(f"Redis at {self.where} lost its data")
+        state = RoomState(0, int(reply[1]), epoch)
+        if (shared := self.rooms.get(room)) is not None:
+            shared.exists = False
+            shared.state = newest(shared.state, state)
+            shared.shown = newest(shared.shown, state)  # the caller shows it
+        return state
 
     def can_open(self, room: str) -> bool:
         return True  # Redis keeps any number of rooms; the hub caps those in use
@@ -825,21 +915,30 @@ class RedisStore:
             sender.cancel()
 
     async def beat(self) -> None:
-        """Renew this instance's entry, check that Redis holds its rooms; send counts at once."""
+        """Renew this instance's entry and check that Redis holds its rooms, four times per expiry.
+
+        Count changes are sent at once, and renew the entry too; the check
+        runs on time however often they come.
+        """
+        loop = asyncio.get_running_loop()
+        interval = self.expiry / REDIS_RENEWALS_PER_EXPIRY
+        due = loop.time() + interval
         while not self.stopping:
             # asyncio.timeout, not wait_for: in Python 3.11, wait_for can swallow
             # a cancellation that races with the event, and close() would hang.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.expiry / REDIS_RENEWALS_PER_EXPIRY):
+                async with asyncio.timeout(max(0.0, due - loop.time())):
                     await self.beat_now.wait()
-            renewal = not self.beat_now.is_set()
             self.beat_now.clear()
+            check = loop.time() >= due
+            if check or not self.up:
+                due = loop.time() + interval
             if not self.up:
                 continue  # recovered() wakes this task
             rooms, self.unsent = self.unsent, set()
             try:
                 await self.share_here(rooms=rooms)
-                if renewal:
+                if check:
                     await self.probe()
             except ERRORS as exc:
                 self.unsent |= rooms
@@ -956,7 +1055,7 @@ class RedisStore:
             state = RoomState(int(message["value"]), int(message["seq"]), epoch)
             if state.is_newer_than(shared.state):
                 shared.state = state
-                shared.exists = True
+                shared.exists = not message.get("forgotten", False)
         elif message["type"] == "users" and int(message["seq"]) > shared.users_seq:
             self.replace_users(shared, message)
 
@@ -984,6 +1083,11 @@ class RedisStore:
 
 def newest(known: RoomState, state: RoomState) -> RoomState:
     return state if state.is_newer_than(known) else known
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
 
 
 async def subscriptions_confirmed(pubsub: PubSub, count: int) -> None:

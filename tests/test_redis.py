@@ -832,17 +832,14 @@ async def test_the_same_op_on_two_instances_at_once_counts_once(start_shared: St
 
 
 async def test_a_sessions_last_done_op_expires_session_ttl_after_its_last_write(
-    redis_server: RedisServer, redis_client: Redis
+    start_shared: StartShared, redis_client: Redis
 ) -> None:
-    store = RedisStore(redis_server.url, expiry=EXPIRY, session_ttl=30.0)
-    await store.open()
-    try:
-        await store.load("red")
-        await store.commit([Change("red", 0, (OpBatch(SESSION, 1, (1,)),))])
-        ttl = await redis_client.pttl(room_keys("red", 0).session(store.epoch, SESSION))
-        assert 25_000 < ttl <= 30_000
-    finally:
-        await store.close()
+    app = await start_shared(session_ttl=30.0)  # --session-ttl 30
+    client, _ = await join_session(app, "/c/red")
+    await client.send(op("plus", 1))
+    await wait_for_ack(client, 1)
+    ttl = await redis_client.pttl(room_keys("red", 0).session(store_of(app).epoch, SESSION))
+    assert 25_000 < ttl <= 30_000
 
 
 async def test_a_session_client_through_two_instances_ends_on_the_exact_sum(
@@ -1003,6 +1000,64 @@ async def test_a_redis_restart_without_persistence_is_logged_once_and_shown_soon
     # Each instance tries again at most this long after the last attempt.
     assert loop.time() - back_at <= REDIS_RECONNECT_LAST + SLACK
     assert len(warnings_with(caplog, LOST_DATA)) == 2
+    await bob.send(PLUS)
+    await wait_for_value(alice, 1)
+
+
+# --- What the API asks of the store: read, list, reset -------------------------------
+
+
+async def test_peek_reads_a_room_without_joining_it_with_its_users_elsewhere(
+    start_shared: StartShared, redis_client: Redis
+) -> None:
+    a, b = await start_shared(), await start_shared()
+    alice = await join(a, "/c/red")
+    await join(a, "/c/red")
+    await alice.send(PLUS)
+    await wait_for_value(alice, 1)
+    await until(lambda: has_users(redis_client, "red", 2))
+    state, elsewhere = await store_of(b).peek("red")
+    assert (state.value, state.epoch, elsewhere) == (1, store_of(b).epoch, 2)
+    assert "red" not in store_of(b).rooms  # not joined: nothing subscribed
+    state, elsewhere = await store_of(b).peek("nobody")
+    assert (state.value, elsewhere) == (0, 0)
+
+
+async def test_counters_lists_what_redis_holds_by_name_from_a_prefix_and_after_a_name(
+    start_shared: StartShared,
+) -> None:
+    store = store_of(await start_shared())
+    names = ["b", "a3", DEFAULT_ROOM, "a1", "a2"]
+    await store.commit([Change(name, index + 1) for index, name in enumerate(names)])
+
+    async def listed(prefix: str, after: str, limit: int) -> list[tuple[str, int]]:
+        return [(name, state.value) for name, state in await store.counters(prefix, after, limit)]
+
+    assert await listed("", "", 10) == [("/", 3), ("a1", 4), ("a2", 5), ("a3", 2), ("b", 1)]
+    assert await listed("a", "a1", 10) == [("a2", 5), ("a3", 2)]
+    assert await listed("a", "", 2) == [("a1", 4), ("a2", 5)]
+    assert await listed("*", "", 10) == []  # a prefix, not a pattern
+
+
+async def test_forget_resets_a_room_everywhere_with_a_newer_version_and_is_no_loss(
+    start_shared: StartShared, redis_client: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "counter_sync")
+    a, b = await start_shared(), await start_shared()
+    alice, bob = await join(a, "/c/red"), await join(b, "/c/red")
+    for _ in range(3):
+        await alice.send(PLUS)
+    old = await wait_for_value(bob, 3)
+    state = await store_of(a).forget("red")
+    room(a, "red").flush.observe(state=state)  # as the API shows it here
+    for client in (alice, bob):
+        event = await wait_for_value(client, 0)
+        assert event["seq"] > old["seq"]
+    assert await redis_client.exists(room_keys("red", 0).state) == 0
+    assert "red" not in [name for name, _ in await store_of(b).counters("", "", 10)]
+    for app in (a, b):
+        await store_of(app).probe()  # what each renewal checks
+    assert warnings_with(caplog, LOST_ROOM) == []
     await bob.send(PLUS)
     await wait_for_value(alice, 1)
 

@@ -13,10 +13,11 @@ What shared mode promises, for each room, in the order a change goes through it:
   counts none of its deltas (``applied=False``); its ops are done all the
   same.
 * Versions. Every room's ``seq`` is drawn from one counter for all rooms,
-  so a room whose key was deleted or evicted reads as 0 with a version newer
-  than the one it had, never older. ``epoch`` names Redis's history; it is
-  set once, by the first instance that finds none. Every script is given the
-  epoch the instance believes in, and applies nothing if Redis's differs.
+  so a room whose key was deleted or evicted never goes back: reading a
+  missing room draws a new number, so it reads as 0 with a version newer
+  than any it had. ``epoch`` names Redis's history; it is set once, by the
+  first instance that finds none. Every script is given the epoch the
+  instance believes in, and applies nothing if Redis's differs.
 * Exactly once, with sessions. The last done op of each (room, session)
   lives in Redis, in a key of its own that expires ``session_ttl`` after its
   last write, and changes in the same script as the counter.
@@ -52,6 +53,11 @@ What shared mode promises, for each room, in the order a change goes through it:
   rooms cannot be opened, and ``/readyz`` answers 503. The store reconnects
   with backoff, resubscribes, resyncs every loaded room, and the hub shows
   what Redis holds. One log line per outage.
+* The API's calls. :meth:`~RedisStore.peek` reads a room without joining
+  it; :meth:`~RedisStore.counters` scans Redis's keys (it keeps no index of
+  them); :meth:`~RedisStore.forget` deletes a room's key and publishes its
+  reset (0, with a new version, marked ``forgotten`` so that no instance
+  takes it for a loss), keeping its sessions.
 * Bounded stop. :meth:`RedisStore.close` returns within about
   :data:`~counter_sync.config.REDIS_STOP_TIMEOUT` seconds whatever Redis does
   (down, stopped, silent), even if a task swallows its cancellation.

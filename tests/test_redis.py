@@ -65,7 +65,7 @@ STOP_BOUND = 3.0
 # Each instance checks that Redis still holds its history and rooms this often.
 PROBE_INTERVAL = EXPIRY / REDIS_RENEWALS_PER_EXPIRY
 SESSION = "session-0123456789abcdef"
-LOST_DATA = "lost its data"
+LOST_DATA = "lost its data (FLUSHALL"
 LOST_ROOM = "lost the counter of"
 
 StartShared = Callable[..., Awaitable[App]]

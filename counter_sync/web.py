@@ -117,20 +117,23 @@ class Web:
             websocket.endpoint = "websocket" if upgrade else "page"
         else:
             websocket.endpoint = ENDPOINTS.get(path, "other")
-        address, charged = websocket.peer_ip, False
         try:
             address = self.identify(websocket, request.headers)
-            if websocket.endpoint != "websocket":
-                charged = True
-                if (retry_after := self.charge(address, websocket)) is not None:
-                    return self.too_many_requests(websocket, address, retry_after)
+        except MALFORMED as exc:
+            # Behind a proxy the client is unknown here: charging the proxy's
+            # address would charge everyone behind it.
+            known = not self.hub.gate.is_trusted(websocket.peer_ip)
+            return self.bad_request(websocket, websocket.peer_ip, exc, charge=known)
+        plain = websocket.endpoint != "websocket"  # upgrades have the caps instead
+        if plain and (retry_after := self.charge(address, websocket)) is not None:
+            return self.too_many_requests(websocket, address, retry_after)
+        try:
             if room is not None and upgrade:
                 return self.check_upgrade(websocket, request, address, room, query)
             return self.answer(websocket, request, path, query, upgrade=upgrade)
         except MALFORMED as exc:
-            if not charged and (retry_after := self.charge(address, websocket)) is not None:
-                return self.too_many_requests(websocket, address, retry_after)
-            return self.bad_request(websocket, address, malformed_reason(exc))
+            # A plain request paid already; an upgrade is the caps' business.
+            return self.bad_request(websocket, address, exc, charge=False)
 
     def identify(self, websocket: Connection, headers: Headers) -> str:
         """The client's address as the caps count it; the log lines name it from now on.
@@ -212,8 +215,17 @@ class Web:
         )
         return websocket.respond(refusal.status, f"{refusal.reason}\n")
 
-    def bad_request(self, websocket: Connection, address: str, reason: str) -> Response:
-        """400 with the reason in one line; a warning, throttled per client address."""
+    def bad_request(
+        self, websocket: Connection, address: str, exc: Exception, *, charge: bool
+    ) -> Response:
+        """400 with the reason in one line, and a warning throttled per client address.
+
+        With ``charge``, the request costs ``address`` one of its plain
+        requests first: 429 if it has none left.
+        """
+        if charge and (retry_after := self.charge(address, websocket)) is not None:
+            return self.too_many_requests(websocket, address, retry_after)
+        reason = malformed_reason(exc)
         if websocket.endpoint == "websocket":
             self.hub.metrics.handshakes_rejected.labels("malformed").inc()
         self.malformed.warning(

@@ -6,6 +6,7 @@ ports, raw clients; the bench shares it) and ``tests/helpers.py``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -40,6 +41,15 @@ async def start_server() -> AsyncIterator[StartServer]:
 async def app(start_server: StartServer) -> App:
     """One in-process server with the rate limit off."""
     return await start_server()
+
+
+@pytest.fixture
+def errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail the test if anything, the library included, logs an ERROR."""
+    caplog.set_level(logging.INFO)
+    yield
+    records = caplog.get_records("setup") + caplog.get_records("call") + caplog.records
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []
 
 
 @pytest.fixture

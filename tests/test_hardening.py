@@ -14,7 +14,6 @@ import logging
 import resource
 import socket
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +29,7 @@ from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
     is_state,
     join,
+    raw_http,
     room,
     wait_for_event,
     wait_for_users,
@@ -233,24 +233,6 @@ async def test_a_trusted_proxy_names_the_client_and_others_cannot(
 
 
 # --- 5. HTTP edge cases ------------------------------------------------------------
-
-
-async def raw_http(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    async with asyncio.timeout(TIMEOUT):
-        response = await reader.read()
-    writer.close()
-    return response
-
-
-@pytest.fixture
-def errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Fail the test if anything, the library included, logs an ERROR."""
-    caplog.set_level(logging.INFO)
-    yield
-    records = caplog.get_records("setup") + caplog.get_records("call") + caplog.records
-    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []
 
 
 async def test_pipelined_requests_get_the_first_answered_and_no_error(

@@ -14,7 +14,8 @@ import pytest
 
 from counter_sync.app import App, start
 from counter_sync.config import Settings
-from testkit.processes import ServerProcess
+from testkit.processes import RedisServer, ServerProcess
+from tests.helpers import require_binary
 
 StartServer = Callable[..., Awaitable[App]]
 StartProcess = Callable[..., ServerProcess]
@@ -65,3 +66,12 @@ def server_process() -> Iterator[StartProcess]:
     yield start_process
     for process in processes:
         process.kill()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A ``redis-server`` of the test's own on a free port, persistence off."""
+    redis = RedisServer(require_binary("redis-server"))
+    redis.start()
+    yield redis
+    redis.stop()

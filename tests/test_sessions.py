@@ -1,7 +1,8 @@
-"""Exactly-once actions: sessions, numbered ops, acks, and never an older value (memory mode).
+"""Exactly-once actions: sessions, numbered ops, acks, and never an older value.
 
-The same promises in durable and shared mode are in ``test_sqlite.py`` and
-``test_redis.py``.
+Every test runs in each mode: memory, durable (``--state``) and shared
+(``--redis``), since each store keeps the sessions itself. Crashes and dead
+instances are in ``test_sqlite.py`` and ``test_redis.py``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,11 +19,27 @@ from websockets.exceptions import InvalidStatus
 
 from counter_sync.app import App
 from counter_sync.client import Client
-from testkit.processes import TIMEOUT
+from testkit.processes import TIMEOUT, RedisServer
 from tests.conftest import StartServer
 from tests.helpers import is_state, value, wait_for_event, wait_for_value
 
 SESSION = "session-0123456789abcdef"
+
+
+@pytest.fixture(params=["memory", "state", "redis"])
+def mode(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """The settings of one mode: the store the sessions live in."""
+    if request.param == "state":
+        return {"state": str(tmp_path / "counters.sqlite")}
+    if request.param == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        return {"redis": redis.url}
+    return {}
+
+
+@pytest.fixture
+async def app(start_server: StartServer, mode: dict[str, Any]) -> App:
+    return await start_server(**mode)
 
 
 def op(action: str, number: int) -> str:
@@ -129,9 +147,9 @@ async def test_a_session_is_per_room(app: App) -> None:
 
 
 async def test_a_rejected_op_names_itself_and_still_counts_as_done(
-    start_server: StartServer,
+    start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    app = await start_server(rate=0.001, burst=1)
+    app = await start_server(rate=0.001, burst=1, **mode)
     client, _ = await join_session(app)
     await client.send(op("plus", 1))
     await client.send(op("plus", 2))  # over the rate limit
@@ -142,8 +160,10 @@ async def test_a_rejected_op_names_itself_and_still_counts_as_done(
 
 
 async def test_an_op_beyond_the_range_is_rejected_by_number(start_server: StartServer) -> None:
+    # Memory mode only: the room's value is set where it is kept. (Each store's
+    # own range check is in its tests.)
     app = await start_server()
-    room = app.hub.rooms["/"]  # no client could click this far: set it where it is kept
+    room = app.hub.rooms["/"]  # no client could click this far
     room.state = dataclasses.replace(room.state, value=2**53 - 1)
     client, _ = await join_session(app)
     await client.send(op("plus", 1))

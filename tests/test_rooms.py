@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from counter_sync.app import App
+from counter_sync.config import BROADCAST_SLICE
 from testkit.processes import TIMEOUT
 from tests.conftest import StartServer
 from tests.helpers import (
@@ -234,3 +236,28 @@ async def test_a_connection_refused_during_a_handshake_storm_gets_1013(
             outcomes.append(closed.rcvd.code if closed.rcvd else None)
     assert outcomes.count("open") == 1
     assert outcomes.count(1013) == len(opened) - 1
+
+
+@pytest.mark.parametrize("where", ["while a commit waits for the disk", "between slices"])
+async def test_a_client_joining_mid_flush_gets_users_then_state(
+    start_server: StartServer, tmp_path: Path, where: str
+) -> None:
+    caps = {"max_users_per_ip": 1000, "max_pending_per_ip": 100}  # all from 127.0.0.1
+    if where == "between slices":  # a room bigger than one slice of a broadcast
+        app = await start_server(**caps)
+        crowd = [await join(app, "/c/big") for _ in range(2 * BROADCAST_SLICE + 10)]
+    else:  # every commit is a transaction fsynced on a worker thread
+        app = await start_server(state=str(tmp_path / "counters.sqlite"), **caps)
+        crowd = [await join(app, "/c/big")]
+    sender = crowd[0]
+
+    async def keep_clicking() -> None:
+        for _ in range(300):
+            await sender.send(PLUS)
+            await asyncio.sleep(0)
+
+    clicking = asyncio.ensure_future(keep_clicking())
+    # join() asserts that the first two messages are users, then state.
+    newcomers = await asyncio.gather(*(join(app, "/c/big") for _ in range(60)))
+    await clicking
+    await wait_for_value(newcomers[-1], 300)

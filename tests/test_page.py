@@ -30,6 +30,7 @@ from playwright.sync_api import (
     BrowserContext,
     FloatRect,
     Page,
+    WebSocketRoute,
     expect,
     sync_playwright,
 )
@@ -61,6 +62,7 @@ SYNC_ANSWER_TIMEOUT_MS = 5_000
 RESTART_DELAY_MS = (1_000, 5_000)
 ANNOUNCE_EVERY_MS = 5_000
 LARGEST = 2**53 - 1  # the largest counter value: 16 digits
+MAX_PENDING = 100  # clicks the page queues at most
 
 NewPage = Callable[..., Page]
 OpenPage = Callable[..., Page]
@@ -180,6 +182,7 @@ class ScriptedServer:
         self.seq = seq
         self.epoch = epoch
         self.done: dict[str, int] = {}  # session -> the last op the "store" holds as done
+        self.ack_on_connect = True  # False: the test sends the first ack itself
         self.connections: list[ServerConnection] = []
         self.sessions: list[str | None] = []  # each connection's session
         self.received: list[tuple[int, dict[str, Any]]] = []  # (connection index, message)
@@ -210,7 +213,7 @@ class ScriptedServer:
             self.changed.notify_all()
         await websocket.send(json.dumps({"type": "users", "count": self.users}))
         await websocket.send(json.dumps(self.state()))
-        if session is not None:
+        if session is not None and self.ack_on_connect:
             await websocket.send(json.dumps({"type": "ack", "op": self.done.get(session, 0)}))
         with contextlib.suppress(ConnectionClosed):  # however the page leaves
             async for message in websocket:
@@ -425,6 +428,14 @@ def http_get(process: ServerProcess, path: str) -> tuple[int, http.client.HTTPMe
         return response.status, response.headers, response.read()
     finally:
         connection.close()
+
+
+def healthz(process: ServerProcess) -> dict[str, Any]:
+    """The server's /healthz answer: ``value`` is the default counter's."""
+    status, _, body = http_get(process, "/healthz")
+    assert status == 200
+    answer: dict[str, Any] = json.loads(body)
+    return answer
 
 
 def box(page: Page, selector: str) -> FloatRect:
@@ -1001,6 +1012,352 @@ def test_sync_is_answered_with_the_state(server_process: StartProcess, new_page:
     assert state == {"type": "state", "value": 0, "seq": state["seq"], "epoch": state["epoch"]}
     assert isinstance(state["seq"], int) and isinstance(state["epoch"], str) and state["epoch"]
     expect(page.locator("#error")).to_be_hidden()
+
+
+# --- Clicks, each counted once ----------------------------------------------------
+
+
+def test_clicks_made_while_the_server_is_down_are_sent_after_it_comes_back_and_counted_once(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    old = server_process("--port", "0", "--rate", "0")
+    page = open_page(served(old))
+    expect_connected(page)
+    old.stop()
+    expect_reconnecting(page)
+
+    for _ in range(3):
+        page.locator("#plus").click()
+    page.locator("#minus").click()
+    pending = page.locator("#pending")
+    expect(pending).to_have_text("+3 −1 pending")
+    expect(page.locator("#value")).to_have_text("0")  # only what the server confirmed
+
+    new = server_process("--port", str(old.port), "--rate", "0")
+    expect_connected(page)
+    expect(page.locator("#value")).to_have_text("2")
+    expect(pending).to_have_text("")  # every one acknowledged
+    assert healthz(new)["value"] == 2
+
+
+def test_a_reload_keeps_the_waiting_clicks(
+    server_process: StartProcess, open_page: OpenPage, tmp_path: Path
+) -> None:
+    state = str(tmp_path / "counters.sqlite")
+    old = server_process("--port", "0", "--rate", "0", "--state", state)
+    # From disk: a page the server sent could not be reloaded while it is down.
+    page = open_page(from_disk(server=old.url, room="reload"))
+    expect_connected(page)
+    page.locator("#plus").click()
+    expect(page.locator("#value")).to_have_text("1")
+    old.stop()
+    expect_reconnecting(page)
+    page.locator("#plus").click()
+    page.locator("#plus").click()
+    pending = page.locator("#pending")
+    expect(pending).to_have_text("+2 pending")
+
+    page.reload()
+    expect(pending).to_have_text("+2 pending")
+    new = server_process("--port", str(old.port), "--rate", "0", "--state", state)
+    expect_connected(page)
+    expect(page.locator("#value")).to_have_text("3")
+    expect(pending).to_have_text("")
+    expect(open_page(served(new, "/c/reload")).locator("#value")).to_have_text("3")
+
+
+def test_clicks_counted_but_not_acknowledged_are_not_counted_again_after_a_reload(
+    server_process: StartProcess, new_page: NewPage
+) -> None:
+    process = server_process("--port", "0", "--rate", "0")
+    page = new_page()
+    routed: list[WebSocketRoute] = []
+
+    def lose_acks(ws: WebSocketRoute) -> None:
+        """On the first connection, the acks after the first never reach the page."""
+        routed.append(ws)
+        server = ws.connect_to_server()
+        if len(routed) > 1:
+            return  # later connections as they are
+        acks = 0
+
+        def from_server(message: str | bytes) -> None:
+            nonlocal acks
+            if json.loads(message)["type"] == "ack":
+                acks += 1
+                if acks > 1:
+                    return
+            ws.send(message)
+
+        server.on_message(from_server)
+
+    page.route_web_socket(re.compile(r"^ws://"), lose_acks)
+    page.goto(served(process))
+    expect_connected(page)
+    page.locator("#plus").click()
+    page.locator("#plus").click()
+    expect(page.locator("#value")).to_have_text("2")  # counted, as the state says...
+    expect(page.locator("#pending")).to_have_text("+2 pending")  # ...not acknowledged
+    assert healthz(process)["value"] == 2
+
+    page.reload()  # the same session: the server says both are done
+    expect_connected(page)
+    expect(page.locator("#pending")).to_have_text("")
+    expect(page.locator("#value")).to_have_text("2")
+    assert len(routed) == 2
+    assert healthz(process)["value"] == 2
+
+
+def test_pending_clicks_show_beside_the_confirmed_value_and_clear_as_acks_come(
+    new_page: NewPage,
+) -> None:
+    page = new_page()
+    with scripted_server(value=5) as server:
+        page.goto(from_disk(server=server.url))
+        expect_connected(page)
+        value, pending = page.locator("#value"), page.locator("#pending")
+        expect(pending).to_have_text("")
+
+        page.locator("#plus").click()
+        page.locator("#plus").click()
+        page.locator("#minus").click()
+        assert server.wait_for_ops(0, 3) == [
+            {"action": "plus", "op": 1},
+            {"action": "plus", "op": 2},
+            {"action": "minus", "op": 3},
+        ]
+        expect(pending).to_have_text("+2 −1 pending")
+        expect(value).to_have_text("5")  # the confirmed value: no click added to it
+
+        server.send(0, {"type": "state", "value": 6, "seq": 2, "epoch": "e1"})
+        server.send(0, {"type": "ack", "op": 1})
+        expect(value).to_have_text("6")
+        expect(pending).to_have_text("+1 −1 pending")
+        server.send(0, {"type": "state", "value": 6, "seq": 4, "epoch": "e1"})
+        server.send(0, {"type": "ack", "op": 3})  # cumulative: 2 and 3
+        expect(pending).to_have_text("")
+
+        # Read with the count, never announced on its own: no live region.
+        live = "el => el.closest('[aria-live], [role=status], [role=alert], [role=log], output')"
+        assert pending.evaluate(live) is None
+        assert pending.evaluate("el => el.closest('p.count') !== null")
+
+
+@pytest.mark.parametrize("width", [375, 1280])
+def test_pending_clicks_fit_the_screen_and_keep_the_card_in_place(
+    new_page: NewPage, width: int
+) -> None:
+    page = new_page(viewport={"width": width, "height": 720})
+    with scripted_server(users=3, value=1_234_567) as server:
+        page.goto(from_disk(server=server.url, room="team-42"))
+        expect_connected(page)
+        expect(page.locator("#value")).to_have_text("1,234,567")
+        before = box(page, "main")
+
+        for _ in range(12):
+            page.locator("#plus").click()
+        page.locator("#minus").click()
+        server.wait_for_ops(0, 13)
+        expect(page.locator("#pending")).to_have_text("+12 −1 pending")
+        after = box(page, "main")
+        moved = {k: abs(after[k] - before[k]) for k in ("x", "y", "width", "height")}
+        assert max(moved.values()) <= 1, f"the card moved at {width} px: {moved}"
+        assert lines(page, "#pending") == 1
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        expect_readable(page)
+        screenshot(page, f"pending-{width}")
+
+
+def test_a_refused_click_shows_its_reason_and_its_number_is_not_used_again(
+    new_page: NewPage,
+) -> None:
+    page = new_page()
+    with scripted_server() as server:
+        page.goto(from_disk(server=server.url))
+        expect_connected(page)
+        page.locator("#plus").click()
+        server.wait_for_ops(0, 1)
+        reason = "value out of range; action not counted"
+        server.send(0, {"type": "error", "error": reason, "op": 1})
+        expect(page.locator("#error")).to_have_text(reason)
+        expect(page.locator("#pending")).to_have_text("")  # final: not waiting any more
+
+        page.locator("#plus").click()
+        assert server.wait_for_ops(0, 2) == [
+            {"action": "plus", "op": 1},
+            {"action": "plus", "op": 2},
+        ]
+
+
+def test_clicks_refused_as_out_of_order_go_again_in_a_new_session(new_page: NewPage) -> None:
+    page = new_page()
+    with scripted_server() as server:
+        page.goto(from_disk(server=server.url))
+        expect_connected(page)
+        page.locator("#plus").click()
+        page.locator("#minus").click()
+        server.wait_for_ops(0, 2)
+
+        # Op 2 skipped ahead of what the server holds; op 1 is still on its
+        # way: the page must learn its fate before it starts over.
+        server.send(0, {"type": "error", "error": "op out of order", "op": 2})
+        server.send(0, {"type": "ack", "op": 1})
+        server.wait_for_connections(2)
+        assert server.sessions[1] != server.sessions[0]
+        assert server.wait_for_ops(1, 1) == [{"action": "minus", "op": 1}]  # renumbered
+        expect(page.locator("#pending")).to_have_text("−1 pending")
+        server.send(1, {"type": "ack", "op": 1})
+        expect(page.locator("#pending")).to_have_text("")
+        expect(page.locator("#error")).to_be_hidden()  # nothing the user must act on
+
+
+def test_a_new_history_renumbers_the_waiting_clicks_and_sends_them_again(
+    new_page: NewPage,
+) -> None:
+    page = new_page()
+    with scripted_server(value=10, seq=7, epoch="old") as server:
+        page.goto(from_disk(server=server.url))
+        expect_connected(page)
+        for _ in range(3):
+            page.locator("#plus").click()
+        server.wait_for_ops(0, 3)
+        server.send(0, {"type": "ack", "op": 1})
+        expect(page.locator("#pending")).to_have_text("+2 pending")
+
+        # The server lost its history: a new epoch, and nothing done in it.
+        server.epoch, server.seq, server.value = "new", 1, 0
+        server.close_connection(0, 1012, "counter history lost; reconnect")
+        server.wait_for_connections(2)
+        assert server.sessions[1] == server.sessions[0]
+        assert server.wait_for_ops(1, 2) == [
+            {"action": "plus", "op": 1},
+            {"action": "plus", "op": 2},
+        ]
+        expect(page.locator("#value")).to_have_text("0")  # a lower seq, but a new history
+
+
+def test_nothing_is_sent_before_the_server_says_which_clicks_it_holds_as_done(
+    new_page: NewPage,
+) -> None:
+    page = new_page()
+    with scripted_server() as server:
+        page.goto(from_disk(server=server.url))
+        expect_connected(page)
+        page.locator("#plus").click()
+        page.locator("#plus").click()
+        server.wait_for_ops(0, 2)
+        server.done[server.sessions[0] or ""] = 1  # op 1 counted, op 2 lost on the way
+        server.ack_on_connect = False
+        server.close_connection(0, 1011, "internal error")
+        server.wait_for_connections(2)
+        expect_connected(page)
+
+        page.locator("#minus").click()
+        # The sync goes after the click: once it is in, so would be any op sent at the click.
+        page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        server.wait_for(lambda: (1, {"action": "sync"}) in server.received)
+        assert server.ops(1) == []
+        expect(page.locator("#pending")).to_have_text("+2 −1 pending")
+
+        server.send(1, {"type": "ack", "op": 1})
+        assert server.wait_for_ops(1, 2) == [
+            {"action": "plus", "op": 2},
+            {"action": "minus", "op": 3},
+        ]
+        expect(page.locator("#pending")).to_have_text("+1 −1 pending")
+
+
+def test_a_state_older_than_the_one_shown_is_never_shown(new_page: NewPage) -> None:
+    page = new_page()
+    with scripted_server(value=5, seq=5) as server:
+        page.goto(from_disk(server=server.url))
+        expect_connected(page)
+        expect(page.locator("#value")).to_have_text("5")
+        page.evaluate(
+            """() => {
+              window.shown = [];
+              const value = document.getElementById("value");
+              new MutationObserver(() => window.shown.push(value.textContent))
+                .observe(value, { childList: true, subtree: true, characterData: true });
+            }"""
+        )
+        for value, seq in [(3, 3), (6, 6), (4, 4)]:
+            server.send(0, {"type": "state", "value": value, "seq": seq, "epoch": "e1"})
+        server.send(0, {"type": "state", "value": 7, "seq": 7, "epoch": "e1"})
+        expect(page.locator("#value")).to_have_text("7")
+        assert page.evaluate("window.shown") == ["6", "7"]
+
+
+def test_the_queue_stops_at_100_clicks_and_the_buttons_say_why(
+    server_process: StartProcess, open_page: OpenPage
+) -> None:
+    old = server_process("--port", "0", "--rate", "0")
+    page = open_page(served(old))
+    expect_connected(page)
+    increase = page.get_by_role("button", name="Increase")
+    increase.focus()
+    old.stop()
+    expect_reconnecting(page)
+
+    for _ in range(MAX_PENDING):
+        page.keyboard.press("Enter")
+    expect(page.locator("#pending")).to_have_text("+100 pending")
+    why = "100 clicks are waiting to be sent. The buttons work again once the server has them."
+    expect(page.locator("#buttons-why")).to_have_text(why)
+    for button in (increase, page.get_by_role("button", name="Decrease")):
+        expect(button).to_be_disabled()
+        expect(button).to_have_accessible_description(why)
+    page.keyboard.press("Enter")  # nowhere to go: focus left the disabled button
+    expect(page.locator("#pending")).to_have_text("+100 pending")
+    expect_readable(page)
+
+    # The server's default rate limit (--rate 20, --burst 40): the page paces
+    # its 100 so that none is refused.
+    new = server_process("--port", str(old.port))
+    page.evaluate("window.dispatchEvent(new Event('online'))")  # no backoff to wait out
+    expect_connected(page)
+    expect(page.locator("#value")).to_have_text("100")
+    expect(page.locator("#pending")).to_have_text("")
+    expect(page.locator("#buttons-why")).to_have_text("")
+    expect(increase).to_be_focused()  # back where it was
+    assert healthz(new)["value"] == MAX_PENDING
+
+
+def test_a_duplicated_tab_leaves_the_waiting_clicks_to_its_original_and_takes_its_own_session(
+    server_process: StartProcess, new_page: NewPage
+) -> None:
+    old = server_process("--port", "0", "--rate", "0")
+    original = new_page()
+    address = from_disk(server=old.url, room="twins")  # opens while the server is down
+    original.goto(address)
+    expect_connected(original)
+    old.stop()
+    expect_reconnecting(original)
+    original.locator("#plus").click()
+    original.locator("#plus").click()
+    expect(original.locator("#pending")).to_have_text("+2 pending")
+
+    # A duplicated tab starts with a copy of the original's sessionStorage.
+    copy = original.context.new_page()
+    storage = original.evaluate("JSON.stringify(Object.entries(sessionStorage))")
+    copy.add_init_script(f"for (const [k, v] of {storage}) sessionStorage.setItem(k, v);")
+    with copy.expect_websocket() as copy_socket:
+        copy.goto(address)
+    expect(copy.locator("#pending")).to_have_text("")
+
+    new = server_process("--port", str(old.port), "--rate", "0")
+    original.evaluate("window.dispatchEvent(new Event('online'))")
+    for page in (original, copy):
+        expect_connected(page)
+        expect(page.locator("#value")).to_have_text("2")
+    original.locator("#plus").click()
+    copy.locator("#plus").click()  # the same op number as the original's, in another session
+    for page in (original, copy):
+        expect(page.locator("#value")).to_have_text("4")
+        expect(page.locator("#pending")).to_have_text("")
+    stored = json.loads(storage)[0][1]
+    assert session_of(copy_socket.value.url) != json.loads(stored)["session"]
+    assert new.port == old.port
 
 
 # --- Refusals ----------------------------------------------------------------------

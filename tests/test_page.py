@@ -2,7 +2,8 @@
 
 A few tests talk to a tiny scripted WebSocket server instead (a real server
 on a real socket, in a thread), to send what the real one only sends in rare
-moments: a 1012 close, a 16-digit value.
+moments: a 1012 close, a 16-digit value, an ack held back, an op refused as
+out of order, a new epoch, a state older than the last.
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ import functools
 import http.client
 import http.server
 import json
+import math
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import jwt
 import pytest
 from playwright.sync_api import (
     Browser,
@@ -63,6 +68,7 @@ RESTART_DELAY_MS = (1_000, 5_000)
 ANNOUNCE_EVERY_MS = 5_000
 LARGEST = 2**53 - 1  # the largest counter value: 16 digits
 MAX_PENDING = 100  # clicks the page queues at most
+MINUS = "\N{MINUS SIGN}"  # the page's sign for minus clicks waiting
 
 NewPage = Callable[..., Page]
 OpenPage = Callable[..., Page]
@@ -861,7 +867,7 @@ def test_page_keeps_retrying_while_no_server_answers(open_page: OpenPage) -> Non
         expect_reconnecting(page)
         # The page never had a counter, and still takes clicks for later.
         page.locator("#minus").click()
-        expect(page.locator("#pending")).to_have_text("−1 pending")
+        expect(page.locator("#pending")).to_have_text(f"{MINUS}1 pending")
         expect_reconnecting(page)
 
 
@@ -1030,7 +1036,7 @@ def test_clicks_made_while_the_server_is_down_are_sent_after_it_comes_back_and_c
         page.locator("#plus").click()
     page.locator("#minus").click()
     pending = page.locator("#pending")
-    expect(pending).to_have_text("+3 −1 pending")
+    expect(pending).to_have_text(f"+3 {MINUS}1 pending")
     expect(page.locator("#value")).to_have_text("0")  # only what the server confirmed
 
     new = server_process("--port", str(old.port), "--rate", "0")
@@ -1126,13 +1132,13 @@ def test_pending_clicks_show_beside_the_confirmed_value_and_clear_as_acks_come(
             {"action": "plus", "op": 2},
             {"action": "minus", "op": 3},
         ]
-        expect(pending).to_have_text("+2 −1 pending")
+        expect(pending).to_have_text(f"+2 {MINUS}1 pending")
         expect(value).to_have_text("5")  # the confirmed value: no click added to it
 
         server.send(0, {"type": "state", "value": 6, "seq": 2, "epoch": "e1"})
         server.send(0, {"type": "ack", "op": 1})
         expect(value).to_have_text("6")
-        expect(pending).to_have_text("+1 −1 pending")
+        expect(pending).to_have_text(f"+1 {MINUS}1 pending")
         server.send(0, {"type": "state", "value": 6, "seq": 4, "epoch": "e1"})
         server.send(0, {"type": "ack", "op": 3})  # cumulative: 2 and 3
         expect(pending).to_have_text("")
@@ -1158,7 +1164,7 @@ def test_pending_clicks_fit_the_screen_and_keep_the_card_in_place(
             page.locator("#plus").click()
         page.locator("#minus").click()
         server.wait_for_ops(0, 13)
-        expect(page.locator("#pending")).to_have_text("+12 −1 pending")
+        expect(page.locator("#pending")).to_have_text(f"+12 {MINUS}1 pending")
         after = box(page, "main")
         moved = {k: abs(after[k] - before[k]) for k in ("x", "y", "width", "height")}
         assert max(moved.values()) <= 1, f"the card moved at {width} px: {moved}"
@@ -1205,7 +1211,7 @@ def test_clicks_refused_as_out_of_order_go_again_in_a_new_session(new_page: NewP
         server.wait_for_connections(2)
         assert server.sessions[1] != server.sessions[0]
         assert server.wait_for_ops(1, 1) == [{"action": "minus", "op": 1}]  # renumbered
-        expect(page.locator("#pending")).to_have_text("−1 pending")
+        expect(page.locator("#pending")).to_have_text(f"{MINUS}1 pending")
         server.send(1, {"type": "ack", "op": 1})
         expect(page.locator("#pending")).to_have_text("")
         expect(page.locator("#error")).to_be_hidden()  # nothing the user must act on
@@ -1257,14 +1263,14 @@ def test_nothing_is_sent_before_the_server_says_which_clicks_it_holds_as_done(
         page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
         server.wait_for(lambda: (1, {"action": "sync"}) in server.received)
         assert server.ops(1) == []
-        expect(page.locator("#pending")).to_have_text("+2 −1 pending")
+        expect(page.locator("#pending")).to_have_text(f"+2 {MINUS}1 pending")
 
         server.send(1, {"type": "ack", "op": 1})
         assert server.wait_for_ops(1, 2) == [
             {"action": "plus", "op": 2},
             {"action": "minus", "op": 3},
         ]
-        expect(page.locator("#pending")).to_have_text("+1 −1 pending")
+        expect(page.locator("#pending")).to_have_text(f"+1 {MINUS}1 pending")
 
 
 def test_a_state_older_than_the_one_shown_is_never_shown(new_page: NewPage) -> None:
@@ -1292,7 +1298,7 @@ def test_the_queue_stops_at_100_clicks_and_the_buttons_say_why(
     server_process: StartProcess, open_page: OpenPage
 ) -> None:
     old = server_process("--port", "0", "--rate", "0")
-    page = open_page(served(old))
+    page = open_page(served(old), viewport={"width": 1280, "height": 720})
     expect_connected(page)
     increase = page.get_by_role("button", name="Increase")
     increase.focus()
@@ -1310,6 +1316,7 @@ def test_the_queue_stops_at_100_clicks_and_the_buttons_say_why(
     page.keyboard.press("Enter")  # nowhere to go: focus left the disabled button
     expect(page.locator("#pending")).to_have_text("+100 pending")
     expect_readable(page)
+    screenshot(page, "queue-full-1280")
 
     # The server's default rate limit (--rate 20, --burst 40): the page paces
     # its 100 so that none is refused.
@@ -1358,6 +1365,133 @@ def test_a_duplicated_tab_leaves_the_waiting_clicks_to_its_original_and_takes_it
     stored = json.loads(storage)[0][1]
     assert session_of(copy_socket.value.url) != json.loads(stored)["session"]
     assert new.port == old.port
+
+
+# --- Tokens ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> tuple[str, bytes]:
+    """An HS256 secret in a file, for --token-secret-file: its path and the secret."""
+    secret = secrets.token_urlsafe(48).encode()
+    path = tmp_path / "token-secret"
+    path.write_bytes(secret)
+    return str(path), secret
+
+
+def mint(secret: bytes, *, rooms: list[str], can: str = "write", lasts: float = 3600) -> str:
+    """A token for ``rooms``, valid for ``lasts`` seconds from now (whole seconds, rounded up)."""
+    claims = {"sub": "tester", "exp": math.ceil(time.time() + lasts), "rooms": rooms, "can": can}
+    return jwt.encode(claims, secret, "HS256")
+
+
+def with_token(url: str, token: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{urlencode({'token': token})}"
+
+
+def test_a_write_token_in_the_address_lets_the_page_change_the_counter(
+    server_process: StartProcess, new_page: NewPage, secret_file: tuple[str, bytes]
+) -> None:
+    path, secret = secret_file
+    process = server_process("--port", "0", "--rate", "0", "--token-secret-file", path)
+    token = mint(secret, rooms=["team"])
+    page = new_page()
+    with page.expect_websocket() as websocket:
+        page.goto(with_token(served(process, "/c/team"), token))
+    assert parse_qs(urlsplit(websocket.value.url).query)["token"] == [token]
+    expect_connected(page)
+    page.locator("#plus").click()
+    expect(page.locator("#value")).to_have_text("1")
+    expect(page.locator("#pending")).to_have_text("")
+    expect(page.locator("#buttons-why")).to_have_text("")
+
+
+@pytest.mark.parametrize("width", [375, 1280])
+def test_without_a_token_a_read_only_counter_is_shown_read_only_and_why(
+    server_process: StartProcess, open_page: OpenPage, secret_file: tuple[str, bytes], width: int
+) -> None:
+    path, secret = secret_file
+    process = server_process(
+        "--port", "0", "--rate", "0", "--token-secret-file", path, "--anonymous", "read"
+    )
+    writer = open_page(with_token(served(process, "/c/poll"), mint(secret, rooms=["poll"])))
+    expect_connected(writer)
+    writer.locator("#plus").click()
+
+    page = open_page(served(process, "/c/poll"), viewport={"width": width, "height": 720})
+    expect_connected(page)
+    expect(page.locator("#value")).to_have_text("1")  # it watches
+    expect(page.locator(".users")).to_have_text("2 users online")
+    why = "Read-only: this counter needs a token to change."
+    expect(page.locator("#buttons-why")).to_have_text(why)
+    for name in ("Increase", "Decrease"):
+        button = page.get_by_role("button", name=name)
+        expect(button).to_be_disabled()
+        expect(button).to_have_accessible_description(why)
+    writer.locator("#plus").click()
+    expect(page.locator("#value")).to_have_text("2")  # still following, still read-only
+    expect(page.locator("#buttons-why")).to_have_text(why)
+    expect(page.locator("#pending")).to_have_text("")
+    expect_readable(page)
+    screenshot(page, f"read-only-{width}")
+    if width == 375:
+        assert serious_axe_violations(page) == []
+
+
+@pytest.mark.parametrize("width", [375, 1280])
+def test_an_expired_token_closes_the_page_s_connection_and_the_page_says_so(
+    server_process: StartProcess, new_page: NewPage, secret_file: tuple[str, bytes], width: int
+) -> None:
+    path, secret = secret_file
+    process = server_process("--port", "0", "--rate", "0", "--token-secret-file", path)
+    page = new_page(viewport={"width": width, "height": 720})
+    count_sockets(page)
+    page.clock.install()
+    page.goto(with_token(served(process, "/c/brief"), mint(secret, rooms=["brief"], lasts=2)))
+    expect_connected(page)
+    expect(page.locator("#buttons-why")).to_have_text("")
+
+    # The server closes it with 1008 "token expired" when exp passes.
+    expect(page.locator("#status")).to_have_text("disconnected")
+    expect(page.locator("#buttons-why")).to_have_text(
+        "Your access token expired, so the server closed the connection. "
+        "Open the page again with a new token to carry on."
+    )
+    expect(page.locator("#plus")).to_be_disabled()
+    expect(page.locator("#value-label")).to_have_text("Last known count")
+    page.clock.fast_forward(60_000)  # many times the longest backoff
+    assert sockets_created(page) == 1  # the same token would only be refused
+    expect_readable(page)
+    screenshot(page, f"token-expired-{width}")
+
+
+def test_a_refused_token_is_shown_in_words_and_not_tried_again(
+    server_process: StartProcess, new_page: NewPage, secret_file: tuple[str, bytes]
+) -> None:
+    path, _ = secret_file
+    process = server_process(
+        "--port", "0", "--rate", "0", "--token-secret-file", path, "--anonymous", "none"
+    )
+    page = new_page()
+    count_sockets(page)
+    page.clock.install()
+    forged = mint(secrets.token_bytes(48), rooms=["/"])  # signed with another secret
+    page.goto(with_token(served(process), forged))
+    origin = urlencode({"origin": f"http://127.0.0.1:{process.port}"})
+    refused = json.loads(http_get(process, f"/admission?{origin}&token={forged}")[2])
+    anonymous = json.loads(http_get(process, f"/admission?{origin}")[2])
+    assert refused["status"] == 401
+    assert refused["reason"] != anonymous["reason"]  # so the page must pass its token on
+    expect(page.locator("#problem")).to_have_text(
+        f"The server refused the connection: {refused['reason']}."
+    )
+    expect(page.locator("#status")).to_have_text("disconnected")
+    expect(page.locator("#buttons-why")).to_have_text(
+        "Changing or watching this counter needs a valid access token. "
+        "Open the page again with one."
+    )
+    page.clock.fast_forward(60_000)
+    assert sockets_created(page) == 1
 
 
 # --- Refusals ----------------------------------------------------------------------

@@ -122,7 +122,9 @@ def open_store(settings: Settings) -> Store:
     if settings.state is not None:
         from counter_sync.sqlite_store import SqliteStore
 
-        return SqliteStore(settings.state, session_ttl=settings.session_ttl)
+        return SqliteStore(
+            settings.state, session_ttl=settings.session_ttl, forget_after=settings.forget_after
+        )
     return MemoryStore(
         max_counters=settings.max_rooms,
         forget_after=settings.forget_after,

@@ -62,12 +62,12 @@ __all__ = [
     "REDIS_STOP_TIMEOUT",
     "REDIS_TASKS_STOP_TIMEOUT",
     "SESSION_ID",
-    "SESSION_SWEEP_INTERVAL",
-    "SESSION_SWEEP_LIMIT",
     "SESSION_TTL",
     "SOCKET_RECEIVE_BUFFER",
     "SOCKET_SEND_BUFFER",
     "STORE_RETRY_DELAY",
+    "SWEEP_INTERVAL",
+    "SWEEP_LIMIT",
     "WRITE_BUFFER_LIMIT",
     "Settings",
 ]
@@ -212,16 +212,19 @@ MIN_SESSION_TTL = 10.0
 # with the dict entry): beyond, the longest idle ones go first, counted in
 # counter_sync_sessions_evicted_total.
 MAX_SESSIONS = 100_000
-# With --state: seconds between two sweeps of the sessions idle for longer
-# than --session-ttl out of the SQLite file. A sweep rides on a commit's
-# transaction (no fsync of its own); once a minute keeps the table within a
-# minute of sessions beyond the TTL, at the cost of one indexed DELETE.
-SESSION_SWEEP_INTERVAL = 60.0
-# With --state: sessions one sweep deletes at most, so that a commit after a
-# long quiet spell (or a restart after days) is not held up by one huge
-# DELETE; a full sweep makes the next commit sweep again until it caught up.
-# A few milliseconds of work at most.
-SESSION_SWEEP_LIMIT = 1_000
+# With --state: seconds between two sweeps of the SQLite file, which delete
+# the sessions idle for longer than --session-ttl and the counters unused for
+# longer than --forget-after (or every --forget-after, if that is shorter).
+# A sweep rides on a commit's transaction when one comes (no fsync of its
+# own), and otherwise takes one only if it finds something to delete; once a
+# minute keeps each table within a minute of what it must hold, at the cost
+# of two indexed reads.
+SWEEP_INTERVAL = 60.0
+# With --state: sessions, and counters, one sweep deletes at most, so that a
+# commit after a long quiet spell (or a restart after days) is not held up by
+# one huge DELETE; a full sweep is followed by another at once, a transaction
+# each, until it caught up. A few milliseconds of work each.
+SWEEP_LIMIT = 1_000
 # With --state: seconds a commit waits for another process's write lock (say,
 # an operator's sqlite3 shell) before its flush fails with "store
 # unavailable": long enough for a quick manual write, short enough that

@@ -1,10 +1,10 @@
 """Keep the counters in a SQLite file so they survive restarts: ``--state PATH``.
 
 One file holds every counter, one row per room (``"/"`` and each named
-counter) with its version; the last done op of each (room, session); and the
-file's history, its epoch and sequence. A room that has never changed, or is
-back at 0, has no row and reads as 0. What the store promises, in the order a
-change goes through it:
+counter) with its version and when it was last used; the last done op of each
+(room, session); and the file's history, its epoch and sequence. A room that
+has never changed (or was forgotten) has no row and reads as 0. What the
+store promises, in the order a change goes through it:
 
 * Write-ahead. :meth:`SqliteStore.commit` returns only after its transaction
   is committed with ``synchronous=FULL`` (the WAL is fsynced), and the hub
@@ -17,8 +17,9 @@ change goes through it:
   exactly once if it was not applied. A change that would take the value
   beyond ±MAX_VALUE counts no delta (``applied=False``), but its ops are done.
 * Versions. Every committed change of a room takes the next number of one
-  sequence kept in the file for all rooms, so a room whose row was deleted at
-  0 and is loaded again never goes back; so does a counter the API forgets.
+  sequence kept in the file for all rooms, and so does every sweep that
+  forgets counters: a room whose row was deleted (forgotten, by the sweep or
+  the API) reads as 0 at a version newer than any it had, and never goes back.
   The epoch is drawn when the file is created (or migrated) and kept in it:
   it is the same after every restart.
 * Group commit. The flusher sends the changes of every room that flushes in
@@ -30,12 +31,19 @@ change goes through it:
   connection and makes every SQLite call; the loop only awaits it. The thread
   is a daemon: one stuck in fsync does not keep the process alive after the
   server's bounded stop has given up on it.
-* Sessions are forgotten, not kept forever. A session whose last op is older
-  than ``session_ttl`` is deleted by a sweep that rides on a commit that
-  writes, at most once per ``SESSION_SWEEP_INTERVAL``, deleting at most
-  ``SESSION_SWEEP_LIMIT`` rows (then again at the next one, until it has
-  caught up). The age is wall-clock time, so that it survives restarts; a
-  clock set forward forgets sessions early by as much.
+* Counters and sessions are forgotten, not kept forever. A sweep deletes the
+  sessions whose last op is older than ``session_ttl``, and the counters
+  nobody changed, joined or left for longer than ``forget_after`` and that
+  nobody is in here now. It runs at most once per ``SWEEP_INTERVAL`` (or per
+  ``forget_after`` if shorter): in the transaction of a commit that writes,
+  or alone, from a timer, if it finds anything to delete. It deletes at most
+  ``SWEEP_LIMIT`` rows of each table, then goes on at once, a transaction
+  each, until it has caught up. Joins and leaves cost no transaction: the
+  rooms loaded now are kept by the sweep, and the time of a leave goes into
+  the file with the next transaction (at the latest at the next sweep or a
+  clean stop; a crash loses it, and the row goes ``forget_after`` after its
+  last change or sweep instead). Ages are wall-clock time, so that they
+  survive restarts; a clock set forward forgets early by as much.
 * Honest failures. A commit SQLite certainly rolled back (disk full, database
   locked) raises :exc:`~counter_sync.store.StoreUnavailable`: nothing of it
   counts, and the store carries on. Any other failure of a commit (an I/O
@@ -73,10 +81,12 @@ from typing import TypeVar
 
 from counter_sync.config import (
     BUSY_TIMEOUT,
+    FORGET_AFTER,
+    LOG_INTERVAL,
     MAX_VALUE,
-    SESSION_SWEEP_INTERVAL,
-    SESSION_SWEEP_LIMIT,
     SESSION_TTL,
+    SWEEP_INTERVAL,
+    SWEEP_LIMIT,
 )
 from counter_sync.store import (
     DEFAULT_ROOM,
@@ -107,10 +117,12 @@ ROOMS_VERSION = 2  # one row per room, without versions or sessions
 SQLITE_MAGIC = b"SQLite format 3\x00"
 HEADER_SIZE = 100
 APPLICATION_ID_OFFSET = 68
-# counter: one row per counter that is not 0, with the seq of its last
-# change. meta: the one row of the file's history, its epoch and the last
-# seq handed out to any room. session: the last done op of each (room,
-# session), and when it was last changed (Unix time), indexed for the sweep.
+# counter: one row per counter that has changed and is not forgotten, with
+# the seq of its last change and when it was last used (changed, or left:
+# Unix time), indexed for the sweep. meta: the one row of the file's history,
+# its epoch and the last seq handed out to any room. session: the last done
+# op of each (room, session), and when it was last changed (Unix time),
+# indexed for the sweep.
 # The CHECKs restate the rules the code keeps, so that a bug or a hand edit
 # fails a statement instead of storing a value no client could be shown.
 # WITHOUT ROWID: the key is the name, so each table is one b-tree instead of two.
@@ -120,9 +132,11 @@ SCHEMA = (
         name TEXT PRIMARY KEY NOT NULL,
         value INTEGER NOT NULL
             CHECK (typeof(value) = 'integer' AND value BETWEEN -{MAX_VALUE} AND {MAX_VALUE}),
-        seq INTEGER NOT NULL CHECK (typeof(seq) = 'integer' AND seq >= 0)
+        seq INTEGER NOT NULL CHECK (typeof(seq) = 'integer' AND seq >= 0),
+        used REAL NOT NULL
     ) WITHOUT ROWID
     """,
+    "CREATE INDEX counter_by_use ON counter (used)",
     """
     CREATE TABLE meta (
         id INTEGER PRIMARY KEY CHECK (id = 0),
@@ -146,7 +160,7 @@ TABLES_BY_VERSION = {
     SINGLE_COUNTER_VERSION: {"counter": ["id", "value"]},
     ROOMS_VERSION: {"counter": ["name", "value"]},
     SCHEMA_VERSION: {
-        "counter": ["name", "value", "seq"],
+        "counter": ["name", "value", "seq", "used"],
         "meta": ["id", "epoch", "seq"],
         "session": ["room", "session", "done", "touched"],
     },
@@ -158,18 +172,28 @@ COUNTERS_BY_VERSION = {
     SCHEMA_VERSION: "SELECT name, value FROM counter",
 }
 SET_COUNTER = """
-INSERT INTO counter (name, value, seq) VALUES (?, ?, ?)
-ON CONFLICT (name) DO UPDATE SET value = excluded.value, seq = excluded.seq
+INSERT INTO counter (name, value, seq, used) VALUES (?, ?, ?, ?)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value, seq = excluded.seq, used = excluded.used
 """
+# A room left: used then, unless something later already counts (a change).
+TOUCH = "UPDATE counter SET used = max(used, ?) WHERE name = ?"
 SET_DONE = """
 INSERT INTO session (room, session, done, touched) VALUES (?, ?, ?, ?)
 ON CONFLICT (room, session) DO UPDATE SET done = excluded.done, touched = excluded.touched
 """
 # The oldest idle sessions first, a bounded number, through the index.
-SWEEP = """
+SWEEP_SESSIONS = """
 DELETE FROM session WHERE (room, session) IN (
     SELECT room, session FROM session WHERE touched < ? ORDER BY touched LIMIT ?
 )
+"""
+# The counters unused the longest, a bounded number, through the index: the
+# sweep deletes those nobody is in, and marks the others used now.
+STALE_COUNTERS = "SELECT name FROM counter WHERE used < ? ORDER BY used LIMIT ?"
+# Whether a sweep would find anything: two lookups of the oldest entry.
+ANY_STALE = """
+SELECT EXISTS (SELECT 1 FROM session WHERE touched < ?)
+    OR EXISTS (SELECT 1 FROM counter WHERE used < ?)
 """
 # Errors after which SQLite has certainly rolled the transaction back: it
 # could not write the WAL (disk full) or never got the write lock.
@@ -188,13 +212,23 @@ class SqliteStore:
     """Every counter and session in one SQLite file, in WAL mode, held by this process alone.
 
     ``session_ttl`` (seconds, ``--session-ttl``): how long after its last op
-    a session's last done op is kept at least.
+    a session's last done op is kept at least. ``forget_after`` (seconds,
+    ``--forget-after``): how long a counter nobody changed, joined or left is
+    kept at least (and at most about one sweep interval longer).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, session_ttl: float = SESSION_TTL) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        session_ttl: float = SESSION_TTL,
+        forget_after: float = FORGET_AFTER,
+    ) -> None:
         self.path = Path(path)
         self.name = os.fspath(path)  # as the operator wrote it, for messages
         self.session_ttl = session_ttl
+        self.forget_after = forget_after
+        self.sweep_interval = min(SWEEP_INTERVAL, forget_after)
         self.worker: Worker | None = None  # started by open()
         self._epoch = ""  # read from the file by open()
         # Touched on the worker thread only.
@@ -206,8 +240,18 @@ class SqliteStore:
         self.queued: list[Pending] = []  # for the next transaction
         self.committing: list[Pending] = []  # in the transaction under way
         self.committer: asyncio.Task[None] | None = None
+        self.write_wanted = False  # a transaction without commits: a sweep, leaves
+        self.sweeper: asyncio.Task[None] | None = None
+        # Rooms with users here: the sweep keeps their rows. Those of them
+        # that have a row (as far as this process wrote or read it), whose
+        # leave is worth writing down; and the rooms left since the last
+        # transaction, with when, for the next one.
+        self.loaded: set[str] = set()
+        self.with_rows: set[str] = set()
+        self.left: dict[str, float] = {}
         self.last_commit_ok = True
         self.in_doubt: str | None = None  # why, once a commit's outcome is unknown
+        self.sweep_warned_at = 0.0  # monotonic: when a failed sweep may be logged again
         self.closed = False
 
     @property
@@ -228,6 +272,7 @@ class SqliteStore:
             await worker.call(self.release_file)
             worker.stop()
             raise
+        self.sweeper = asyncio.create_task(self.sweeping())
         log.info(
             "state %s: value %d at /, %d other counter(s), %d session(s) (%s)",
             self.name,
@@ -240,18 +285,34 @@ class SqliteStore:
     async def load(self, room: str) -> RoomState:
         """Read the state of ``room``; one without a row is at 0, at the file's latest seq.
 
-        Raise :exc:`StoreUnavailable` if the file cannot be read now.
+        From now until :meth:`release`, the sweep keeps its row. The join
+        costs no write. Raise :exc:`StoreUnavailable` if the file cannot be
+        read now.
         """
-        return await self.read(functools.partial(self.read_state, room))
+        # Before the read is queued: a sweep queued after it keeps what it read.
+        self.loaded.add(room)
+        try:
+            state, has_row = await self.read(functools.partial(self.read_row, room))
+        except BaseException:
+            self.loaded.discard(room)
+            raise
+        if has_row:
+            self.with_rows.add(room)
+        return state
 
     async def peek(self, room: str) -> tuple[RoomState, int]:
-        """Read the state of ``room`` as :meth:`load` does; no other instance has users."""
-        return await self.load(room), 0
+        """Read the state of ``room`` as :meth:`load` does, without joining it.
+
+        No other instance has users. Raise :exc:`StoreUnavailable` if the
+        file cannot be read now.
+        """
+        return await self.read(functools.partial(self.read_state, room)), 0
 
     async def counters(self, prefix: str, after: str, limit: int) -> list[tuple[str, RoomState]]:
         """Up to ``limit`` counters by name, those starting with ``prefix``, after ``after``.
 
-        A counter at 0 has no row, so it is not listed. Raise
+        Listed: every counter with a row, i.e. changed and not forgotten
+        (whatever its value, 0 too); a counter only joined has no row. Raise
         :exc:`StoreUnavailable` if the file cannot be read now.
         """
         return await self.read(functools.partial(self.read_counters, prefix, after, limit))
@@ -305,10 +366,19 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise self.failure(exc) from exc
         self.last_commit_ok = True
+        self.with_rows.discard(room)
+        self.left.pop(room, None)
         return state
 
     def release(self, room: str) -> None:
-        pass  # nothing is kept per room outside the file
+        """Nobody here is in ``room`` any more: the sweep may forget it ``forget_after`` from now.
+
+        Writes nothing now: the time goes into the file with the next transaction.
+        """
+        self.loaded.discard(room)
+        if room in self.with_rows:
+            self.with_rows.discard(room)
+            self.left[room] = time.time()
 
     def can_open(self, room: str) -> bool:
         return True  # the file holds any number; the hub caps the rooms in use
@@ -332,6 +402,13 @@ class SqliteStore:
         if self.closed:
             return
         self.closed = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        # Whoever is in a room now was in it until now: the file keeps that.
+        now = time.time()
+        self.left |= dict.fromkeys(self.with_rows, now)
+        if self.left and self.worker is not None:
+            self.request_write()
         if self.committer is not None:
             await self.committer
         if self.worker is not None:
@@ -340,30 +417,60 @@ class SqliteStore:
 
     # The event loop's side of group commit.
 
+    async def sweeping(self) -> None:
+        """Offer the worker a sweep every interval, for when no commit comes to carry one."""
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            self.request_write()
+
+    def request_write(self) -> None:
+        """Make a transaction soon even if nothing is committed: a sweep, rooms left."""
+        self.write_wanted = True
+        if self.committer is None:
+            self.committer = asyncio.create_task(self.commit_queued())
+
     async def commit_queued(self) -> None:
         """Commit what is queued, one transaction at a time, until nothing is."""
         assert self.worker is not None
         try:
-            while self.queued and self.in_doubt is None:
+            while (self.queued or self.write_wanted) and self.in_doubt is None:
                 batch, self.queued = self.queued, []
+                self.write_wanted = False
                 self.committing = batch
                 changes = [change for pending in batch for change in pending.changes]
+                # Leaves ride on a transaction that writes anyway, or on one
+                # of their own: never on a join's read, which takes no write lock.
+                if not changes or any(map(may_write, changes)):
+                    left, self.left = self.left, {}
+                else:
+                    left = {}
+                # Taken now, in the loop's order of calls: a load queued
+                # before this write has marked its room already.
+                write = functools.partial(self.write, changes, left, frozenset(self.loaded))
                 try:
-                    outcomes = await self.worker.call(functools.partial(self.write, changes))
-                except sqlite3.Error as exc:
-                    failure = self.failure(exc)
+                    outcomes, more = await self.worker.call(write)
+                except Exception as exc:
+                    self.left = left | self.left  # not written: later leaves win
+                    # An error not SQLite's was raised before COMMIT ran
+                    # (write() has nothing after it), so rolled back: every
+                    # caller hears it as it is.
+                    failure = self.failure(exc) if isinstance(exc, sqlite3.Error) else exc
                     for pending in batch:
                         settle(pending, failure)
-                except Exception as exc:
-                    # Not SQLite's: raised before COMMIT ran (write() has
-                    # nothing after it), so rolled back. Every caller hears it.
-                    for pending in batch:
-                        settle(pending, exc)
+                    if not batch:
+                        self.sweep_failed(failure)
                 else:
                     self.last_commit_ok = True
+                    self.with_rows.update(
+                        change.room
+                        for change in changes
+                        if may_write(change) and change.room in self.loaded
+                    )
                     results = iter(outcomes)
                     for pending in batch:
                         settle(pending, [next(results) for _ in pending.changes])
+                    # A full sweep: the next batch goes at once.
+                    self.write_wanted |= more
                 self.committing = []
             # Queued behind a commit that ended in doubt: the store is done.
             for pending in self.queued:
@@ -375,6 +482,19 @@ class SqliteStore:
                 pending.done.cancel()
             self.committing = []
             self.committer = None
+
+    def sweep_failed(self, failure: Exception) -> None:
+        """A transaction nobody waited for failed: say so, at most once per interval.
+
+        In doubt, the next commit stops the server, as after any commit.
+        """
+        if not isinstance(failure, StoreUnavailable | StoreInDoubt):
+            log.error("state %s: sweep failed", self.name, exc_info=failure)
+            return
+        now = time.monotonic()
+        if now >= self.sweep_warned_at:
+            self.sweep_warned_at = now + LOG_INTERVAL
+            log.warning("state %s: sweep not done: %s", self.name, failure)
 
     def failure(self, exc: sqlite3.Error) -> StoreUnavailable | StoreInDoubt:
         """What a failed transaction means: certainly not applied, or in doubt for good."""
@@ -460,10 +580,12 @@ class SqliteStore:
             rows = connection.execute(COUNTERS_BY_VERSION[version]).fetchall()
             connection.execute("DROP TABLE counter")
             self.create_tables(connection)
-            # 0 has no row, as for every counter.
+            # A counter at 0 reads the same without a row. The others count
+            # as used now: the old layouts did not say when.
+            now = time.time()
             connection.executemany(
-                "INSERT INTO counter (name, value, seq) VALUES (?, ?, 0)",
-                [(name, value) for name, value in rows if value != 0],
+                "INSERT INTO counter (name, value, seq, used) VALUES (?, ?, 0, ?)",
+                [(name, value, now) for name, value in rows if value != 0],
             )
             connection.execute("COMMIT")
         except BaseException:
@@ -493,34 +615,57 @@ class SqliteStore:
 
     def read_state(self, room: str, latest: int | None = None) -> RoomState:
         """The state of ``room``; without a row, 0 at ``latest`` (the last seq handed out)."""
+        return self.read_row(room, latest)[0]
+
+    def read_row(self, room: str, latest: int | None = None) -> tuple[RoomState, bool]:
+        """The state of ``room``, as :meth:`read_state`, and whether it has a row."""
         connection = self.open_connection()
         row = connection.execute(
             "SELECT value, seq FROM counter WHERE name = ?", (room,)
         ).fetchone()
         if row is None:  # at 0: as new as anything the file holds
-            return RoomState(0, self.seq if latest is None else latest, self._epoch)
-        return RoomState(int(row[0]), int(row[1]), self._epoch)
+            return RoomState(0, self.seq if latest is None else latest, self._epoch), False
+        return RoomState(int(row[0]), int(row[1]), self._epoch), True
 
-    def write(self, changes: list[Change]) -> list[Outcome]:
-        """Apply every change in one transaction; return their outcomes once it is committed."""
+    def write(
+        self, changes: list[Change], left: dict[str, float], loaded: frozenset[str]
+    ) -> tuple[list[Outcome], bool]:
+        """Apply every change in one transaction, with the rooms ``left`` and a sweep if due.
+
+        Return the outcomes once it is committed, and whether a sweep found
+        more than it may delete at once (so another should follow). The
+        sweep keeps the rooms ``loaded``.
+        """
         connection = self.open_connection()
         now = time.time()
         # A transaction that only reads (sessions that joined) needs no write
         # lock, so an operator's write in a sqlite3 shell does not hold up
-        # joins. Sweeps ride on writes: without them, no session is added.
-        writes = any(change.delta or change.ops or change.set_to is not None for change in changes)
-        sweep = writes and now >= self.next_sweep
+        # joins: a sweep rides on one that writes, or on one of its own,
+        # which nobody waits for, taken only if there is something to delete.
+        writes = bool(left) or any(map(may_write, changes))
+        sweep = now >= self.next_sweep
+        if sweep and not writes:
+            sweep = not changes and self.anything_stale(connection, now)
+            if not sweep and not changes:
+                self.next_sweep = now + self.sweep_interval
+        if not (changes or writes or sweep):
+            return [], False
         seq = self.seq
         try:
-            connection.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+            connection.execute("BEGIN IMMEDIATE" if writes or sweep else "BEGIN")
             outcomes = []
             for change in changes:
                 outcome = self.apply(connection, change, seq, now)
                 seq = max(seq, outcome.state.seq)
                 outcomes.append(outcome)
+            connection.executemany(TOUCH, [(when, room) for room, when in left.items()])
+            full = False
+            if sweep:
+                full, forgotten = self.sweep(connection, now, loaded)
+                if forgotten:
+                    seq += 1  # a forgotten room reads as 0 at the latest seq: past its own
             if seq != self.seq:
                 connection.execute("UPDATE meta SET seq = ?", (seq,))
-            swept = self.sweep(connection, now) if sweep else 0
             connection.execute("COMMIT")
         except BaseException:
             # SQLite rolls back by itself after most errors (disk full, I/O).
@@ -528,9 +673,9 @@ class SqliteStore:
             raise
         self.seq = seq
         if sweep:
-            # Caught up: wait a period. A full batch: the next commit goes on.
-            self.next_sweep = now + SESSION_SWEEP_INTERVAL if swept < SESSION_SWEEP_LIMIT else now
-        return outcomes
+            # Caught up: wait a period. A full batch: the next transaction goes on.
+            self.next_sweep = now if full else now + self.sweep_interval
+        return outcomes, full
 
     def apply(
         self, connection: sqlite3.Connection, change: Change, seq: int, now: float
@@ -562,10 +707,8 @@ class SqliteStore:
         applied = abs(value + delta) <= MAX_VALUE
         if applied and value + delta != state.value:
             state = RoomState(value + delta, seq + 1, self._epoch)
-            if state.value:
-                connection.execute(SET_COUNTER, (room, state.value, state.seq))
-            else:  # a counter back at 0 takes no room in the file
-                connection.execute("DELETE FROM counter WHERE name = ?", (room,))
+            # Back at 0 too: it is a counter someone uses, listed until forgotten.
+            connection.execute(SET_COUNTER, (room, state.value, state.seq, now))
         for session, (before, after) in done.items():
             if after != before:
                 connection.execute(SET_DONE, (room, session, after, now))
@@ -604,10 +747,32 @@ class SqliteStore:
         ).fetchone()
         return 0 if row is None else int(row[0])
 
-    def sweep(self, connection: sqlite3.Connection, now: float) -> int:
-        """Forget the sessions idle for longer than the TTL, a bounded number; return how many."""
-        cursor = connection.execute(SWEEP, (now - self.session_ttl, SESSION_SWEEP_LIMIT))
-        return cursor.rowcount
+    def anything_stale(self, connection: sqlite3.Connection, now: float) -> bool:
+        """Whether a sweep would find a session or a counter to look at."""
+        limits = (now - self.session_ttl, now - self.forget_after)
+        return bool(connection.execute(ANY_STALE, limits).fetchone()[0])
+
+    def sweep(
+        self, connection: sqlite3.Connection, now: float, loaded: frozenset[str]
+    ) -> tuple[bool, int]:
+        """Forget the sessions and counters unused for too long, a bounded number of each.
+
+        A counter of a room ``loaded`` (someone is in it) is marked used now
+        instead. Return whether a batch was full, and how many counters went.
+        """
+        cursor = connection.execute(SWEEP_SESSIONS, (now - self.session_ttl, SWEEP_LIMIT))
+        sessions = cursor.rowcount
+        stale = [
+            name
+            for (name,) in connection.execute(
+                STALE_COUNTERS, (now - self.forget_after, SWEEP_LIMIT)
+            ).fetchall()
+        ]
+        kept = [(now, name) for name in stale if name in loaded]
+        gone = [(name,) for name in stale if name not in loaded]
+        connection.executemany("UPDATE counter SET used = ? WHERE name = ?", kept)
+        connection.executemany("DELETE FROM counter WHERE name = ?", gone)
+        return max(sessions, len(stale)) >= SWEEP_LIMIT, len(gone)
 
     def open_connection(self) -> sqlite3.Connection:
         if self.connection is None:
@@ -666,6 +831,11 @@ class Worker:
     def run(self) -> None:
         while (call := self.calls.get()) is not None:
             call()
+
+
+def may_write(change: Change) -> bool:
+    """Whether a change may write (a value, or an op); lookups only read."""
+    return bool(change.delta or change.ops or change.set_to is not None)
 
 
 def settle(pending: Pending, outcome: list[Outcome] | Exception) -> None:

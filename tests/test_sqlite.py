@@ -75,6 +75,16 @@ FAULTS_SOURCE = ROOT / "tests" / "faults" / "faults.c"
 # flushes and the store.
 STOP_BOUND = CLOSE_TIMEOUT + 1 + CLOSE_TIMEOUT + FLUSH_TIMEOUT + STORE_CLOSE_TIMEOUT
 SESSION = "sqlite-session-0123456789"
+# --forget-after at its smallest, so that forgetting takes seconds: a room's
+# row goes within FORGET (and one sweep interval, as long) after its last use.
+FORGET = 1.0
+# The store's own, in-process: shorter still.
+QUICK_FORGET = 0.2
+# Rooms the churn test opens in turn, and how recently a room may have been
+# used for its row to be in the file still: forget-after, a sweep interval,
+# and scheduling slack on a busy machine.
+CHURN_ROOMS = 2_000
+CHURN_WINDOW = FORGET + FORGET + 2.0
 
 
 # --- Helpers ------------------------------------------------------------------
@@ -121,6 +131,20 @@ def stored_rows(path: Path) -> dict[str, int]:
     """Every counter row of the file, as another process reads it."""
     with contextlib.closing(sqlite3.connect(path)) as reader:
         return dict(reader.execute("SELECT name, value FROM counter").fetchall())
+
+
+async def rows_become(path: Path, expected: dict[str, int]) -> None:
+    """Wait for the file to hold exactly ``expected``: for a sweep. Fail after TIMEOUT."""
+    async with asyncio.timeout(TIMEOUT):
+        while stored_rows(path) != expected:  # noqa: ASYNC110 - a sweep is no event to await
+            await asyncio.sleep(0.02)
+
+
+def last_used(path: Path, name: str) -> float:
+    """When the file says counter ``name`` was last used (Unix time)."""
+    with contextlib.closing(sqlite3.connect(path)) as reader:
+        (used,) = reader.execute("SELECT used FROM counter WHERE name = ?", (name,)).fetchone()
+    return float(used)
 
 
 def stored_sessions(path: Path) -> dict[tuple[str, str], int]:
@@ -376,20 +400,65 @@ async def test_change_beyond_the_range_counts_nothing_but_its_ops_are_done(
     assert stored_sessions(state) == {("full", SESSION): 3}
 
 
-async def test_a_room_deleted_at_zero_and_loaded_again_never_goes_back(tmp_path: Path) -> None:
+async def test_a_counter_back_at_zero_keeps_its_row_and_its_version(tmp_path: Path) -> None:
     state = tmp_path / "counter.sqlite"
     async with opened(state) as store:
         await store.commit([Change("votes", 1)])
         (at_zero,) = await store.commit([Change("votes", -1)])
-        assert stored_rows(state) == {}  # 0 takes no row: its seq lives on in the file's
+        assert stored_rows(state) == {"votes": 0}  # listed, as the other stores list it
         await store.commit([Change("elsewhere", 1)])
-        loaded = await store.load("votes")
-        assert (loaded.value, loaded.seq) == (0, at_zero.state.seq + 1)
-    async with opened(state) as again:
-        after_restart = await again.load("votes")
-        assert after_restart == loaded  # the same value, version and history
-        (changed,) = await again.commit([Change("votes", 1)])
-        assert changed.state.is_newer_than(after_restart)
+        assert await store.load("votes") == at_zero.state
+        assert [name for name, _ in await store.counters("", "", 10)] == ["elsewhere", "votes"]
+
+
+async def test_a_counter_unused_for_forget_after_is_swept_and_reads_0_at_a_newer_version(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "counter.sqlite"
+    async with opened(state, forget_after=QUICK_FORGET) as store:
+        (votes,) = await store.commit([Change("votes", 3)])
+        changed_at = time.monotonic()
+        # Nobody commits: the store's own timer sweeps.
+        await rows_become(state, {})
+        assert time.monotonic() - changed_at >= QUICK_FORGET
+        again = await store.load("votes")
+        assert (again.value, again.epoch) == (0, votes.state.epoch)
+        assert again.is_newer_than(votes.state)
+        assert await store.counters("", "", 10) == []
+    async with opened(state) as restarted:
+        assert await restarted.load("votes") == again  # the file kept the newer version
+
+
+async def test_a_loaded_room_is_kept_however_long_and_forgotten_forget_after_after_its_leave(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "counter.sqlite"
+    async with opened(state, forget_after=QUICK_FORGET) as store:
+        await store.load("busy")
+        await store.commit([Change("busy", 1), Change("idle", 1)])
+        # Both were as stale when the sweep took idle: busy has users here.
+        await rows_become(state, {"busy": 1})
+        store.release("busy")
+        left_at = time.monotonic()
+        await rows_become(state, {})
+        assert time.monotonic() - left_at >= QUICK_FORGET
+        assert (await store.load("busy")).value == 0
+
+
+async def test_a_join_writes_nothing_and_a_leave_rides_on_the_next_transaction(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "counter.sqlite"
+    async with opened(state) as store:
+        await store.commit([Change("votes", 1)])
+        changed = last_used(state, "votes")
+        await store.load("votes")
+        store.release("votes")
+        left = time.time()
+        assert committed_transactions(state) == 1
+        await store.commit([Change("elsewhere", 1)])
+        assert committed_transactions(state) == 2
+        assert changed < last_used(state, "votes") <= left
 
 
 async def test_the_epoch_is_kept_by_the_file_and_a_new_file_has_a_new_one(
@@ -427,21 +496,21 @@ async def test_sessions_idle_beyond_the_ttl_are_swept_and_the_others_kept(
         assert stored_sessions(state) == {("/", SESSION): 1}
 
 
-async def test_a_sweep_deletes_a_bounded_number_and_the_next_writes_catch_up(
+async def test_a_sweep_deletes_a_bounded_number_per_transaction_until_it_caught_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_store, "SESSION_SWEEP_LIMIT", 2)
+    monkeypatch.setattr(sqlite_store, "SWEEP_LIMIT", 2)
     state = tmp_path / "counter.sqlite"
     old = [f"old-session-{n:010d}" for n in range(5)]
     async with opened(state) as store:
         await store.commit([Change("/", 0, tuple(ops(session, 1, +1) for session in old))])
     age_sessions(state, SESSION_TTL + 1)
     async with opened(state) as store:
-        left = []
-        for n in range(1, 4):
-            await store.commit([Change("/", 0, (ops(SESSION, n, +1),))])
-            left.append(len(stored_sessions(state)) - 1)  # the old ones still there
-        assert left == [3, 1, 0]
+        await store.commit([Change("/", 0, (ops(SESSION, 1, +1),))])
+        await wait_until(lambda: store.committer is None)
+        assert stored_sessions(state) == {("/", SESSION): 1}
+        # The commit swept 2, then two transactions of their own 2 and 1.
+        assert committed_transactions(state) == 3
 
 
 async def test_a_commit_that_only_looks_sessions_up_takes_no_write_lock(tmp_path: Path) -> None:
@@ -466,7 +535,7 @@ async def test_counters_are_listed_by_name_a_page_at_a_time(tmp_path: Path) -> N
         assert await page("votes", "votes-2", 2) == ["votes_3", "votesz"]
         assert await page("votes", "votesz", 2) == []
         assert await page("", "votesz", 5) == ["w"]
-        assert await page("", "", 100) == sorted(names)  # votes-0 is at 0: no row
+        assert await page("", "", 100) == sorted(names)  # votes-0 never changed: no row
 
 
 SESSIONS = ("session-a-0123456789", "session-b-0123456789")
@@ -520,21 +589,25 @@ async def compare_with_memory(script: list[list[Change] | str | None]) -> None:
                         assert (answer.applied, answer.done) == (expected.applied, expected.done)
                         assert same_state(answer.state, expected.state), change
                 await compare_reads(store, memory)
+            for room in ROOMS:
+                memory.release(room)  # the server stopped: nobody is in any room
 
 
 async def compare_reads(store: SqliteStore, memory: MemoryStore) -> None:
     for room in ROOMS:
         assert same_state(await store.load(room), await memory.load(room)), room
         assert same_state((await store.peek(room))[0], (await memory.peek(room))[0]), room
-    # The file keeps no counter at 0: it lists the others.
-    listed = [(name, state.value, state.seq) for name, state in await memory.counters("", "", 9)]
-    assert [(name, state.value, state.seq) for name, state in await store.counters("", "", 9)] == [
-        each for each in listed if each[1] != 0
-    ]
+    # The file lists what it holds as the memory store does. It holds no row
+    # for a counter only joined (or forgotten while someone is in it), which
+    # the memory store keeps, at 0.
+    listed = {name: (state.value, state.seq) for name, state in await memory.counters("", "", 9)}
+    in_file = {name: (state.value, state.seq) for name, state in await store.counters("", "", 9)}
+    assert in_file.items() <= listed.items()
+    assert all(value == 0 for name, (value, _) in listed.items() if name not in in_file)
 
 
 def same_state(answer: RoomState, expected: RoomState) -> bool:
-    """The same value and version, but for a room at 0: the file keeps no row for it.
+    """The same value and version, but for a room at 0 without a row in the file.
 
     Loaded again, it is at the file's latest seq, which may be past the one
     the memory store keeps for it. Each store has an epoch of its own.
@@ -626,18 +699,26 @@ async def test_rooms_flushing_while_a_commit_waits_share_the_next_transaction(
     assert stored_rows(state) == dict.fromkeys(names, 1)
 
 
-async def test_a_counter_back_at_zero_takes_no_row(
+async def test_a_room_used_once_is_forgotten_and_one_with_users_kept_while_they_stay(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     state = tmp_path / "counter.sqlite"
-    app = await start_server(state=str(state))
-    websocket = await join(app, "/c/votes")
-    await websocket.send(PLUS)
-    await wait_for_value(websocket, 1)
-    assert stored_rows(state) == {"votes": 1}
-    await websocket.send(MINUS)
-    await wait_for_value(websocket, 0)
-    assert stored_rows(state) == {}
+    app = await start_server(state=str(state), forget_after=FORGET)
+    staying = await join(app, "/c/kept")
+    await staying.send(PLUS)
+    await wait_for_value(staying, 1)
+    async with connect(room_url(app.port, "once")) as once:
+        await connect_sequence(once)
+        await once.send(MINUS)
+        shown = await wait_for_value(once, -1)
+    # Once "once" is forgotten, "kept" has been unchanged for longer still.
+    await rows_become(state, {"kept": 1})
+    async with connect(room_url(app.port, "once")) as again:
+        rejoined = await first_state(again)
+    assert (rejoined["value"], rejoined["epoch"]) == (0, shown["epoch"])
+    assert rejoined["seq"] > shown["seq"]
+    await staying.close()
+    await rows_become(state, {})
 
 
 async def test_a_session_that_joins_is_told_its_last_done_op_while_the_file_is_locked(
@@ -867,6 +948,29 @@ async def test_joining_and_leaving_many_rooms_leaves_no_rows_and_no_growth(
     assert await value_on_start(process) == 0
     assert stored_rows(state) == {}
     assert sizes(state) == before
+
+
+async def test_a_churn_of_rooms_clicked_once_leaves_only_the_rows_forget_after_allows(
+    server_process: StartProcess, tmp_path: Path
+) -> None:
+    state = tmp_path / "counter.sqlite"
+    process = server_process("--state", str(state), "--forget-after", str(FORGET))
+    used: list[tuple[float, str]] = []  # (when its client left, room)
+    most = 0
+    for n in range(CHURN_ROOMS):
+        name = f"churn-{n}"
+        async with connect(room_url(process.port, name)) as websocket:
+            await connect_sequence(websocket)
+            await websocket.send(PLUS)
+            await wait_for_value(websocket, 1)
+        used.append((time.monotonic(), name))
+        if n % 100 == 99:
+            recent = {room for at, room in used if at >= time.monotonic() - CHURN_WINDOW}
+            rows = set(stored_rows(state))
+            assert rows <= recent, sorted(rows - recent)[:5]
+            most = max(most, len(rows))
+    assert 0 < most < CHURN_ROOMS // 2  # bounded by forget-after, not by the churn
+    await rows_become(state, {})
 
 
 async def test_single_counter_file_is_migrated_to_the_counter_at_root(

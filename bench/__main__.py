@@ -22,6 +22,7 @@ from bench.loadgen import LoadGen, run_each
 from bench.measure import BenchSettings, measure_server
 from bench.proc import raise_fd_limit
 from bench.reporting import RESULTS_DIR, Report, environment, loadavg, write_json
+from bench.senders import SenderWorker
 from bench.servers import SERVERS
 
 __all__ = ["main"]
@@ -31,6 +32,9 @@ FLAGS = (
     Flag("--burst", "pipelined plus actions in the burst", positive(int), 500, 20, short="-k"),
     Flag("--rate", "steady actions per second", positive(float), 10.0, quick=20.0),
     Flag("--duration", "seconds of steady actions", positive(float), 5.0, quick=1.0),
+    Flag("--senders", "ingest: connections sending as fast as they can", positive(int), 50, 4),
+    Flag("--actions-per-sender", "ingest: actions each sender writes", positive(int), 200, 20),
+    Flag("--ingest-reps", "ingest: runs of each mode, alternating (median)", positive(int), 5, 1),
     Flag("--max-connections", "idle connections to try to hold", positive(int), 10_000, 200),
     Flag("--capacity-timeout", "seconds allowed to open them", positive(float), 60.0, 10.0),
     Flag("--timeout", "seconds any other phase may take", positive(float), 60.0, quick=15.0),
@@ -77,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["floor"] = measure_floor(
             connections=settings.listeners, rate=settings.rate, duration=settings.duration
         )
-    load = LoadGen(workers=settings.workers, host=settings.host)
+    load = LoadGen(workers=settings.workers, host=settings.host, kind=SenderWorker)
 
     def measure(name: str) -> Report:
         print(f"{name}: {SERVERS[name].description} ...", file=sys.stderr, flush=True)

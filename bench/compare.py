@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.floor import floor_line
+from bench.ingest import ingest_rows, ingest_targets
 from bench.measure import BenchSettings
 from bench.reporting import Report, fmt, meets, ratio, table, targets_table, verdict
 from bench.servers import NODE_DIR, node_ready
@@ -118,6 +119,7 @@ def targets(servers: Report, floor_us: float | None, settings: BenchSettings) ->
             "" if tried >= 10_000 else f"only {tried} tried",
         ),
     ]
+    rows += ingest_targets(subject)
     out = []
     for name, value, op, bound, note in rows:
         passed = meets(value, op, bound)
@@ -222,6 +224,7 @@ def rows(settings: BenchSettings, floor_us: float | None, base: Report | None) -
             "  x inline-broadcast",
             vs_base(("steady", "cpu_us_per_delivery"), smaller_is_better=False),
         ),
+        *ingest_rows(settings.senders, settings.actions_per_sender),
         (f"capacity: held of {settings.max_connections:,}", capacity),
         ("  server's own users count", server_users),
         ("  memory per connection (KiB)", figure("capacity", "kib_per_connection")),

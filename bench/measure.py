@@ -2,7 +2,8 @@
 
 `measure_server()` runs two sessions, each on a fresh server process:
 
-1. traffic: join storm -> idle memory -> driver joins -> burst -> steady;
+1. traffic: join storm -> idle memory -> driver joins -> burst -> steady
+   -> ingest (counter-sync only: the peers know no sessions);
 2. capacity: hold as many idle connections as the server takes.
 
 The capacity test gets its own process so that its memory reading starts
@@ -21,14 +22,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.ingest import SESSION_SERVERS, summarize_ingest
 from bench.loadgen import LoadGen, LoadGenError
 from bench.proc import CpuWatch, listen_overflows, rss_bytes, wait_idle
 from bench.reporting import Report, say, spread_ms
+from bench.senders import MODES
 from bench.servers import RunningServer, ServerSpec, start_server
 
 __all__ = ["BenchSettings", "Usage", "measure_server"]
 
 Result = Report
+
+# Seconds between telling the load processes to send and their first write:
+# every process has the command by then, so all senders start together.
+START_DELAY = 0.1
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,9 @@ class BenchSettings:
     capacity_timeout: float
     timeout: float
     workers: int
+    senders: int
+    actions_per_sender: int
+    ingest_reps: int
     log_dir: Path
 
     @property
@@ -123,6 +133,13 @@ def session_traffic(server: RunningServer, load: LoadGen, s: BenchSettings, resu
     wait_idle(server.pid, timeout=s.timeout)
     say(f"steady: {s.steady_actions} actions at {s.rate:g}/s")
     result["steady"] = phase_steady(server, load, s, start_value=value + s.burst)
+    if server.spec.name in SESSION_SERVERS:
+        wait_idle(server.pid, timeout=s.timeout)
+        say(
+            f"ingest: {s.senders} senders x {s.actions_per_sender} actions, "
+            f"plain and with sessions, {s.ingest_reps} times"
+        )
+        result["ingest"] = phase_ingest(server, load, s)
 
 
 def phase_join(server: RunningServer, load: LoadGen, s: BenchSettings) -> Result:
@@ -202,6 +219,94 @@ def phase_steady(
         **used,
         "deliveries": deliveries,
         "cpu_us_per_delivery": used["server_cpu_seconds"] / deliveries * 1e6,
+    }
+
+
+def phase_ingest(server: RunningServer, load: LoadGen, s: BenchSettings) -> Result:
+    """Senders write actions as fast as they can: plain, then with sessions, `ingest_reps` times.
+
+    The senders of both modes stay connected throughout, so every run fans
+    out to the same connections; the modes alternate, so a machine that gets
+    busier midway weighs on both alike.
+    """
+    values = []
+    for mode in MODES:
+        calls = {
+            i: (
+                "senders_connect",
+                {"url": server.url, "mode": mode, "count": n, "limit": s.timeout},
+            )
+            for i, n in zip(load.listener_ids, load.split(s.senders), strict=True)
+        }
+        replies = load.ask(calls, s.timeout).values()
+        if sum(r["ready"] for r in replies) < s.senders:
+            errors = [e for r in replies for e in r["errors"]]
+            raise RuntimeError(f"ingest: {mode} senders did not all connect: {errors}")
+        values += [r["value"] for r in replies if r["value"] is not None]
+    # Everyone has seen every sender join: the runs start from a quiet server.
+    load.expect(users=s.listeners + 1 + len(MODES) * s.senders)
+    load.wait("users", s.timeout)
+    value = max(values)
+    runs: dict[str, list[Result]] = {mode: [] for mode in MODES}
+    for _ in range(s.ingest_reps):
+        for mode in MODES:
+            wait_idle(server.pid, timeout=s.timeout)
+            run = ingest_once(server, load, s, mode, start_value=value)
+            runs[mode].append(run)
+            if not run["converged"]:  # the next run's target would be wrong
+                return summarize_ingest(s.senders, s.actions_per_sender, runs)
+            value = run["final_value"]
+    return summarize_ingest(s.senders, s.actions_per_sender, runs)
+
+
+def ingest_once(
+    server: RunningServer, load: LoadGen, s: BenchSettings, mode: str, *, start_value: int
+) -> Result:
+    """Every sender of `mode` writes its actions; time and server CPU until all are counted.
+
+    Counted means every listener shows the final value and, with sessions,
+    every sender has the ack of its last op.
+    """
+    actions = s.senders * s.actions_per_sender
+    final = start_value + actions
+    load.expect(value=final)
+    usage = Usage(server, load)
+    start_at = time.monotonic() + START_DELAY
+    calls = {
+        i: ("senders_send", {"mode": mode, "count": s.actions_per_sender, "start_at": start_at})
+        for i in load.listener_ids
+    }
+    sent = list(load.ask(calls, s.timeout).values())
+    started = min(r["started"] for r in sent)
+    progress = load.wait("value", s.timeout)
+    acks = load.each("senders_wait", s.timeout, mode=mode, limit=s.timeout)
+    used = usage.stop()
+    # What the server does after the last ack (freeing buffers) is part of the cost.
+    idle = wait_idle(server.pid, timeout=s.timeout)
+    cpu = usage.server_seconds()
+    acked, numbered = sum(r["acked"] for r in acks), sum(r["numbered"] for r in acks)
+    converged = (
+        sum(r["sent"] for r in sent) == actions
+        and progress.reached == s.listeners
+        and acked == numbered
+    )
+    ends = [t for t in (progress.last, *(r["last"] for r in acks)) if t is not None]
+    seconds = max(ends) - started if converged and ends else None
+    return {
+        "mode": mode,
+        "actions": actions,
+        "final_value": final,
+        "converged": converged,
+        "reached": progress.reached,
+        "acked": acked,
+        "ack_frames": sum(r["acks"] for r in acks),
+        "error_events": sum(r["errors"] for r in acks),  # to the senders: listeners send nothing
+        "seconds": seconds,
+        "actions_per_second": actions / seconds if seconds else None,
+        **used,
+        "server_cpu_seconds": cpu,
+        "server_idle_after": idle,
+        "cpu_us_per_action": cpu / actions * 1e6,
     }
 
 

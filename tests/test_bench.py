@@ -17,7 +17,9 @@ import pytest
 
 from bench.compare import available
 from bench.floor import state_frame
+from bench.ingest import SESSION_SERVERS
 from bench.reporting import percentile
+from bench.senders import MODES
 from bench.servers import SERVERS
 from testkit.processes import ROOT
 from tests.helpers import require_module, unavailable
@@ -25,6 +27,9 @@ from tests.helpers import require_module, unavailable
 LISTENERS = 4
 BURST = 5
 MAX_CONNECTIONS = 12
+SENDERS = 3  # over the 2 load processes: 2 and 1
+ACTIONS_PER_SENDER = 10
+INGEST_REPS = 2
 # Why each server that cannot run on this machine cannot (the Node peer without node, say).
 RUNNABLE, UNAVAILABLE = available(list(SERVERS), install=False)
 
@@ -40,6 +45,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "--listeners", str(LISTENERS), "--burst", str(BURST),
         "--rate", "40", "--duration", "0.25",
         "--max-connections", str(MAX_CONNECTIONS),
+        "--senders", str(SENDERS), "--actions-per-sender", str(ACTIONS_PER_SENDER),
+        "--ingest-reps", str(INGEST_REPS),
         "--timeout", "30", "--capacity-timeout", "30",
         "--output", str(output),
     ]  # fmt: skip
@@ -68,6 +75,35 @@ def test_server_starts_and_every_phase_converges(server: str, smoke: dict[str, A
     assert result["capacity"]["server_users"] == MAX_CONNECTIONS
 
 
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_ingest_counts_every_action_plain_and_with_sessions_on_counter_sync_only(
+    server: str, smoke: dict[str, Any]
+) -> None:
+    if (reason := UNAVAILABLE.get(server)) is not None:
+        unavailable(f"{server}: {reason}")
+    ingest = smoke["servers"][server].get("ingest")
+    if server not in SESSION_SERVERS:
+        assert ingest is None, "the peers know no sessions"
+        return
+    assert ingest is not None
+    for mode in MODES:
+        assert ingest[mode]["runs"] == ingest[mode]["converged"] == INGEST_REPS
+        for run in ingest["runs"][mode]:
+            assert run["actions"] == SENDERS * ACTIONS_PER_SENDER
+            assert run["reached"] == LISTENERS, "every listener saw every action"
+            assert run["error_events"] == 0
+            # Only the senders with a session are acked, each up to its last op.
+            assert run["acked"] == (SENDERS if mode == "sessions" else 0)
+    # The modes alternate, each run from the value the one before ended on.
+    runs = [run for pair in zip(*ingest["runs"].values(), strict=True) for run in pair]
+    assert [run["mode"] for run in runs] == [*MODES] * INGEST_REPS
+    step = SENDERS * ACTIONS_PER_SENDER
+    assert [run["final_value"] - runs[0]["final_value"] for run in runs] == [
+        step * index for index in range(len(runs))
+    ]
+    assert ingest["ratio_cpu"] is not None and ingest["ratio_seconds"] is not None
+
+
 def test_floor_delivers_every_frame_it_sends(smoke: dict[str, Any]) -> None:
     floor = smoke["floor"]
     assert floor["delivered"] == floor["messages"] == floor["rounds"] * LISTENERS
@@ -76,7 +112,7 @@ def test_floor_delivers_every_frame_it_sends(smoke: dict[str, Any]) -> None:
 
 def test_every_target_is_reported_with_its_bound(smoke: dict[str, Any]) -> None:
     targets = {t["target"]: t for t in smoke["targets"]}
-    assert len(targets) == 6
+    assert len(targets) == 8
     assert all(t["verdict"] in {"PASS", "FAIL", "n/a"} for t in targets.values())
     capacity = next(t for t in targets.values() if t["bound"] == 10_000)
     assert capacity["verdict"] == "n/a", "a 12-connection run cannot show 10,000"

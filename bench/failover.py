@@ -5,15 +5,17 @@ Each run starts a fresh ``redis-server`` and 3 ``server.py --redis URL
 given every instance's URL, client i starting on instance i mod 3) send 100
 ``plus`` each to one room, 10 at a time: a client sends 10 and waits for their
 acks before the next 10. Once about a third of all the ops are acked, the first
-instance is killed with SIGKILL, its clients' ops in flight; they reconnect to
-the others and send again what was not acked.
+instance is killed with SIGKILL right after one of its clients has written its
+next 10, so ops are in flight; its clients reconnect to the others and send
+again what was not acked.
 
 A run passes when the kill came mid-run, every client ends on exactly
 clients x ops (3,000), no action was rejected, and no client was ever sent a
 state older than one it had (``Client.stale_states``). Per run it reports what
-the kill caught (clients on the instance, ops in flight) and how long the rest
-took: until the killed instance's ops in flight were acked, and until every
-client had every ack and the final value.
+the kill caught (clients on the instance, ops in flight, ops the store never
+got and only the resend counted) and how long the rest took: until the killed
+instance's ops in flight were acked, and until every client had every ack and
+the final value.
 
 The clients live in this process; Redis and the instances are processes of
 their own. Every wait is bounded (``--timeout`` per run).

@@ -96,6 +96,7 @@ class Gate:
         self.silent: OrderedDict[Evictable, None] = OrderedDict()
         self.handshakes_by_address: Counter[str] = Counter()
         self.users_by_address: Counter[str] = Counter()
+        self.requests = RequestRate(settings.http_rate, settings.http_burst)
 
     @property
     def handshakes(self) -> int:
@@ -129,6 +130,16 @@ class Gate:
         self.silent[connection] = None
         self.handshakes_by_address[key] += 1
         return True
+
+    def shut_out(self, peer_ip: str, now: float) -> bool:
+        """Whether a connection from ``peer_ip`` is to be reset as soon as it is accepted.
+
+        So it is while the address, told 429, knocks again before it has a
+        token: a flood of plain requests then costs an accept and a reset
+        each, not a request read and answered. Never a trusted proxy's: it
+        brings everyone's requests.
+        """
+        return self.requests.knocks_too_soon(peer_ip, now) and not self.is_trusted(peer_ip)
 
     def heard_from(self, connection: Evictable) -> None:
         """``connection`` sent bytes of its request: it is no longer evicted to make room."""
@@ -349,6 +360,10 @@ class TokenBucket:
         self.tokens = float(burst)
         self.updated = now
 
+    def ready(self, now: float) -> bool:
+        """Whether there is a token now; nothing is spent."""
+        return self.tokens + max(0.0, now - self.updated) * self.rate >= 1
+
     def take(self, now: float) -> bool:
         """Spend one token if there is one; refill for the time since last call."""
         elapsed = max(0.0, now - self.updated)
@@ -361,7 +376,7 @@ class TokenBucket:
 
 
 class RequestRate:
-    """Plain HTTP requests per client address: a token bucket each, in a bounded table.
+    """Plain HTTP requests per client address: a rate limit each, in a bounded table.
 
     The table keeps the ``MAX_RATED_ADDRESSES`` addresses heard from last:
     an attacker with more addresses than that pushes out the longest quiet
@@ -372,7 +387,7 @@ class RequestRate:
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
         self.burst = burst
-        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.limits: OrderedDict[str, RateLimit] = OrderedDict()
 
     def retry_after(self, address: str, now: float) -> int | None:
         """Spend a token for one request from ``address``: None if there was one, else the
@@ -380,13 +395,23 @@ class RequestRate:
         if self.rate <= 0:
             return None
         key = address_key(address)
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            if len(self.buckets) >= MAX_RATED_ADDRESSES:
-                self.buckets.popitem(last=False)
-            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, now)
+        limit = self.limits.get(key)
+        if limit is None:
+            if len(self.limits) >= MAX_RATED_ADDRESSES:
+                self.limits.popitem(last=False)
+            limit = self.limits[key] = RateLimit(self.rate, self.burst, now)
         else:
-            self.buckets.move_to_end(key)
-        if bucket.take(now):
+            self.limits.move_to_end(key)
+        if limit.allows(now) or limit.bucket is None:
             return None
-        return max(1, math.ceil((1 - bucket.tokens) / self.rate))
+        return max(1, math.ceil((1 - limit.bucket.tokens) / self.rate))
+
+    def knocks_too_soon(self, address: str, now: float) -> bool:
+        """Whether ``address``, refused its last request, comes back before its next token."""
+        limit = self.limits.get(address_key(address))
+        return (
+            limit is not None
+            and limit.refused_in_a_row > 0
+            and limit.bucket is not None
+            and not limit.bucket.ready(now)
+        )

@@ -133,7 +133,10 @@ class Connection(ServerConnection):
         peer = self.transport.get_extra_info("peername")
         if peer:
             self.client = f"{peer[0]}:{peer[1]}"
-        if not self.gate.admit_handshake(self, self.peer_ip):
+        if self.gate.shut_out(self.peer_ip, self.loop.time()):
+            self.metrics.handshakes_rejected.labels("http_rate").inc()
+            self.transport.abort()
+        elif not self.gate.admit_handshake(self, self.peer_ip):
             # Before a byte is read: an open file costs more than a reset.
             self.metrics.handshakes_rejected.labels("pending").inc()
             self.transport.abort()

@@ -37,6 +37,7 @@ REJECT_REASONS = (
     "rooms",
     "pending",
     "silent",
+    "http_rate",
     "draining",
     "malformed",
 )

@@ -27,7 +27,6 @@ from websockets.http11 import Request, Response
 from counter_sync.admission import (
     MalformedRequest,
     Refusal,
-    RequestRate,
     address_key,
     split_origin,
 )
@@ -92,7 +91,6 @@ class Web:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.page = PAGE.read_text(encoding="utf-8")
-        self.http_rate = RequestRate(hub.settings.http_rate, hub.settings.http_burst)
         # One warning per client address per interval and per kind, however
         # fast it knocks.
         self.refusals = ThrottleByKey()
@@ -151,7 +149,7 @@ class Web:
 
     def charge(self, address: str, websocket: Connection) -> int | None:
         """Spend one of ``address``'s plain requests: None, or the seconds until it has one."""
-        return self.http_rate.retry_after(address, websocket.loop.time())
+        return self.hub.gate.requests.retry_after(address, websocket.loop.time())
 
     def answer(
         self, websocket: Connection, request: Request, path: str, query: str, *, upgrade: bool

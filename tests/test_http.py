@@ -342,6 +342,7 @@ async def test_plain_requests_beyond_the_burst_get_429_with_retry_after(
 ) -> None:
     caplog.set_level(logging.INFO, "counter_sync")
     app = await start_server(http_rate=0.5, http_burst=3)
+    await join(app)  # an upgrade spends no token: the caps are for those
     assert [(await ask(app.port)).status for _ in range(3)] == [200] * 3
     refused = await ask(app.port, "/nowhere")  # a 404 costs the same
     assert (refused.status, refused.headers["retry-after"], refused.body) == (
@@ -350,8 +351,21 @@ async def test_plain_requests_beyond_the_burst_get_429_with_retry_after(
         b"too many requests\n",
     )
     assert (await ask(app.port, source="127.0.0.2")).status == 200  # another address
-    await join(app)  # upgrades are the caps' business: the WebSocket gets in
     assert sum("over the HTTP request rate" in line for line in messages(caplog)) == 1
+
+
+async def test_an_address_told_429_that_knocks_before_its_next_token_is_reset_at_accept(
+    start_server: StartServer,
+) -> None:
+    app = await start_server(http_rate=0.001, http_burst=1)
+    assert (await ask(app.port)).status == 200
+    assert (await ask(app.port)).status == 429
+    knocking = await connected_socket(app.port, "127.0.0.1")
+    async with asyncio.timeout(TIMEOUT):
+        await closed_by_server(knocking)  # before a byte of its request is read
+    knocking.close()
+    assert sample(app, "counter_sync_handshakes_rejected_total", reason="http_rate") == 1
+    assert (await ask(app.port, source="127.0.0.2")).status == 200
 
 
 async def test_an_upgrade_header_on_a_plain_endpoint_is_still_a_plain_request(
@@ -404,6 +418,6 @@ def test_the_table_of_request_rates_keeps_the_addresses_heard_from_last() -> Non
     addresses = [f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}" for n in range(20_000)]
     for address in addresses:
         assert rates.retry_after(address, 0.0) is None
-    assert len(rates.buckets) == MAX_RATED_ADDRESSES
+    assert len(rates.limits) == MAX_RATED_ADDRESSES
     assert rates.retry_after(addresses[-1], 0.0) == 1  # remembered: its token is spent
     assert rates.retry_after(addresses[0], 0.0) is None  # forgotten: a fresh bucket

@@ -17,6 +17,12 @@ from bench.attack.admission import (
 )
 from bench.attack.channel import AttackError
 from bench.attack.figures import Figure, Outcome, figures_table, memory_table, pair
+from bench.attack.floods import FLAGS as FLOOD_FLAGS
+from bench.attack.floods import (
+    attack_http_flood,
+    attack_http_flood_off,
+    attack_pending_flood,
+)
 from bench.attack.memory import attack_all, attack_bound_ping, attack_bound_text
 from bench.attack.readers import attack_flood, attack_stall, attack_stall_paced
 from bench.attack.run import AttackFunction, Run
@@ -41,6 +47,9 @@ ATTACKS: dict[str, tuple[str, AttackFunction]] = {
     "all": ("7 all at once", attack_all),
     "bound-text": ("8a costliest: 6-byte texts", attack_bound_text),
     "bound-ping": ("8b costliest: 6-byte pings", attack_bound_ping),
+    "pending-flood": ("9 silent sockets, 50 addresses", attack_pending_flood),
+    "http-flood": ("10 /healthz flood", attack_http_flood),
+    "http-flood-off": ("10b /healthz flood, no limit", attack_http_flood_off),
 }
 
 COUNT, SECONDS = positive(int), positive(float)
@@ -74,6 +83,7 @@ FLAGS = (
     Flag("--all-stalled", "stalled readers in attack 7", COUNT, 5),
     Flag("--bound-kib", "attacks 7 and 8: RSS growth per connection at most", SECONDS, 320.0),
     Flag("--bound-clients", "connections of attack 8, 50 per address", COUNT, 100),
+    *FLOOD_FLAGS,
     Flag("--timeout", "seconds any one step may take before the attack fails", SECONDS, 30.0),
     Flag("--json", "where the figures and every detail go", Path, RESULTS_DIR / "attack.json"),
     Flag("--log-dir", "where each server's log goes", Path, RESULTS_DIR / "attack-logs"),

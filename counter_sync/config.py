@@ -26,6 +26,8 @@ __all__ = [
     "HTTP_RATE",
     "LISTEN_BACKLOG",
     "LOG_INTERVAL",
+    "MAX_API_BODY",
+    "MAX_API_PAGE",
     "MAX_DRAIN_SECONDS",
     "MAX_FLAG_SECONDS",
     "MAX_FORGET_AFTER",
@@ -233,6 +235,10 @@ BUSY_TIMEOUT = 5.0
 # A session id: 16 to 64 characters a URL carries as they are; the page makes
 # a random 128-bit one (22 characters of base64url).
 SESSION_ID = r"[A-Za-z0-9_-]{16,64}"
+# The API: the largest request body (a change is ~20 bytes of JSON; beyond,
+# 413), and the most counters one page of GET /api/counters lists.
+MAX_API_BODY = 4 * 1024
+MAX_API_PAGE = 1000
 # The shortest token secret: HS256 is as strong as its key, and RFC 7518
 # (3.2) asks for a key at least as long as the hash, 256 bits.
 MIN_SECRET_BYTES = 32

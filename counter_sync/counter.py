@@ -45,6 +45,7 @@ __all__ = [
     "BadMessage",
     "Message",
     "Room",
+    "access_event",
     "ack_event",
     "error_event",
     "parse_message",
@@ -77,6 +78,11 @@ def state_event(state: RoomState) -> str:
 def ack_event(op: int) -> str:
     """Tell a session client that every op up to ``op`` is done."""
     return json.dumps({"type": "ack", "op": op})
+
+
+def access_event(reason: str) -> str:
+    """Tell a client it may only watch this counter, and why (sent after users and state)."""
+    return json.dumps({"type": "access", "can": "read", "reason": reason})
 
 
 def error_event(reason: str, op: int | None = None) -> str:
@@ -169,6 +175,8 @@ class Room:
         """
         self.users.add(websocket)
         self.flush.welcome(websocket, websocket.session)
+        if (read_only := websocket.grant.read_only) is not None:
+            self.flush.hold(websocket, (access_event(read_only),))  # sent right after them
 
     def unregister(self, websocket: Connection) -> None:
         """Remove a user; everyone left gets the new user count. Idempotent."""
@@ -242,6 +250,9 @@ class Room:
         reason = None
         if not allowed:
             reason = self.rate_limited(websocket, warnings)
+        elif (read_only := websocket.grant.read_only) is not None:
+            self.metrics.actions.labels("read_only").inc()
+            reason = read_only
         elif not self.flush.fits(delta):
             self.metrics.actions.labels("out_of_range").inc()
             reason = "value out of range; action not counted"

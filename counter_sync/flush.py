@@ -88,7 +88,7 @@ class OpLog:
     op ``first`` onwards.
     """
 
-    __slots__ = ("deltas", "done", "first", "gone", "reasons", "received", "session")
+    __slots__ = ("deltas", "done", "first", "gone", "reasons", "received", "session", "told")
 
     def __init__(self, session: str) -> None:
         self.session = session
@@ -97,6 +97,7 @@ class OpLog:
         self.first = 0
         self.deltas: list[int] = []
         self.reasons: dict[int, str] = {}  # ops rejected before the store, and why
+        self.told = 0  # ops up to this one were already told they failed
         self.gone = False  # the connection ended: commit what it sent, then forget it
 
     def take(self, op: int, delta: int, reason: str | None) -> str | int | bool:
@@ -167,7 +168,11 @@ class OpLog:
         Each op is final (not applied), but its number must still reach the
         store, as done with a delta of 0, so that later ops follow on.
         """
-        errors = [(self.reasons.pop(op, reason), op) for op in range(batch.first, batch.last + 1)]
+        errors = [
+            (self.reasons.pop(op, reason), op)
+            for op in range(max(batch.first, self.told + 1), batch.last + 1)
+        ]
+        self.told = max(self.told, batch.last)  # a batch that fails again is not told twice
         self.first = batch.first
         self.deltas = [0] * len(batch.deltas) + self.deltas
         return errors

@@ -28,6 +28,7 @@ ACTION_RESULTS = (
     "rate_limited",
     "store_unavailable",
     "out_of_range",
+    "read_only",
     "sync",
 )
 REJECT_REASONS = (

@@ -64,6 +64,13 @@ class Grant:
     can_write: bool
     expires: float = math.inf  # Unix time; a connection still open then is closed
 
+    @property
+    def read_only(self) -> str | None:
+        """Why this connection may not change the counter (the error it gets), or None."""
+        if self.can_write:
+            return None
+        return READ_ONLY if self.user is None else "read-only: this token does not allow changes"
+
 
 def load_secret(path: str) -> bytes:
     """Read the HS256 secret from ``path``: at least MIN_SECRET_BYTES bytes, outer blanks aside."""

@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from counter_sync.app import App, start
 from counter_sync.config import CLOSE_TIMEOUT, WRITE_BUFFER_LIMIT, Settings
+from counter_sync.connection import Connection
 from counter_sync.web import PAGE
 from testkit.processes import TIMEOUT
 from tests.conftest import StartServer
@@ -41,7 +42,7 @@ PLUS = json.dumps({"action": "plus"})
 MINUS = json.dumps({"action": "minus"})
 
 
-def server_side(app: App, client: ClientConnection) -> ServerConnection:
+def server_side(app: App, client: ClientConnection) -> Connection:
     """The server's end of a client's connection."""
     for websocket in room(app).users:
         if websocket.remote_address[:2] == client.local_address[:2]:

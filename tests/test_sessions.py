@@ -82,7 +82,7 @@ async def test_one_ack_per_flush_covers_every_op_in_it(app: App) -> None:
     for number in (2, 3, 4):
         client.protocol.send_text(op("plus", number).encode())
     client.transport.write(b"".join(client.protocol.data_to_send()))
-    acks = []
+    acks: list[int] = []
     while not acks or acks[-1] != 4:
         event = await wait_for_event(client, lambda e: e["type"] == "ack")
         acks.append(event["op"])

@@ -12,7 +12,8 @@ Two gates, both before the hub spends anything on a client:
   reasons (rooms, draining) on top.
 
 Plain HTTP requests (the page, ``/healthz``...) have a rate per client
-address of their own (:class:`RequestRate`).
+address of their own (:class:`RequestRate`); an address told 429 that
+knocks again before its next token is reset at accept (:meth:`Gate.shut_out`).
 
 Client addresses are per IPv4 address and per IPv6 /64 (one host gets a /64).
 Behind a reverse proxy every client has the proxy's address: the proxies

@@ -134,6 +134,8 @@ class Connection(ServerConnection):
         if peer:
             self.client = f"{peer[0]}:{peer[1]}"
         if self.gate.shut_out(self.peer_ip, self.loop.time()):
+            # Told 429 and back before its Retry-After: a flood that ignores
+            # it costs a reset here, not a request read and answered.
             self.metrics.handshakes_rejected.labels("http_rate").inc()
             self.transport.abort()
         elif not self.gate.admit_handshake(self, self.peer_ip):

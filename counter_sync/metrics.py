@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from counter_sync.tasks import Supervisor
 
-__all__ = ["ACTION_RESULTS", "DISCONNECT_KINDS", "HTTP_ENDPOINTS", "REJECT_REASONS", "Metrics"]
+__all__ = ["ACTION_RESULTS", "DISCONNECT_KINDS", "REJECT_REASONS", "Metrics"]
 
 ACTION_RESULTS = (
     "accepted",
@@ -41,18 +41,6 @@ REJECT_REASONS = (
     "http_rate",
     "draining",
     "malformed",
-)
-# What an HTTP request asked for, a label of counter_sync_http_requests_total:
-# a fixed set, so that no client can make up new series ("other" takes the rest).
-HTTP_ENDPOINTS = (
-    "websocket",
-    "page",
-    "healthz",
-    "readyz",
-    "metrics",
-    "admission",
-    "favicon",
-    "other",
 )
 DISCONNECT_KINDS = (
     "clean_close",
@@ -101,7 +89,8 @@ class Metrics:
         )
         self.http_requests = Counter(
             "counter_sync_http_requests",
-            "HTTP requests answered, WebSocket handshakes included, by endpoint and status.",
+            "HTTP requests answered, by endpoint (websocket, page, healthz, readyz, metrics, "
+            "admission, favicon; other for the rest: no client makes up new series) and status.",
             ["endpoint", "status"],
             registry=registry,
         )

@@ -24,13 +24,13 @@ from collections import Counter
 from collections.abc import Sequence
 
 from bench.attack.channel import Channel, describe
-from bench.attack.figures import Outcome, against, info, pair
+from bench.attack.figures import Figure, Outcome, against, info, pair
 from bench.attack.run import Run, delivery_latency, join_listeners
 from bench.attack.subject import Subject
 from bench.flags import Flag, positive
 from bench.loadgen import shares
 from bench.proc import CpuWatch
-from bench.reporting import Report, percentile
+from bench.reporting import Report, spread_ms
 from testkit.processes import TIMEOUT
 from testkit.rawclient import HOST, connected_socket
 
@@ -146,20 +146,20 @@ def attack_pending_flood(run: Run, stack: contextlib.ExitStack, outcome: Outcome
                 result["metrics"].get('counter_sync_handshakes_rejected_total{reason="silent"}'),
             ),
         ),
-        against(
-            f"ordinary clients in within {CLIENT_TIMEOUT:g} s (%, of {len(clients)})",
-            100 * len(clients_in) / len(clients),
-            ">=",
+        *got_in(
+            f"ordinary clients in within {CLIENT_TIMEOUT:g} s",
+            "connect to first event",
+            clients_in,
+            len(clients),
             goal,
         ),
-        info("  connect to first event, p50 / p99 (ms)", pair(*p50_p99_ms(clients_in))),
-        against(
-            f"/healthz probes 200 within {PROBE_TIMEOUT:g} s (%, of {len(probes)})",
-            100 * len(probes_ok) / len(probes),
-            ">=",
+        *got_in(
+            f"/healthz probes 200 within {PROBE_TIMEOUT:g} s",
+            "probe time",
+            probes_ok,
+            len(probes),
             goal,
         ),
-        info("  probe time, p50 / p99 (ms)", pair(*p50_p99_ms(probes_ok))),
         info("  what became of the others", failures(clients + probes) or "none"),
         info("server CPU meanwhile (%)", busy * 100),
     ]
@@ -167,10 +167,16 @@ def attack_pending_flood(run: Run, stack: contextlib.ExitStack, outcome: Outcome
     return subject
 
 
-def p50_p99_ms(seconds: Sequence[float]) -> tuple[float | None, float | None]:
-    if not seconds:
-        return None, None
-    return percentile(seconds, 0.5) * 1e3, percentile(seconds, 0.99) * 1e3
+def got_in(
+    name: str, timed: str, seconds: Sequence[float], total: int, goal: float
+) -> list[Figure]:
+    """The share of ``total`` that got in (``seconds``: the time each of those took), against
+    ``goal`` (%), and their p50 and p99."""
+    spread = spread_ms(seconds)
+    return [
+        against(f"{name} (%, of {total})", 100 * len(seconds) / total, ">=", goal),
+        info(f"  {timed}, p50 / p99 (ms)", pair(spread["p50_ms"], spread["p99_ms"])),
+    ]
 
 
 def failures(reports: Sequence[Report]) -> dict[str, int]:

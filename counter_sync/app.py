@@ -117,7 +117,10 @@ def open_store(settings: Settings) -> Store:
                 "--redis needs the redis package: pip install 'counter-sync[redis]'"
             ) from None
         return RedisStore(
-            settings.redis, expiry=settings.redis_expiry, session_ttl=settings.session_ttl
+            settings.redis,
+            expiry=settings.redis_expiry,
+            session_ttl=settings.session_ttl,
+            forget_after=settings.forget_after,
         )
     if settings.state is not None:
         from counter_sync.sqlite_store import SqliteStore

@@ -40,7 +40,20 @@ What shared mode promises, for each room, in the order a change goes through it:
   nothing applied. A room whose key alone was deleted or evicted is logged
   (once per interval per room) and read again; each instance checks for it
   at every renewal of its entry, so clients see the loss within a quarter of
-  the expiry even if nobody clicks.
+  the expiry even if nobody clicks. Only the rooms with users here are
+  checked, and their keys cannot expire (below): a key that expired or that
+  the API forgot is no loss, and is not logged.
+* Counters nobody uses are forgotten. Every key of a room (its state, users
+  and users' version) expires: a change makes it live at least
+  ``forget_after`` more (in the commit script), and while an instance has
+  users in the room, each renewal of its entry makes them live at least
+  ``forget_after + expiry`` more (in the probe script; a join does the same
+  in the read). That is longer than three renewals, so a room with users
+  keeps its keys; one that nobody changed, joined or left for
+  ``forget_after`` is gone within ``forget_after + expiry``, from every
+  instance's listing too. A forgotten room reads as 0 at a version newer
+  than any it had. No script shortens an expiry: the instance that keeps a
+  room longest decides.
 * No work for rooms without users here. The subscription ends when the hub
   releases the room, so an instance receives only its rooms' changes.
 * Users everywhere. Each instance keeps its user count per room in Redis, and
@@ -81,12 +94,14 @@ version, so that a rolling upgrade goes on sharing it; a named room's are
 
 * ``history``: hash, ``epoch`` (the history's name) and ``seq`` (the one
   counter every room's version is drawn from), lost together or not at all;
-* ``state``: hash, the room's value and its version (seq);
+  it never expires;
+* ``state``: hash, the room's value and its version (seq); expiring as said
+  above, like the two users keys;
 * ``session:<epoch>:<session>``: the last done op of a session in the room,
   expiring ``session_ttl`` after its last write; the epoch in the name makes
   a new history start every session over, as the clients do;
-* ``users``: hash, instance id -> its users in the room; ``users:seq``: bumped
-  with every change to it;
+* ``users``: hash, instance id -> its users in the room (gone when nobody is
+  in it); ``users:seq``: bumped with every change to it;
 * ``instances``: sorted set, instance id -> when its entry lapses (ms);
   ``alive``: the same for the single-counter version, which every instance
   keeps up too (that version prunes only ``/``);
@@ -126,6 +141,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from counter_sync.config import (
+    FORGET_AFTER,
     LOG_INTERVAL,
     MAX_VALUE,
     REDIS_COMMAND_TIMEOUT,
@@ -180,14 +196,14 @@ def load_scripts() -> dict[str, str]:
     def text(name: str) -> str:
         return folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
-    history, users_message = text("history"), text("users_message")
+    history, users_message, lifetime = text("history"), text("users_message"), text("lifetime")
     return {
-        "commit": history + text("commit"),
-        "settle": history + text("settle"),
-        "read": history + users_message + text("read"),
-        "probe": history + text("probe"),
+        "commit": history + lifetime + text("commit"),
+        "settle": history + lifetime + text("settle"),
+        "read": history + users_message + lifetime + text("read"),
+        "probe": history + lifetime + text("probe"),
         "forget": history + text("forget"),
-        "users": users_message + text("users"),
+        "users": users_message + lifetime + text("users"),
     }
 
 
@@ -276,13 +292,26 @@ class RedisStore:
 
     ``expiry`` is the number of seconds after which the users of an instance
     that died without closing stop counting on the others; ``session_ttl``
-    how long a session's last done op is kept after its last op.
+    how long a session's last done op is kept after its last op;
+    ``forget_after`` how long a room nobody changed, joined or left is kept
+    at least (and at most ``expiry`` longer).
     """
 
-    def __init__(self, url: str, *, expiry: float, session_ttl: float = SESSION_TTL) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        expiry: float,
+        session_ttl: float = SESSION_TTL,
+        forget_after: float = FORGET_AFTER,
+    ) -> None:
         self.url = url
         self.expiry = expiry
         self.session_ttl_ms = max(1, int(session_ttl * 1000))
+        # A room's keys live this long after a change; while this instance
+        # has users in it, this long plus the expiry, renewed (see probe()).
+        self.forget_ms = max(1, int(forget_after * 1000))
+        self.held_ms = max(1, int((forget_after + expiry) * 1000))
         self.instance = uuid.uuid4().hex[:16]  # this process, among the instances
         self.where = "Redis"  # host:port/db for messages: the URL may hold a password
         self.db = 0
@@ -370,7 +399,7 @@ class RedisStore:
             # subscription took effect would otherwise be in neither.
             async with asyncio.timeout(REDIS_COMMAND_TIMEOUT):
                 await confirmed
-            epoch, [snapshot] = await self.read([room])
+            epoch, [snapshot] = await self.read([room], keep=True)
             if epoch == self._epoch:
                 self.replace(shared, epoch, snapshot, users=True)
             else:  # a new history (or this read is older than one taken meanwhile)
@@ -405,6 +434,13 @@ class RedisStore:
             self.commits += 1
             commit = Commit(self.commits, self._epoch, tuple(changes))
             encoded = self.encode(changes, commit.epoch)
+            # Whether each loaded room's key was there, as known when sent:
+            # the state this very commit publishes may arrive before its reply.
+            existed = {
+                change.room: shared.exists
+                for change in changes
+                if (shared := self.rooms.get(change.room)) is not None
+            }
             try:
                 reply = await self.run_commit(commit, encoded)
             except ERRORS as exc:
@@ -416,7 +452,7 @@ class RedisStore:
                 # with it whatever this commit would have added to it.
                 self.start_resync()
                 raise StoreUnavailable(f"Redis at {self.where} lost its data")
-            return self.outcomes(changes, encoded, reply, commit.epoch)
+            return self.outcomes(changes, encoded, reply, commit.epoch, existed)
 
     def release(self, room: str) -> None:
         """Nobody here is in ``room`` any more: stop receiving its changes."""
@@ -433,10 +469,10 @@ class RedisStore:
         if not self.up:
             raise StoreUnavailable(self.unreachable())
         try:
-            epoch, [snapshot] = await self.read([room])
+            epoch, [snapshot] = await self.read([room], keep=False)
             if epoch != self._epoch:  # a new history: believe in it first
                 await self.resync()
-                epoch, [snapshot] = await self.read([room])
+                epoch, [snapshot] = await self.read([room], keep=False)
         except ERRORS as exc:
             self.lost(exc)
             raise StoreUnavailable(self.unreachable()) from None
@@ -592,9 +628,18 @@ class RedisStore:
         return Encoded(keys, rooms, sessions)
 
     def outcomes(
-        self, changes: Sequence[Change], encoded: Encoded, reply: list[Any], epoch: str
+        self,
+        changes: Sequence[Change],
+        encoded: Encoded,
+        reply: list[Any],
+        epoch: str,
+        believed: dict[str, bool],
     ) -> list[Outcome]:
-        """Read the commit script's reply; note what it says of each loaded room."""
+        """Read the commit script's reply; note what it says of each loaded room.
+
+        ``believed``: whether each loaded room's key was there, as known when
+        the commit was sent; one the script found missing was lost.
+        """
         outcomes = []
         at = 1
         for change, sessions in zip(changes, encoded.sessions, strict=True):
@@ -609,9 +654,10 @@ class RedisStore:
             outcomes.append(Outcome(state, bool(applied), done))
             shared = self.rooms.get(change.room)
             if shared is not None:
-                if shared.exists and not existed:
+                if believed.get(change.room, False) and not existed:
                     self.room_lost(shared, change.room)
-                shared.exists = bool(exists)
+                if not shared.state.is_newer_than(state):  # nothing newer came meanwhile
+                    shared.exists = bool(exists)
                 shared.state = newest(shared.state, state)
                 shared.shown = newest(shared.shown, state)  # the hub takes the outcome
         return outcomes
@@ -654,6 +700,7 @@ class RedisStore:
                 self.session_ttl_ms,
                 int(REDIS_COMMIT_MEMORY * 1000),
                 json.dumps(encoded.rooms),
+                self.forget_ms,
             ],
         )
         return reply
@@ -684,6 +731,7 @@ class RedisStore:
                 self.session_ttl_ms,
                 int(REDIS_COMMIT_MEMORY * 1000),
                 json.dumps(rooms),
+                self.forget_ms,
             ],
         )
         return reply, encoded
@@ -740,14 +788,19 @@ class RedisStore:
             raise
         return pubsub
 
-    async def read(self, rooms: list[str]) -> tuple[str, list[tuple[str, str, int, str]]]:
-        """Redis's epoch, and each room's (value, seq, exists, users message), read in one step."""
+    async def read(
+        self, rooms: list[str], *, keep: bool
+    ) -> tuple[str, list[tuple[str, str, int, str]]]:
+        """Redis's epoch, and each room's (value, seq, exists, users message), read in one step.
+
+        ``keep``: someone is in these rooms here, so their keys must outlive
+        the next renewal (see :meth:`probe`).
+        """
         keys = [HISTORY]
         for room in rooms:
-            names = room_keys(room, self.db)
-            keys += [names.state, names.users, names.users_seq]
+            keys += self.room_key_names(room)
         flat: list[Any] = await self.scripts["read"](
-            keys=keys, args=[new_epoch(), self.epoch_channel]
+            keys=keys, args=[new_epoch(), self.epoch_channel, self.held_ms if keep else ""]
         )
         snapshots = [
             (flat[i], flat[i + 1], int(flat[i + 2]), flat[i + 3]) for i in range(1, len(flat), 4)
@@ -764,12 +817,12 @@ class RedisStore:
         """
         async with self.reading:
             names = list(self.rooms if rooms is None else (r for r in rooms if r in self.rooms))
-            epoch, snapshots = await self.read(names)
+            epoch, snapshots = await self.read(names, keep=True)
             if epoch != self._epoch:
                 self.new_history(epoch)
                 if rooms is not None:
                     names = list(self.rooms)
-                    epoch, snapshots = await self.read(names)
+                    epoch, snapshots = await self.read(names, keep=True)
                     if epoch != self._epoch:
                         self.new_history(epoch)
                 users = True
@@ -963,11 +1016,21 @@ class RedisStore:
                 self.show(room)
 
     async def probe(self) -> None:
-        """Check that Redis holds the history and the rooms' keys it held; resync if not."""
-        rooms = [room for room, shared in self.rooms.items() if shared.exists]
-        keys = [HISTORY, *(self.rooms[room].keys.state for room in rooms)]
+        """Check that Redis holds the history and the rooms' keys it held; resync if not.
+
+        Every loaded room's keys are made to live ``forget_after +
+        expiry`` from now: longer than the next three renewals, so they
+        never expire while someone is in the room here, and a room left (or
+        whose instance died) is forgotten within that long. So a key found
+        missing was lost (deleted, evicted), not expired.
+        """
+        rooms = list(self.rooms)
+        keys = [HISTORY]
+        for room in rooms:
+            keys += self.room_key_names(room)
+        held = "".join("1" if self.rooms[room].exists else "0" for room in rooms)
         reply: list[Any] = await self.scripts["probe"](
-            keys=keys, args=[new_epoch(), self.epoch_channel]
+            keys=keys, args=[new_epoch(), self.epoch_channel, self.held_ms, held]
         )
         if reply[0] != self._epoch:
             self.start_resync()
@@ -1001,6 +1064,8 @@ class RedisStore:
                 int(full),
                 # Long enough for any script of this instance still on its way.
                 int(REDIS_COMMIT_MEMORY * 1000),
+                self.held_ms,
+                self.forget_ms,
                 *counts,
             ],
         )
@@ -1085,6 +1150,11 @@ class RedisStore:
 
     def instance_key(self, what: str) -> str:
         return f"{PREFIX}:instance:{self.instance}:{what}"
+
+    def room_key_names(self, room: str) -> list[str]:
+        """The keys of ``room`` that the read and probe scripts take, in their order."""
+        names = room_keys(room, self.db)
+        return [names.state, names.users, names.users_seq]
 
 
 def newest(known: RoomState, state: RoomState) -> RoomState:

@@ -67,6 +67,15 @@ PROBE_INTERVAL = EXPIRY / REDIS_RENEWALS_PER_EXPIRY
 SESSION = "session-0123456789abcdef"
 LOST_DATA = "lost its data (FLUSHALL"
 LOST_ROOM = "lost the counter of"
+# --forget-after at its smallest. A room nobody uses is gone within it and
+# the expiry (KEPT), counted from the last renewal before its last use.
+FORGET = 1.0
+KEPT = FORGET + EXPIRY
+# Rooms the churn test opens in turn, and how recently a room may have been
+# used for any of its keys to be in Redis still: KEPT after the renewal
+# before its last use, and scheduling slack on a busy machine.
+CHURN_ROOMS = 2_000
+CHURN_WINDOW = KEPT + PROBE_INTERVAL + 1.0
 
 StartShared = Callable[..., Awaitable[App]]
 
@@ -213,6 +222,19 @@ async def until(condition: Callable[[], Awaitable[bool]]) -> None:
     async with asyncio.timeout(TIMEOUT):
         while not await condition():  # noqa: ASYNC110 - Redis has no event for these
             await asyncio.sleep(0.01)
+
+
+async def keys_of(redis: Redis, name: str) -> list[str]:
+    """Every key Redis holds for named room ``name`` (SCAN)."""
+    pattern = f"counter-sync:room:{name}:*"
+    return [key async for key in redis.scan_iter(match=pattern, count=1000)]
+
+
+async def rooms_in_redis(redis: Redis) -> set[str]:
+    """The named rooms of which Redis holds any key (SCAN)."""
+    prefix = "counter-sync:room:"
+    keys = [key async for key in redis.scan_iter(match=f"{prefix}*", count=1000)]
+    return {key.removeprefix(prefix).split(":")[0] for key in keys}
 
 
 async def subscribers(redis: Redis, name: str) -> int:
@@ -1060,6 +1082,85 @@ async def test_forget_resets_a_room_everywhere_with_a_newer_version_and_is_no_lo
     assert warnings_with(caplog, LOST_ROOM) == []
     await bob.send(PLUS)
     await wait_for_value(alice, 1)
+
+
+# --- Forgetting: the keys of a counter nobody uses expire ----------------------------
+
+
+async def test_a_room_used_once_loses_every_key_after_forget_after_and_reads_0_newer(
+    start_shared: StartShared, redis_client: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "counter_sync")
+    a = await start_shared(forget_after=FORGET)
+    store = store_of(a)
+    async with connect(f"{url(a)}c/once") as once:
+        await once.send(PLUS)
+        shown = await wait_for_value(once, 1)
+        await until(lambda: has_users(redis_client, "once", 1))
+        assert len(await keys_of(redis_client, "once")) == 3  # state, users, users:seq
+    assert [name for name, _ in await store.counters("", "", 10)] == ["once"]  # / never changed
+    for key in await keys_of(redis_client, "once"):
+        assert 0 < await redis_client.pttl(key) <= KEPT * 1000
+    left_at = asyncio.get_running_loop().time()
+    await until(lambda: no_keys(redis_client, "once"))
+    assert asyncio.get_running_loop().time() - left_at >= FORGET
+    assert await store.counters("", "", 10) == []
+    _, again = await join_with_state(a, "/c/once")
+    assert (again["value"], again["epoch"]) == (0, shown["epoch"])
+    assert again["seq"] > shown["seq"]
+    # Expired by design, with nobody in it: no loss to report.
+    assert warnings_with(caplog, LOST_ROOM) == warnings_with(caplog, LOST_DATA) == []
+
+
+async def no_keys(redis: Redis, name: str) -> bool:
+    return await keys_of(redis, name) == []
+
+
+async def test_a_room_with_users_keeps_its_keys_however_long_nobody_clicks(
+    start_shared: StartShared, redis_client: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "counter_sync")
+    a, b = await start_shared(forget_after=FORGET), await start_shared(forget_after=FORGET)
+    alice = await join(a, "/c/kept")
+    await alice.send(PLUS)
+    await wait_for_value(alice, 1)
+    state = room_keys("kept", 0).state
+    # Time passing is the point: twice as long as a room nobody uses is kept.
+    loop = asyncio.get_running_loop()
+    until_then = loop.time() + 2 * KEPT
+    while loop.time() < until_then:
+        assert await redis_client.exists(state) == 1
+        await asyncio.sleep(0.1)
+    assert 0 < await redis_client.pttl(state) <= KEPT * 1000  # it would expire, unrenewed
+    bob = await join(b, "/c/kept")
+    await bob.send(PLUS)
+    await wait_for_value(alice, 2)
+    assert warnings_with(caplog, LOST_ROOM) == warnings_with(caplog, LOST_DATA) == []
+
+
+async def test_a_churn_of_rooms_clicked_once_leaves_only_the_keys_forget_after_allows(
+    shared_process: StartProcess, redis_client: Redis
+) -> None:
+    process = shared_process("--forget-after", str(FORGET))
+    used: list[tuple[float, str]] = []  # (when its client left, room)
+    for n in range(CHURN_ROOMS):
+        name = f"churn-{n}"
+        async with connect(f"{process.url}c/{name}") as websocket:
+            await websocket.send(PLUS)
+            await wait_for_value(websocket, 1)
+        used.append((time.monotonic(), name))
+        if n % 100 == 99:
+            recent = {room for at, room in used if at >= time.monotonic() - CHURN_WINDOW}
+            kept = await rooms_in_redis(redis_client)
+            assert kept <= recent, sorted(kept - recent)[:5]
+    # The churn outlasted the window: the first rooms had to be gone before its end.
+    assert used[-1][0] - used[0][0] > CHURN_WINDOW
+    await until(lambda: no_named_rooms(redis_client))
+    assert LOST_ROOM not in process.log and LOST_DATA not in process.log
+
+
+async def no_named_rooms(redis: Redis) -> bool:
+    return await rooms_in_redis(redis) == set()
 
 
 # --- An instance killed mid-run ------------------------------------------------------

@@ -9,7 +9,8 @@
 -- ARGV: [1] the epoch the instance believes in, [2] a new epoch in case the
 -- history is gone, [3] the epoch channel, [4] this commit's number, [5] the
 -- value's bound, [6] a session key's lifetime (ms), [7] the record's
--- lifetime (ms), [8] the changes as JSON:
+-- lifetime (ms), [8] the changes as JSON (below), [9] the least lifetime of
+-- a room's state key after a change (ms), --forget-after:
 --   [[state key index, channel, delta, [[session key index, first op, deltas], ...],
 --     [session key index, ...], [] or [the value to set]], ...]
 -- where deltas is a string of '+', '-' and '0', one per op.
@@ -29,7 +30,7 @@ if number <= tonumber(mark[1] or 0) then return {'stale'} end
 redis.call('DEL', record)
 redis.call('HSET', record, 'last', int(number), 'settled', mark[2] or '0')
 redis.call('PEXPIRE', record, ARGV[7])
-local limit, session_ttl = tonumber(ARGV[5]), ARGV[6]
+local limit, session_ttl, lifetime = tonumber(ARGV[5]), ARGV[6], ARGV[9]
 local reply = {'ok'}
 for _, change in ipairs(cjson.decode(ARGV[8])) do
   local key, channel, delta = KEYS[change[1]], change[2], change[3]
@@ -73,6 +74,7 @@ for _, change in ipairs(cjson.decode(ARGV[8])) do
     value = base + delta
     seq = next_seq(KEYS[1], seq)
     redis.call('HSET', key, 'value', int(value), 'seq', int(seq))
+    keep_for(key, lifetime)
     redis.call('PUBLISH', channel, state_message(value, seq, epoch))
   elseif not existed then
     -- Read as 0 with a new version: newer than whatever the key held

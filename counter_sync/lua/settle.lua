@@ -7,7 +7,8 @@
 -- KEYS: as for commit.lua. ARGV: [1] the epoch the commit was sent in, [2] a
 -- new epoch in case the history is gone, [3] the epoch channel, [4] the
 -- commit's number, [5] a session key's lifetime (ms), [6] the record's
--- lifetime (ms), [7] the rooms as JSON:
+-- lifetime (ms), [7] the rooms as JSON (below), [8] the least lifetime of a
+-- room's state key after a change (ms):
 --   [[state key index, channel, [[session key index, last op], ...]], ...]
 --
 -- Returns {'epoch', epoch} if the history it was sent in is gone (so is
@@ -32,6 +33,7 @@ for _, room in ipairs(cjson.decode(ARGV[7])) do
     local value = tonumber(state[1] or 0) - delta
     local seq = next_seq(KEYS[1], tonumber(state[2] or 0))
     redis.call('HSET', key, 'value', int(value), 'seq', int(seq))
+    keep_for(key, ARGV[8])
     redis.call('PUBLISH', channel, state_message(value, seq, epoch))
     reply[#reply + 1] = room[1]
     reply[#reply + 1] = delta

@@ -4,10 +4,12 @@
 -- [3] this instance's set of rooms, [4] its "gone" marker. ARGV: [1] the key
 -- prefix, [2] the channel prefix, [3] this instance, [4] its entry's
 -- lifetime in ms ('' to leave every room), [5] '1' if the (room, count)
--- pairs from ARGV[7] on are all of its rooms, [6] the lifetime of the "gone"
--- marker. Other instances' room keys are named here, not passed: their
--- rooms are only known inside (Redis Cluster is not supported). Every room
--- whose counts changed gets its users message published.
+-- pairs from ARGV[9] on are all of its rooms, [6] the lifetime of the "gone"
+-- marker, [7] the least lifetime (ms) of the users keys of a room it has
+-- users in, [8] of any other room whose counts changed (--forget-after).
+-- Other instances' room keys are named here, not passed: their rooms are
+-- only known inside (Redis Cluster is not supported). Every room whose
+-- counts changed gets its users message published.
 --
 -- Returns {1 if this instance had no entry (first time, or pruned: it must
 -- send all its counts), room, message, room, message...}.
@@ -56,7 +58,7 @@ else
   redis.call('ZADD', KEYS[1], lapse, me)
   redis.call('ZADD', KEYS[2], lapse, me)
   local listed = {}
-  for i = 7, #ARGV, 2 do
+  for i = 9, #ARGV, 2 do
     local room, count = ARGV[i], ARGV[i + 1]
     listed[room] = true
     if count == '0' then
@@ -84,6 +86,10 @@ local reply = {missing}
 for room in pairs(changed) do
   local users, seq_key, channel = room_keys(room)
   local message = users_message(users, redis.call('INCR', seq_key))
+  local lifetime = ARGV[8]
+  if redis.call('SISMEMBER', KEYS[3], room) == 1 then lifetime = ARGV[7] end
+  keep_for(users, lifetime)
+  keep_for(seq_key, lifetime)
   redis.call('PUBLISH', channel, message)
   reply[#reply + 1] = room
   reply[#reply + 1] = message

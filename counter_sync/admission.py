@@ -50,6 +50,7 @@ __all__ = [
     "Refusal",
     "RequestRate",
     "TokenBucket",
+    "UserLimits",
     "address_key",
     "fit_to_open_files",
     "origin_allowed",
@@ -98,6 +99,9 @@ class Gate:
         self.handshakes_by_address: Counter[str] = Counter()
         self.users_by_address: Counter[str] = Counter()
         self.requests = RequestRate(settings.http_rate, settings.http_burst)
+        # Rooms nobody is in here, opened per address: a budget a minute.
+        self.new_rooms = RequestRate(settings.new_rooms_per_ip / 60, settings.new_rooms_per_ip)
+        self.users = UserLimits(settings)
 
     @property
     def handshakes(self) -> int:
@@ -376,6 +380,43 @@ class TokenBucket:
         return False
 
 
+class UserLimits:
+    """Per token user on this instance: the connections held, and one rate limit for them all.
+
+    A user's actions share one token bucket however many connections carry
+    them, so opening more connections buys no more clicks. Connections
+    without a token have a rate limit each (their address has its own caps).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.held: dict[str, tuple[RateLimit, int]] = {}  # user -> (its limit, connections)
+
+    def full(self, user: str) -> bool:
+        """Whether ``user`` holds as many connections as it may."""
+        held = self.held.get(user)
+        return held is not None and held[1] >= self.settings.max_connections_per_user
+
+    def join(self, user: str | None, now: float) -> RateLimit:
+        """Count one more connection of ``user``; return the rate limit it acts under."""
+        settings = self.settings
+        if user is None:
+            return RateLimit(settings.rate, settings.burst, now)
+        limit, count = self.held.get(user) or (RateLimit(settings.rate, settings.burst, now), 0)
+        self.held[user] = (limit, count + 1)
+        return limit
+
+    def leave(self, user: str | None) -> None:
+        """Count one connection of ``user`` out. Idempotent for the user's last one."""
+        if user is None or (held := self.held.get(user)) is None:
+            return
+        limit, count = held
+        if count <= 1:
+            del self.held[user]
+        else:
+            self.held[user] = (limit, count - 1)
+
+
 class RequestRate:
     """Plain HTTP requests per client address: a rate limit each, in a bounded table.
 
@@ -406,6 +447,11 @@ class RequestRate:
         if limit.allows(now) or limit.bucket is None:
             return None
         return max(1, math.ceil((1 - limit.bucket.tokens) / self.rate))
+
+    def would_allow(self, address: str, now: float) -> bool:
+        """Whether ``address`` has a token now, without spending it (for the page's probe)."""
+        limit = self.limits.get(address_key(address))
+        return limit is None or limit.bucket is None or limit.bucket.ready(now)
 
     def knocks_too_soon(self, address: str, now: float) -> bool:
         """Whether ``address``, refused its last request, comes back before its next token."""

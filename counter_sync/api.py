@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from counter_sync.config import MAX_API_PAGE, MAX_VALUE
+from counter_sync.connection import BodyError, Connection
 from counter_sync.hub import ROOM_NAME, Hub
 from counter_sync.store import DEFAULT_ROOM, Change, OpBatch, RoomState, StoreUnavailable
 
@@ -85,11 +85,18 @@ class Api:
         self.keys = keys
 
     async def respond(
-        self, websocket: ServerConnection, request: Request, body: bytes | None
+        self, websocket: Connection, request: Request, path: str, query: str
     ) -> Response:
-        """The response to one API request; errors are JSON with a reason, never a traceback."""
+        """The response to one API request (its target read already: ``path``, ``query``).
+
+        Errors are JSON with a reason, never a traceback.
+        """
         try:
-            status, answer = await self.route(request, body)
+            try:
+                body = await websocket.request_body()
+            except BodyError as exc:
+                raise Problem(http.HTTPStatus(exc.status), exc.reason) from None
+            status, answer = await self.route(request, path, query, body)
         except Problem as problem:
             status, answer = problem.status, {"error": problem.reason}
         response = websocket.respond(status, json.dumps(answer) + "\n")
@@ -102,10 +109,11 @@ class Api:
             response.headers["WWW-Authenticate"] = 'Bearer realm="counter-sync"'
         return response
 
-    async def route(self, request: Request, body: bytes | None) -> tuple[int, dict[str, Any]]:
+    async def route(
+        self, request: Request, path: str, query: str, body: bytes
+    ) -> tuple[int, dict[str, Any]]:
         if not self.authorized(request.headers.get("Authorization", "")):
             raise Problem(http.HTTPStatus.UNAUTHORIZED, "unauthorized")
-        path, _, query = request.path.partition("?")
         method = request.method
         if path == COUNTERS:
             return self.allow(method, "GET") or await self.list(query)

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from websockets.frames import CloseCode
 
 from counter_sync.admission import fit_to_open_files
+from counter_sync.api import KeyFileError, load_keys
 from counter_sync.app import App, start
 from counter_sync.config import (
     BURST,
@@ -39,6 +40,7 @@ from counter_sync.config import (
     HANDSHAKE_TIMEOUT,
     HTTP_BURST,
     HTTP_RATE,
+    MAX_CONNECTIONS_PER_USER,
     MAX_DRAIN_SECONDS,
     MAX_FLAG_SECONDS,
     MAX_FORGET_AFTER,
@@ -53,6 +55,7 @@ from counter_sync.config import (
     MIN_MESSAGE_SIZE,
     MIN_REDIS_EXPIRY,
     MIN_SESSION_TTL,
+    NEW_ROOMS_PER_IP,
     PING_INTERVAL,
     PING_TIMEOUT,
     RATE,
@@ -62,6 +65,7 @@ from counter_sync.config import (
 )
 from counter_sync.logs import setup_logging
 from counter_sync.store import StoreError
+from counter_sync.tokens import ANONYMOUS, SecretError, load_secret
 
 __all__ = ["CannotListen", "main", "parse_args", "run"]
 
@@ -312,6 +316,38 @@ def build_parser(prog: str) -> OneLineParser:
         default=HTTP_BURST,
         help="plain HTTP requests a client address may send at once",
     )
+    add(
+        "--token-secret-file",
+        metavar="PATH",
+        help="a file holding the HS256 secret (at least 32 bytes) that signs the tokens "
+        "connections may carry (Authorization: Bearer, or ?token=): sub, exp, rooms, can",
+    )
+    add(
+        "--anonymous",
+        choices=ANONYMOUS,
+        help="what a connection without a token may do: write (the default without "
+        "--token-secret-file), read (the default with it: users and state only) or none "
+        "(401)",
+    )
+    add(
+        "--max-connections-per-user",
+        type=count,
+        default=MAX_CONNECTIONS_PER_USER,
+        help="connections one token's user may hold on this instance; beyond, 429",
+    )
+    add(
+        "--new-rooms-per-ip",
+        type=count,
+        default=NEW_ROOMS_PER_IP,
+        help="counters nobody is in on this instance one client address may open per minute; "
+        "beyond, 429",
+    )
+    add(
+        "--api-key-file",
+        metavar="PATH",
+        help="a file of API keys, one per line: turns on the HTTP API for backends at "
+        "/api/counters (without it, /api/ is 404)",
+    )
     keepalive = Number(float, 0, MAX_FLAG_SECONDS)
     add(
         "--ping-interval",
@@ -393,6 +429,13 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = "counter-sync")
     values = vars(args)
     values["origins"] = tuple(values.pop("origin"))
     values["trusted_proxies"] = tuple(values.pop("trusted_proxy"))
+    # Files are read here, so that a bad one is a bad flag: one line, status 2.
+    secret_file, key_file = values.pop("token_secret_file"), values.pop("api_key_file")
+    try:
+        values["token_secret"] = None if secret_file is None else load_secret(secret_file)
+        values["api_keys"] = () if key_file is None else tuple(load_keys(key_file))
+    except (SecretError, KeyFileError) as exc:
+        parser.error(str(exc))
     return Settings(**values)
 
 

@@ -27,7 +27,9 @@ __all__ = [
     "LISTEN_BACKLOG",
     "LOG_INTERVAL",
     "MAX_API_BODY",
+    "MAX_API_HEAD",
     "MAX_API_PAGE",
+    "MAX_CONNECTIONS_PER_USER",
     "MAX_DRAIN_SECONDS",
     "MAX_FLAG_SECONDS",
     "MAX_FORGET_AFTER",
@@ -46,6 +48,7 @@ __all__ = [
     "MIN_REDIS_EXPIRY",
     "MIN_SECRET_BYTES",
     "MIN_SESSION_TTL",
+    "NEW_ROOMS_PER_IP",
     "PENDING_PRESSURE",
     "PING_INTERVAL",
     "PING_TIMEOUT",
@@ -70,6 +73,7 @@ __all__ = [
     "STORE_RETRY_DELAY",
     "SWEEP_INTERVAL",
     "SWEEP_LIMIT",
+    "SWEEP_PERIOD",
     "WRITE_BUFFER_LIMIT",
     "Settings",
 ]
@@ -238,7 +242,21 @@ SESSION_ID = r"[A-Za-z0-9_-]{16,64}"
 # The API: the largest request body (a change is ~20 bytes of JSON; beyond,
 # 413), and the most counters one page of GET /api/counters lists.
 MAX_API_BODY = 4 * 1024
+# The largest head of an API write held whole to take its body aside: the
+# library's own limits allow more, but an API request has a few short headers.
+MAX_API_HEAD = 16 * 1024
 MAX_API_PAGE = 1000
+# Seconds between two sweeps over every connection (the silent ones, the
+# expired tokens): one sweep for all instead of a timer each, and a second is
+# as late as a liveness drop or a token's expiry may come.
+SWEEP_PERIOD = 1.0
+# Connections one token's user may hold on an instance at once: a person has a
+# few tabs and devices, not a hundred; beyond, 429.
+MAX_CONNECTIONS_PER_USER = 10
+# Counters one client address may open per minute (rooms nobody is in on this
+# instance): a person opens a few; a script that makes counters without end
+# gets 429 after this many, and what it made is forgotten after --forget-after.
+NEW_ROOMS_PER_IP = 30
 # The shortest token secret: HS256 is as strong as its key, and RFC 7518
 # (3.2) asks for a key at least as long as the hash, 256 bits.
 MIN_SECRET_BYTES = 32
@@ -284,5 +302,13 @@ class Settings:
     forget_after: float = FORGET_AFTER
     session_ttl: float = SESSION_TTL
     max_sessions: int = MAX_SESSIONS
+    # Who may read and who may change (see counter_sync.tokens): the HS256
+    # secret (read from --token-secret-file), and what a connection without a
+    # token may do (None: "read" with a secret, "write" without).
+    token_secret: bytes | None = None
+    anonymous: str | None = None
+    max_connections_per_user: int = MAX_CONNECTIONS_PER_USER
+    new_rooms_per_ip: int = NEW_ROOMS_PER_IP
+    api_keys: tuple[bytes, ...] = ()  # from --api-key-file; none: no API
     log_format: str = "text"  # or "json"
     drain_seconds: float = 0.0  # SIGTERM: close with 1012 spread over this time

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,17 +38,20 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from counter_sync.admission import Gate
-from counter_sync.config import CLOSE_TIMEOUT
+from counter_sync.config import CLOSE_TIMEOUT, MAX_API_BODY, MAX_API_HEAD, SWEEP_PERIOD
 from counter_sync.logs import fields
 from counter_sync.metrics import Metrics
 from counter_sync.tasks import Supervisor
 from counter_sync.tokens import Grant
 
-__all__ = ["Connection", "LivenessWatch", "disconnect_kind", "log_disconnect"]
+__all__ = ["BodyError", "Connection", "LivenessWatch", "disconnect_kind", "log_disconnect"]
 
 log = logging.getLogger("counter_sync.connection")
 
 END_OF_HEAD = b"\r\n\r\n"
+# The methods whose requests carry a body (the API's writes): their head is
+# held whole, to take the body aside (see BodyIntake). DELETE carries none.
+BODY_METHODS = (b"POST ", b"PUT ", b"PATCH ")
 # Bytes handed to the protocol at a time: one read can hold thousands of tiny
 # frames, each an object once parsed; a pause between slices leaves the rest
 # as bytes.
@@ -71,6 +75,7 @@ class Connection(ServerConnection):
         "gate",
         "grant",
         "head_seen",
+        "intake",
         "last_heard",
         "metrics",
         "paused_for_queue",
@@ -112,6 +117,7 @@ class Connection(ServerConnection):
         self.unread = b""  # read, not yet handed to the protocol
         self.last_heard = self.loop.time()
         self.head_seen = b""  # the end of the request head so far
+        self.intake: BodyIntake | None = None  # an API write's body, taken aside
         # Set by whoever ends the connection on purpose: how (a disconnects
         # metric kind), and why, for the log.
         self.ended_by: str | None = None
@@ -174,6 +180,10 @@ class Connection(ServerConnection):
         self.last_heard = self.loop.time()
         if self.protocol.state is State.CONNECTING:
             self.gate.heard_from(self)
+            if self.intake is None and not self.head_seen and data.startswith(BODY_METHODS):
+                self.intake = BodyIntake(self.loop)
+            if self.intake is not None:
+                data = self.intake.take(data)
             data = self.first_request_head(data)
         self.unread += data
         self.feed()
@@ -185,6 +195,16 @@ class Connection(ServerConnection):
             super().data_received(unread[offset : offset + FEED_SIZE])
             offset += FEED_SIZE
         self.unread = unread[offset:]
+
+    async def request_body(self) -> bytes:
+        """The body of this request (an API write), once it has all arrived.
+
+        Raises :exc:`BodyError` (a 400 or 413 for the HTTP side to answer)
+        if its length was missing, unreadable or over ``MAX_API_BODY``.
+        """
+        if self.intake is None:
+            return b""
+        return await self.intake.done
 
     def first_request_head(self, data: bytes) -> bytes:
         """The part of ``data`` up to the end of the first request's head; drop the rest."""
@@ -258,17 +278,89 @@ class Connection(ServerConnection):
         self.transport.abort()
 
 
-class LivenessWatch:
-    """Aborts connections not heard from within the deadline.
+class BodyError(Exception):
+    """A request body that cannot be taken: its HTTP status and a one-line reason."""
 
-    ``deadline`` is ``ping_interval + ping_timeout``: a live peer answers each
-    ping within ``ping_timeout``, so it is heard from at least that often. A
-    peer whose writes are stuck is dropped at the deadline: the library's
-    ping waits behind them. Any other silent peer is the library's to fail
-    (1011, "keepalive ping timeout", then the close timeout); this one only
-    backs it up, a close timeout later. None (keepalive off) never aborts.
-    The sweep runs at most a second apart, so a peer goes within the
-    deadline plus a second.
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class BodyIntake:
+    """The body of an API write, taken aside before the handshake's parser sees the request.
+
+    The library parses a request's head for a WebSocket handshake, and
+    refuses one with a body. So for a method that carries one, the head is
+    held until it is whole, its ``Content-Length`` taken out and read here,
+    and the head handed on without it; the bytes after it, up to that length
+    (``MAX_API_BODY`` at most), are the body. ``Transfer-Encoding`` is not
+    taken: a client of this API sends a length.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.head = b""
+        self.body = bytearray()
+        self.length: int | None = None  # None until the head is whole
+        self.done: asyncio.Future[bytes] = loop.create_future()
+
+    def take(self, data: bytes) -> bytes:
+        """Take ``data``; return what the handshake's parser gets of it (the head, rewritten)."""
+        if self.length is not None:
+            self.add_body(data)
+            return b""
+        self.head += data
+        end = self.head.find(END_OF_HEAD)
+        if end < 0:
+            if len(self.head) > MAX_API_HEAD:
+                self.fail(431, "request head too large")
+                return self.head  # the parser refuses it too
+            return b""
+        head, rest = self.head[: end + len(END_OF_HEAD)], self.head[end + len(END_OF_HEAD) :]
+        lines = head.split(b"\r\n")
+        lengths = [line for line in lines if line.lower().startswith(b"content-length:")]
+        kept = [line for line in lines if line not in lengths]
+        self.length = 0
+        if any(line.lower().startswith(b"transfer-encoding:") for line in lines):
+            self.fail(411, "send a Content-Length, not Transfer-Encoding")
+        elif len({line.partition(b":")[2].strip() for line in lengths}) > 1:
+            self.fail(400, "Content-Length repeated with another value")
+        elif lengths:
+            value = lengths[0].partition(b":")[2].strip()
+            if not value.isdigit():
+                self.fail(400, "Content-Length is not a number")
+            elif int(value) > MAX_API_BODY:
+                self.fail(413, f"the body is over {MAX_API_BODY} bytes")
+            else:
+                self.length = int(value)
+        self.add_body(rest)
+        return b"\r\n".join(kept)
+
+    def add_body(self, data: bytes) -> None:
+        if self.done.done() or self.length is None:
+            return
+        self.body += data[: self.length - len(self.body)]
+        if len(self.body) >= self.length:
+            self.done.set_result(bytes(self.body))
+
+    def fail(self, status: int, reason: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(BodyError(status, reason))
+
+
+class LivenessWatch:
+    """One sweep over every connection, a second apart at most: the silent ones, the expired.
+
+    Silent: ``deadline`` is ``ping_interval + ping_timeout``; a live peer
+    answers each ping within ``ping_timeout``, so it is heard from at least
+    that often. A peer whose writes are stuck is dropped at the deadline: the
+    library's ping waits behind them. Any other silent peer is the library's
+    to fail (1011, "keepalive ping timeout", then the close timeout); this one
+    only backs it up, a close timeout later. None (keepalive off) drops none.
+
+    Expired: a connection whose token's ``exp`` has passed is closed with
+    1008 "token expired" within a second of it. One sweep for all, not a
+    timer per connection.
     """
 
     def __init__(
@@ -277,10 +369,11 @@ class LivenessWatch:
         self.deadline = deadline
         self.connections = connections  # every open connection, when called
         self.task: asyncio.Task[None] | None = None
+        self.supervisor: Supervisor | None = None
 
     def start(self, supervisor: Supervisor) -> None:
-        if self.deadline is not None:
-            self.task = supervisor.start(self.run(self.deadline), name="liveness sweep")
+        self.supervisor = supervisor
+        self.task = supervisor.start(self.run(), name="connection sweep")
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -288,15 +381,30 @@ class LivenessWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
 
-    async def run(self, deadline: float) -> None:
-        period = min(1.0, deadline / 4)
+    async def run(self) -> None:
+        deadline = self.deadline
+        period = SWEEP_PERIOD if deadline is None else min(SWEEP_PERIOD, deadline / 4)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)
-            now = loop.time()
-            silent = [c for c in self.connections() if is_overdue(c, now, deadline)]
+            now, wall = loop.time(), time.time()
+            silent, expired = [], []
+            for connection in self.connections():
+                if deadline is not None and is_overdue(connection, now, deadline):
+                    silent.append(connection)
+                elif connection.grant.expires <= wall and connection.ended_by is None:
+                    expired.append(connection)
             for connection in silent:
                 connection.drop(f"liveness deadline: nothing heard for more than {deadline:g} s")
+            for connection in expired:
+                self.expire(connection)
+
+    def expire(self, connection: Connection) -> None:
+        assert self.supervisor is not None
+        connection.ended_by = "token_expired"
+        self.supervisor.start(
+            connection.close(CloseCode.POLICY_VIOLATION, "token expired"), name="token expired"
+        )
 
 
 def is_overdue(connection: Connection, now: float, deadline: float) -> bool:

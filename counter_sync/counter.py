@@ -183,10 +183,12 @@ class Room:
         self.users.discard(websocket)
         self.flush.leave(websocket)
 
-    async def serve(self, websocket: Connection) -> None:
-        """Serve one client until its connection ends, however it ends; then unregister it."""
+    async def serve(self, websocket: Connection, limit: RateLimit) -> None:
+        """Serve one client until its connection ends, however it ends; then unregister it.
+
+        ``limit`` is its rate limit: its own, or its token's user's, shared.
+        """
         peer = websocket.client
-        limit = RateLimit(self.settings.rate, self.settings.burst, websocket.loop.time())
         # One warning per interval for this connection, however much it sends.
         warnings = Throttle()
         self.register(websocket)  # its first messages: users, then state

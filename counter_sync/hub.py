@@ -30,6 +30,7 @@ from counter_sync.logs import fields
 from counter_sync.metrics import Metrics
 from counter_sync.store import DEFAULT_ROOM, MemoryStore, RoomState, Store, StoreUnavailable
 from counter_sync.tasks import Supervisor
+from counter_sync.tokens import Access, Denied, Grant
 
 __all__ = ["ROOM_NAME", "Hub", "room_from_path"]
 
@@ -58,6 +59,8 @@ class Hub:
         self.settings = settings
         self.store = store
         self.gate = Gate(settings)
+        anonymous = settings.anonymous or ("read" if settings.token_secret else "write")
+        self.access = Access(settings.token_secret, anonymous)
         self.metrics = Metrics()
         self.metrics.read_live(
             connections=self.count_here,
@@ -141,6 +144,51 @@ class Hub:
             )
         return refusal
 
+    def admit(
+        self, room: str, *, peer_ip: str, headers: Headers, token: str | None, spend: bool
+    ) -> Grant | Refusal:
+        """What a WebSocket to ``room`` from this request may do, or why it is refused.
+
+        With ``spend``, a new room costs the client address one of its
+        ``--new-rooms-per-ip``; without (the page's probe), it is only checked.
+        """
+        refusal = self.refuse(room, peer_ip=peer_ip, headers=headers)
+        if refusal is not None:
+            return refusal
+        try:
+            grant = self.access.grant(token, room)
+        except Denied as denied:
+            return Refusal(denied.status, denied.reason, denied.reason, "token")
+        if grant.user is not None and self.gate.users.full(grant.user):
+            return Refusal(
+                http.HTTPStatus.TOO_MANY_REQUESTS,
+                "too many connections for this user",
+                f"{self.settings.max_connections_per_user} connections of {grant.user} is the cap",
+                "per_user",
+            )
+        if self.opens_room(room):
+            address = self.gate.client_address(peer_ip, headers.get("X-Forwarded-For"))
+            now = asyncio.get_running_loop().time()
+            budget = self.gate.new_rooms
+            if (
+                (budget.retry_after(address, now) is not None)
+                if spend
+                else not (budget.would_allow(address, now))
+            ):
+                return Refusal(
+                    http.HTTPStatus.TOO_MANY_REQUESTS,
+                    "too many new counters from your address; try again in a minute",
+                    f"{self.settings.new_rooms_per_ip} new counters a minute from {address} "
+                    "is the cap",
+                    "new_rooms",
+                )
+        return grant
+
+    def opens_room(self, name: str) -> bool:
+        """Whether a connection to ``name`` would open a room nobody is in here."""
+        room = self.rooms.get(name)
+        return (room is None or not room.users) and name not in self.opening
+
     def refuse_room(self, name: str) -> str | None:
         """Why room ``name`` cannot take one more connection now, or None."""
         room = self.rooms.get(name)
@@ -187,6 +235,14 @@ class Hub:
         # process_request refused what it could; this closes the few that
         # passed it together during a storm of concurrent handshakes.
         refusal = self.refuse(name, peer_ip=websocket.peer_ip, headers=request.headers)
+        user = websocket.grant.user
+        if refusal is None and user is not None and self.gate.users.full(user):
+            refusal = Refusal(
+                http.HTTPStatus.TOO_MANY_REQUESTS,
+                "too many connections for this user",
+                "",
+                "per_user",
+            )
         if refusal is not None:
             self.metrics.handshakes_rejected.labels(refusal.kind).inc()
             await websocket.close(CloseCode.TRY_AGAIN_LATER, refusal.reason)
@@ -196,6 +252,7 @@ class Hub:
         )
         self.connections += 1
         self.gate.user_joined(address)
+        limit = self.gate.users.join(user, websocket.loop.time())
         try:
             room = await self.enter(name)
         except StoreUnavailable as exc:
@@ -205,12 +262,13 @@ class Hub:
             # No await from this check to the register in serve(): the count is exact.
             self.occupied += not room.users
             try:
-                await room.serve(websocket)
+                await room.serve(websocket, limit)
             finally:
                 self.occupied -= not room.users
         finally:
             self.connections -= 1
             self.gate.user_left(address)
+            self.gate.users.leave(user)
 
     def unable_to_open(self, websocket: Connection, name: str, exc: StoreUnavailable) -> None:
         log.warning(

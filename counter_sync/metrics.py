@@ -41,6 +41,9 @@ REJECT_REASONS = (
     "http_rate",
     "draining",
     "malformed",
+    "token",
+    "per_user",
+    "new_rooms",
 )
 DISCONNECT_KINDS = (
     "clean_close",
@@ -50,6 +53,7 @@ DISCONNECT_KINDS = (
     "oversize",
     "rate_limit",
     "shutdown",
+    "token_expired",
     "other",
 )
 # Seconds between two looks at the event loop's lag.

@@ -235,7 +235,9 @@ class SqliteStore:
         self.connection: sqlite3.Connection | None = None
         self.lock: int | None = None  # descriptor of the file, holding the flock
         self.seq = 0  # the last seq committed to any room: meta.seq
-        self.next_sweep = 0.0  # Unix time; the first write sweeps what the last run left
+        # Unix time; the first write sweeps what the last run left. Read by
+        # the loop between two transactions, to offer the next one a sweep.
+        self.next_sweep = 0.0
         # Touched on the event loop only.
         self.queued: list[Pending] = []  # for the next transaction
         self.committing: list[Pending] = []  # in the transaction under way
@@ -438,15 +440,18 @@ class SqliteStore:
                 self.write_wanted = False
                 self.committing = batch
                 changes = [change for pending in batch for change in pending.changes]
-                # Leaves ride on a transaction that writes anyway, or on one
-                # of their own: never on a join's read, which takes no write lock.
+                # Leaves and sweeps ride on a transaction that writes anyway,
+                # or on one of their own: never on a join's read, which takes
+                # no write lock.
+                loaded: frozenset[str] | None = None
+                left: dict[str, float] = {}
                 if not changes or any(map(may_write, changes)):
                     left, self.left = self.left, {}
-                else:
-                    left = {}
-                # Taken now, in the loop's order of calls: a load queued
-                # before this write has marked its room already.
-                write = functools.partial(self.write, changes, left, frozenset(self.loaded))
+                    if time.time() >= self.next_sweep:
+                        # Taken now, in the loop's order of calls: a load
+                        # queued before this write has marked its room already.
+                        loaded = frozenset(self.loaded)
+                write = functools.partial(self.write, changes, left, loaded)
                 try:
                     outcomes, more = await self.worker.call(write)
                 except Exception as exc:
@@ -628,26 +633,25 @@ class SqliteStore:
         return RoomState(int(row[0]), int(row[1]), self._epoch), True
 
     def write(
-        self, changes: list[Change], left: dict[str, float], loaded: frozenset[str]
+        self, changes: list[Change], left: dict[str, float], loaded: frozenset[str] | None
     ) -> tuple[list[Outcome], bool]:
-        """Apply every change in one transaction, with the rooms ``left`` and a sweep if due.
+        """Apply every change in one transaction, with the rooms ``left`` and maybe a sweep.
 
-        Return the outcomes once it is committed, and whether a sweep found
-        more than it may delete at once (so another should follow). The
-        sweep keeps the rooms ``loaded``.
+        ``loaded``: the rooms someone is in here, which the sweep keeps, if
+        this transaction is to sweep (None if not). Return the outcomes once
+        it is committed, and whether the sweep found more than it may delete
+        at once (so another should follow).
         """
         connection = self.open_connection()
         now = time.time()
         # A transaction that only reads (sessions that joined) needs no write
         # lock, so an operator's write in a sqlite3 shell does not hold up
-        # joins: a sweep rides on one that writes, or on one of its own,
-        # which nobody waits for, taken only if there is something to delete.
+        # joins: the caller offers a sweep only to one that writes, or to
+        # one of its own, which is taken only if there is something to delete.
         writes = bool(left) or any(map(may_write, changes))
-        sweep = now >= self.next_sweep
-        if sweep and not writes:
-            sweep = not changes and self.anything_stale(connection, now)
-            if not sweep and not changes:
-                self.next_sweep = now + self.sweep_interval
+        sweep = loaded is not None and (writes or self.anything_stale(connection, now))
+        if loaded is not None and not sweep:
+            self.next_sweep = now + self.sweep_interval  # nothing to do: look again later
         if not (changes or writes or sweep):
             return [], False
         seq = self.seq
@@ -660,7 +664,7 @@ class SqliteStore:
                 outcomes.append(outcome)
             connection.executemany(TOUCH, [(when, room) for room, when in left.items()])
             full = False
-            if sweep:
+            if loaded is not None and sweep:
                 full, forgotten = self.sweep(connection, now, loaded)
                 if forgotten:
                     seq += 1  # a forgotten room reads as 0 at the latest seq: past its own

@@ -379,6 +379,7 @@ class MemoryStore:
                 values.move_to_end(name)
                 continue
             del values[name]
+            self.seq += 1  # it reads as 0 again, at a seq past the one it had
             if not stale:
                 self.forgotten += 1
                 self.unreported += 1

@@ -16,8 +16,9 @@ import http
 import json
 import logging
 import re
+from collections.abc import Awaitable
 from importlib import resources
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qsl
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers, MultipleValuesError
@@ -30,11 +31,13 @@ from counter_sync.admission import (
     address_key,
     split_origin,
 )
+from counter_sync.api import API_PREFIX, Api
 from counter_sync.config import SESSION_ID
 from counter_sync.connection import Connection
 from counter_sync.hub import SINGLE_HEADERS, Hub, room_from_path
 from counter_sync.logs import ThrottleByKey, fields
 from counter_sync.store import DEFAULT_ROOM
+from counter_sync.tokens import Grant
 
 __all__ = ["PAGE", "Web"]
 
@@ -91,13 +94,17 @@ class Web:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.page = PAGE.read_text(encoding="utf-8")
+        # The HTTP API for backends, with --api-key-file only: else /api/ is 404.
+        self.api = Api(hub, list(hub.settings.api_keys)) if hub.settings.api_keys else None
         # One warning per client address per interval and per kind, however
         # fast it knocks.
         self.refusals = ThrottleByKey()
         self.malformed = ThrottleByKey()
         self.over_rate = ThrottleByKey()
 
-    def process_request(self, websocket: ServerConnection, request: Request) -> Response | None:
+    def process_request(
+        self, websocket: ServerConnection, request: Request
+    ) -> Response | Awaitable[Response] | None:
         """Answer plain HTTP requests; let allowed WebSocket upgrades to a room through.
 
         ``/`` and ``/c/<name>`` are rooms: a GET is the page, an upgrade joins.
@@ -113,6 +120,8 @@ class Web:
         upgrade = "websocket" in list_header(request.headers, "Upgrade").lower()
         if room is not None:
             websocket.endpoint = "websocket" if upgrade else "page"
+        elif path.startswith(API_PREFIX) or path == API_PREFIX.rstrip("/"):
+            websocket.endpoint = "api"
         else:
             websocket.endpoint = ENDPOINTS.get(path, "other")
         try:
@@ -153,9 +162,11 @@ class Web:
 
     def answer(
         self, websocket: Connection, request: Request, path: str, query: str, *, upgrade: bool
-    ) -> Response:
-        """A plain request's answer: the page, an endpoint, or 404."""
+    ) -> Response | Awaitable[Response]:
+        """A plain request's answer: the page, an endpoint, or 404 (the API's, to await)."""
         endpoint = websocket.endpoint
+        if endpoint == "api" and self.api is not None:
+            return self.api.respond(websocket, request, path, query)
         if endpoint == "page":
             return respond(websocket, http.HTTPStatus.OK, self.page, "text/html; charset=utf-8")
         if endpoint == "healthz":
@@ -179,13 +190,21 @@ class Web:
     ) -> Response | None:
         """Let the upgrade through, with its room and session on the connection, or refuse it."""
         headers = request.headers
-        refusal = self.hub.refuse(room, peer_ip=websocket.peer_ip, headers=headers)
-        if refusal is None:
-            session = session_from_query(query)
-            if session is not None and not SESSION.fullmatch(session):
-                raise MalformedRequest("bad session: 16 to 64 characters of A-Z a-z 0-9 _ -")
-            websocket.room, websocket.session = room, session
+        params = query_params(query)
+        session = params.get("session")
+        if session is not None and not SESSION.fullmatch(session):
+            raise MalformedRequest("bad session: 16 to 64 characters of A-Z a-z 0-9 _ -")
+        admitted = self.hub.admit(
+            room,
+            peer_ip=websocket.peer_ip,
+            headers=headers,
+            token=token_of(headers, params),
+            spend=True,
+        )
+        if isinstance(admitted, Grant):
+            websocket.room, websocket.session, websocket.grant = room, session, admitted
             return None
+        refusal = admitted
         self.hub.metrics.handshakes_rejected.labels(refusal.kind).inc()
         detail = refusal.detail
         # Each of them once at most: identify() made sure.
@@ -292,23 +311,30 @@ class Web:
         no Origin header. Nothing is granted here, so the answer is for anyone
         (``Access-Control-Allow-Origin: *``).
         """
-        query = parse_qs(query_string)
-        name = query.get("room", [DEFAULT_ROOM])[0]
+        query = query_params(query_string)
+        name = query.get("room", DEFAULT_ROOM)
         room = DEFAULT_ROOM if name == DEFAULT_ROOM else room_from_path(f"/c/{name}")
+        admitted: Grant | Refusal
         if room is None:
-            refusal: Refusal | None = Refusal(
-                http.HTTPStatus.NOT_FOUND, "no such counter", name, "path"
-            )
+            admitted = Refusal(http.HTTPStatus.NOT_FOUND, "no such counter", name, "path")
         else:
             headers = Headers(request.headers)
             if "Origin" in headers:
                 del headers["Origin"]
             if "origin" in query:
-                headers["Origin"] = query["origin"][0]
-            refusal = self.hub.refuse(room, peer_ip=websocket.peer_ip, headers=headers)
-        answer: dict[str, object] = {"admitted": refusal is None}
-        if refusal is not None:
-            answer.update(status=int(refusal.status), reason=refusal.reason)
+                headers["Origin"] = query["origin"]
+            admitted = self.hub.admit(
+                room,
+                peer_ip=websocket.peer_ip,
+                headers=headers,
+                token=token_of(headers, query),
+                spend=False,
+            )
+        answer: dict[str, object] = {"admitted": isinstance(admitted, Grant)}
+        if isinstance(admitted, Refusal):
+            answer.update(status=int(admitted.status), reason=admitted.reason)
+        elif admitted.read_only is not None:
+            answer["read_only"] = admitted.read_only
         response = respond(
             websocket, http.HTTPStatus.OK, json.dumps(answer) + "\n", "application/json"
         )
@@ -344,13 +370,20 @@ def malformed_reason(exc: Exception) -> str:
     return str(exc)
 
 
-def session_from_query(query: str) -> str | None:
-    """The ``session`` a WebSocket's query names, if any (the first one, if repeated)."""
-    for pair in query.split("&"):
-        name, _, value = pair.partition("=")
-        if name == "session":
-            return unquote(value)
-    return None
+def query_params(query: str) -> dict[str, str]:
+    """A query's parameters, the first of each name (a repeated one is not read twice)."""
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        params.setdefault(name, value)
+    return params
+
+
+def token_of(headers: Headers, params: dict[str, str]) -> str | None:
+    """The token a request carries: ``Authorization: Bearer`` (scripts) or ``?token=`` (pages)."""
+    scheme, _, credentials = headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return params.get("token") or None
 
 
 def no_content(websocket: ServerConnection) -> Response:

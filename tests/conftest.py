@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,3 +76,14 @@ def redis_server() -> Iterator[RedisServer]:
     redis.start()
     yield redis
     redis.stop()
+
+
+@pytest.fixture(params=["memory", "state", "redis"])
+def mode(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """The settings of each mode in turn: memory, durable (--state), shared (--redis)."""
+    if request.param == "state":
+        return {"state": str(tmp_path / "counters.sqlite")}
+    if request.param == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        return {"redis": redis.url}
+    return {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import importlib.util
 import json
 import sqlite3
@@ -25,6 +26,7 @@ from counter_sync.store import DEFAULT_ROOM
 from testkit.processes import IN_CI, TIMEOUT, MissingBinary, find_binary
 
 __all__ = [
+    "http_request",
     "is_state",
     "join",
     "raw_http",
@@ -118,6 +120,28 @@ async def raw_http(port: int, request: bytes, source: str = "127.0.0.1") -> byte
         response = await reader.read()
     writer.close()
     return response
+
+
+async def http_request(
+    port: int,
+    path: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP request (http.client, in a thread): the status, headers and body."""
+
+    def request() -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    return await asyncio.to_thread(request)
 
 
 def room(app: App, name: str = DEFAULT_ROOM) -> Room:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,22 +18,11 @@ from websockets.exceptions import InvalidStatus
 
 from counter_sync.app import App
 from counter_sync.client import Client
-from testkit.processes import TIMEOUT, RedisServer
+from testkit.processes import TIMEOUT
 from tests.conftest import StartServer
 from tests.helpers import is_state, value, wait_for_event, wait_for_value
 
 SESSION = "session-0123456789abcdef"
-
-
-@pytest.fixture(params=["memory", "state", "redis"])
-def mode(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
-    """The settings of one mode: the store the sessions live in."""
-    if request.param == "state":
-        return {"state": str(tmp_path / "counters.sqlite")}
-    if request.param == "redis":
-        redis: RedisServer = request.getfixturevalue("redis_server")
-        return {"redis": redis.url}
-    return {}
 
 
 @pytest.fixture

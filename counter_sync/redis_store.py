@@ -185,6 +185,13 @@ ERRORS = (RedisError, OSError)
 # How an op's delta travels to the commit script: one character each.
 SIGNS = {1: "+", -1: "-", 0: "0"}
 
+
+def encode_deltas(deltas: tuple[int, ...]) -> str | list[int]:
+    """A batch's deltas for lua/commit.lua: a byte per click, a list for the API's larger adds."""
+    if all(delta in SIGNS for delta in deltas):
+        return "".join(SIGNS[delta] for delta in deltas)
+    return list(deltas)
+
 # A state nobody was handed: the first real one replaces it (another epoch).
 UNKNOWN = RoomState(0, 0, "")
 
@@ -618,7 +625,7 @@ class RedisStore:
                     keys.append(names.session(epoch, session))
                     index[session] = len(keys)
             batches = [
-                [index[batch.session], batch.first, "".join(SIGNS[d] for d in batch.deltas)]
+                [index[batch.session], batch.first, encode_deltas(batch.deltas)]
                 for batch in change.ops
             ]
             lookups = [index[session] for session in change.lookups]

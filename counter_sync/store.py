@@ -97,8 +97,9 @@ class RoomState:
 class OpBatch:
     """One session's numbered ops in one commit: ``deltas[i]`` is op ``first + i``.
 
-    A delta is +1 or -1, or 0 for an op that was rejected before the store
-    and only uses up its number.
+    A delta is what the op adds: +1 or -1 for a click, any integer for the
+    API's add (kept as a one-op session by its Idempotency-Key), or 0 for an
+    op that was rejected before the store and only uses up its number.
     """
 
     session: str

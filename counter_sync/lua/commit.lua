@@ -13,7 +13,8 @@
 -- a room's state key after a change (ms), --forget-after:
 --   [[state key index, channel, delta, [[session key index, first op, deltas], ...],
 --     [session key index, ...], [] or [the value to set]], ...]
--- where deltas is a string of '+', '-' and '0', one per op.
+-- where deltas is a string of '+', '-' and '0', one per op (a click), or a
+-- list of integers (the API's add of any size).
 --
 -- Returns {'epoch', epoch} and applies nothing if the history is not the one
 -- the instance believes in; {'stale'} for a commit the record says was
@@ -47,8 +48,12 @@ for _, change in ipairs(cjson.decode(ARGV[8])) do
     if first > before + 1 then start, after = last + 1, before end -- skipped ahead
     retried = retried or start ~= first
     for op = start, last do
-      local sign = string.byte(deltas, op - first + 1)
-      if sign == 43 then delta = delta + 1 elseif sign == 45 then delta = delta - 1 end
+      if type(deltas) == 'table' then
+        delta = delta + deltas[op - first + 1]
+      else
+        local sign = string.byte(deltas, op - first + 1)
+        if sign == 43 then delta = delta + 1 elseif sign == 45 then delta = delta - 1 end
+      end
     end
     if done[s] then
       done[s][2] = after

@@ -44,6 +44,7 @@ from counter_sync.connection import Connection
 from counter_sync.fanout import Delivery, FanOut, text_frame
 from counter_sync.logs import fields
 from counter_sync.metrics import Metrics
+from counter_sync.oplog import OpLog
 from counter_sync.store import (
     Change,
     OpBatch,
@@ -58,9 +59,6 @@ from counter_sync.tasks import Supervisor
 __all__ = ["FlushedRoom", "Flusher", "RoomFlush"]
 
 log = logging.getLogger("counter_sync.flush")
-
-OUT_OF_RANGE = "value out of range; action not counted"
-OUT_OF_ORDER = "op out of order"
 
 
 class FlushedRoom(Protocol):
@@ -77,105 +75,6 @@ class FlushedRoom(Protocol):
     def ack_message(self, op: int) -> str: ...
 
     def error_message(self, reason: str, op: int | None = None) -> str: ...
-
-
-class OpLog:
-    """One session connection's numbered ops on their way to the store, and what is done.
-
-    ``done`` is the last op the store holds as done for this session, as last
-    heard (None until the store was asked); ``received`` the highest op number
-    taken from this connection. The ops not yet committed are ``deltas``,
-    op ``first`` onwards.
-    """
-
-    __slots__ = ("deltas", "done", "first", "gone", "reasons", "received", "session", "told")
-
-    def __init__(self, session: str) -> None:
-        self.session = session
-        self.done: int | None = None
-        self.received = 0
-        self.first = 0
-        self.deltas: list[int] = []
-        self.reasons: dict[int, str] = {}  # ops rejected before the store, and why
-        self.told = 0  # ops up to this one were already told they failed
-        self.gone = False  # the connection ended: commit what it sent, then forget it
-
-    def take(self, op: int, delta: int, reason: str | None) -> str | int | bool:
-        """Take op number ``op``; say what to answer now.
-
-        True: taken, the next pass answers. False: a retry of an op on its way
-        to the store, whose ack is coming. An int: an ack to send at once (a
-        retry of a done op). A str: an error (the op skipped ahead).
-        """
-        if self.done is not None and op <= self.done:
-            return self.done
-        if op <= self.received:
-            return False
-        last = max(self.received, self.done or 0)
-        if (self.done is not None or self.received) and op != last + 1:
-            return OUT_OF_ORDER
-        if not self.deltas:
-            self.first = op
-        self.deltas.append(delta)
-        if reason is not None:
-            self.reasons[op] = reason
-        self.received = op
-        return True
-
-    def forget_done(self) -> int:
-        """Drop waiting ops the store holds as done already (retries); return their net change."""
-        if self.deltas and self.done is not None and self.first + len(self.deltas) <= self.done + 1:
-            dropped = sum(self.deltas)
-            self.deltas.clear()
-            return dropped
-        return 0
-
-    def batch(self) -> OpBatch | None:
-        """The ops to commit now, taken out; None if there are none."""
-        if not self.deltas:
-            return None
-        batch = OpBatch(self.session, self.first, tuple(self.deltas))
-        self.deltas = []
-        return batch
-
-    def committed(
-        self, batch: OpBatch, before: int, after: int, *, applied: bool
-    ) -> tuple[list[tuple[str, int]], int, int]:
-        """Settle a committed batch: (errors by op, ack, actions counted)."""
-        errors: list[tuple[str, int]] = []
-        counted = 0
-        if batch.first > before + 1 and after == before:  # skipped ahead: nothing applied
-            errors = [(OUT_OF_ORDER, op) for op in range(batch.first, batch.last + 1)]
-            self.received = after  # what may come next: after + 1
-        else:
-            for op in range(max(batch.first, before + 1), batch.last + 1):
-                reason = self.reasons.pop(op, None)
-                if reason is None and batch.deltas[op - batch.first]:
-                    if applied:
-                        counted += 1
-                    else:
-                        reason = OUT_OF_RANGE
-                if reason is not None:
-                    errors.append((reason, op))
-        for op in range(batch.first, batch.last + 1):
-            self.reasons.pop(op, None)
-        self.done = max(self.done or 0, after)
-        return errors, self.done, counted
-
-    def failed(self, batch: OpBatch, reason: str) -> list[tuple[str, int]]:
-        """Settle a batch the store did not take: each op is told so, and its number kept.
-
-        Each op is final (not applied), but its number must still reach the
-        store, as done with a delta of 0, so that later ops follow on.
-        """
-        errors = [
-            (self.reasons.pop(op, reason), op)
-            for op in range(max(batch.first, self.told + 1), batch.last + 1)
-        ]
-        self.told = max(self.told, batch.last)  # a batch that fails again is not told twice
-        self.first = batch.first
-        self.deltas = [0] * len(batch.deltas) + self.deltas
-        return errors
 
 
 @dataclasses.dataclass(slots=True)

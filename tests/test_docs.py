@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from counter_sync.cli import build_parser
+from counter_sync.flags import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

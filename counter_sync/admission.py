@@ -36,6 +36,8 @@ from urllib.parse import SplitResult, urlsplit
 
 from counter_sync.config import (
     FD_HEADROOM,
+    FITTED_MINIMUM,
+    FITTED_SHARE,
     HANDSHAKE_TIMEOUT_UNDER_PRESSURE,
     MAX_RATED_ADDRESSES,
     PENDING_PRESSURE,
@@ -57,8 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("counter_sync.admission")
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class MalformedRequest(ValueError):
@@ -306,8 +306,9 @@ def fit_to_open_files(settings: Settings) -> Settings:
     if soft >= needed:
         return settings
     spare = soft - FD_HEADROOM
-    backlog = min(settings.listen_backlog, max(16, spare // 8))
-    pending = min(settings.max_pending, max(16, spare // 8))
+    share = max(FITTED_MINIMUM, int(spare * FITTED_SHARE))
+    backlog = min(settings.listen_backlog, share)
+    pending = min(settings.max_pending, share)
     users = max(1, spare - backlog - pending)
     fitted = dataclasses.replace(
         settings,

@@ -16,7 +16,14 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.frames import CloseCode
 
 from counter_sync.admission import origin_allowed
-from counter_sync.config import CLOSE_TIMEOUT, WRITE_BUFFER_LIMIT, Settings
+from counter_sync.config import (
+    CLOSE_GRACE,
+    CLOSE_TIMEOUT,
+    FLUSH_TIMEOUT,
+    STORE_CLOSE_TIMEOUT,
+    WRITE_BUFFER_LIMIT,
+    Settings,
+)
 from counter_sync.connection import Connection, LivenessWatch
 from counter_sync.fanout import cap_socket_buffers
 from counter_sync.hub import Hub
@@ -26,12 +33,6 @@ from counter_sync.web import Web
 __all__ = ["App", "open_store", "start"]
 
 log = logging.getLogger("counter_sync.app")
-
-# Seconds the last flushes may take to commit at shutdown.
-FLUSH_TIMEOUT = 1.0
-# Seconds a store may take to close (commit the last flushes, leave the
-# shared user count): beyond, the process exits anyway.
-STORE_CLOSE_TIMEOUT = 1.0
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ class App:
         # close() waits for the close frame to drain, and a stalled reader
         # never drains: without the bound, shutdown would wait for the
         # keepalive timeout. Aborting is safe: every action read is pending.
-        if not await within(self.server.wait_closed(), CLOSE_TIMEOUT + 1):
+        if not await within(self.server.wait_closed(), CLOSE_GRACE):
             for websocket in self.every_user():
                 websocket.transport.abort()
             # A handler may still wait for a store that hangs (Redis stopped).
@@ -87,7 +88,7 @@ class App:
             websocket.ended_by = websocket.ended_by or "shutdown"
             closing.append(asyncio.create_task(websocket.close(CloseCode.SERVICE_RESTART)))
         if closing:  # each close is bounded; the stalled ones are aborted by close()
-            await asyncio.wait(closing, timeout=CLOSE_TIMEOUT + 1)
+            await asyncio.wait(closing, timeout=CLOSE_GRACE)
         await self.close(CloseCode.SERVICE_RESTART)
 
     def every_user(self) -> list[Connection]:

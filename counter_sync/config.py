@@ -14,11 +14,16 @@ __all__ = [
     "BROADCAST_SLICE",
     "BURST",
     "BUSY_TIMEOUT",
+    "CLOSE_GRACE",
     "CLOSE_TIMEOUT",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "FD_HEADROOM",
+    "FEED_SIZE",
+    "FITTED_MINIMUM",
+    "FITTED_SHARE",
     "FLUSH_PAUSE_RATIO",
+    "FLUSH_TIMEOUT",
     "FORGET_AFTER",
     "HANDSHAKE_TIMEOUT",
     "HANDSHAKE_TIMEOUT_UNDER_PRESSURE",
@@ -33,6 +38,7 @@ __all__ = [
     "MAX_DRAIN_SECONDS",
     "MAX_FLAG_SECONDS",
     "MAX_FORGET_AFTER",
+    "MAX_LOG_KEYS",
     "MAX_MESSAGE_SIZE",
     "MAX_PENDING",
     "MAX_PENDING_PER_IP",
@@ -70,7 +76,9 @@ __all__ = [
     "SESSION_TTL",
     "SOCKET_RECEIVE_BUFFER",
     "SOCKET_SEND_BUFFER",
+    "STORE_CLOSE_TIMEOUT",
     "STORE_RETRY_DELAY",
+    "SWEEPS_PER_DEADLINE",
     "SWEEP_INTERVAL",
     "SWEEP_LIMIT",
     "SWEEP_PERIOD",
@@ -107,6 +115,22 @@ HANDSHAKE_TIMEOUT_UNDER_PRESSURE = 2.0
 # Seconds between two warnings about one connection's input or one
 # address's refused handshakes; the next says how many were held back.
 LOG_INTERVAL = 10.0
+# When the open-files limit is too low for the caps and cannot be raised, the
+# listen backlog and the pending handshakes get this share of what is left
+# each (users the rest), but never fewer than FITTED_MINIMUM: a queue of a few
+# is what a small server needs to take reconnecting clients.
+FITTED_SHARE = 1 / 8
+FITTED_MINIMUM = 16
+# Bytes handed to the protocol at a time: one read can hold thousands of tiny
+# frames, each an object once parsed; a pause between slices leaves the rest
+# as bytes.
+FEED_SIZE = 1024
+# Client addresses whose warnings are throttled one by one: beyond, the idle
+# ones are dropped, so an attacker with many addresses cannot grow the table.
+MAX_LOG_KEYS = 4096
+# Sweeps of the connections per liveness deadline (ping interval + timeout):
+# a silent peer goes at most a quarter of the deadline late.
+SWEEPS_PER_DEADLINE = 4
 # Open files kept for everything that is not a client: the listening
 # sockets, the event loop, logs, the store's files or Redis connections.
 FD_HEADROOM = 64
@@ -131,6 +155,15 @@ BURST = 40  # actions a connection may send at once before RATE applies
 PING_INTERVAL = 20.0  # seconds between keepalive pings
 PING_TIMEOUT = 20.0  # seconds to wait for the pong before dropping the peer
 CLOSE_TIMEOUT = 1.0  # seconds to wait for the peer's close frame
+# Seconds a stop waits for the handlers after closing every connection: each
+# close waits CLOSE_TIMEOUT for the peer's close frame, and a handler needs a
+# moment after it to log and unregister. Then stalled ones are aborted.
+CLOSE_GRACE = CLOSE_TIMEOUT + 1.0
+# Seconds the last flushes may take to commit at shutdown.
+FLUSH_TIMEOUT = 1.0
+# Seconds a store may take to close (commit the last flushes, leave the
+# shared user count): beyond, the process exits anyway.
+STORE_CLOSE_TIMEOUT = 1.0
 # Bytes queued in user space for one connection before broadcasts skip it. It
 # is also the library's write_limit, so send() waits for exactly this drain.
 WRITE_BUFFER_LIMIT = 16 * 1024

@@ -38,7 +38,14 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from counter_sync.admission import Gate
-from counter_sync.config import CLOSE_TIMEOUT, MAX_API_BODY, MAX_API_HEAD, SWEEP_PERIOD
+from counter_sync.config import (
+    CLOSE_TIMEOUT,
+    FEED_SIZE,
+    MAX_API_BODY,
+    MAX_API_HEAD,
+    SWEEP_PERIOD,
+    SWEEPS_PER_DEADLINE,
+)
 from counter_sync.logs import fields
 from counter_sync.metrics import Metrics
 from counter_sync.tasks import Supervisor
@@ -52,10 +59,6 @@ END_OF_HEAD = b"\r\n\r\n"
 # The methods whose requests carry a body (the API's writes): their head is
 # held whole, to take the body aside (see BodyIntake). DELETE carries none.
 BODY_METHODS = (b"POST ", b"PUT ", b"PATCH ")
-# Bytes handed to the protocol at a time: one read can hold thousands of tiny
-# frames, each an object once parsed; a pause between slices leaves the rest
-# as bytes.
-FEED_SIZE = 1024
 
 
 # A connection without a token on a server without tokens: today's anyone.
@@ -383,7 +386,9 @@ class LivenessWatch:
 
     async def run(self) -> None:
         deadline = self.deadline
-        period = SWEEP_PERIOD if deadline is None else min(SWEEP_PERIOD, deadline / 4)
+        period = (
+            SWEEP_PERIOD if deadline is None else min(SWEEP_PERIOD, deadline / SWEEPS_PER_DEADLINE)
+        )
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from counter_sync.config import LOG_INTERVAL
+from counter_sync.config import LOG_INTERVAL, MAX_LOG_KEYS
 
 __all__ = ["FIELDS", "JsonFormatter", "Throttle", "ThrottleByKey", "fields", "setup_logging"]
 
@@ -56,10 +56,6 @@ class Throttle:
 class ThrottleByKey:
     """One :class:`Throttle` per key (a client address), forgetting idle keys."""
 
-    # Keys kept before the idle ones are dropped: bounds the memory an
-    # attacker with many addresses can make this hold.
-    MAX_KEYS = 4096
-
     def __init__(self, interval: float = LOG_INTERVAL) -> None:
         self.interval = interval
         self.throttles: dict[str, Throttle] = {}
@@ -69,7 +65,7 @@ class ThrottleByKey:
     ) -> None:
         throttle = self.throttles.get(key)
         if throttle is None:
-            if len(self.throttles) >= self.MAX_KEYS:
+            if len(self.throttles) >= MAX_LOG_KEYS:
                 self.forget_idle()
             throttle = self.throttles[key] = Throttle(self.interval)
         throttle.warning(logger, message, *args, **extra)
@@ -81,7 +77,7 @@ class ThrottleByKey:
             for key, throttle in self.throttles.items()
             if throttle.next_at > now or throttle.held_back
         }
-        if len(self.throttles) >= self.MAX_KEYS:
+        if len(self.throttles) >= MAX_LOG_KEYS:
             self.throttles.clear()  # all busy: start over rather than grow
 
 

@@ -1,9 +1,11 @@
 """Measure counter-sync against the servers a user would otherwise pick.
 
-`python -m bench` runs every server in turn on this machine, with the same
-load generator, and prints one table plus the ratios the project's targets
-are stated in. The full results go to a JSON file (bench/results/latest.json
-by default, ignored by git). See bench/README.md for what each number means.
+`python -m bench` runs the floors and every server in turn on this machine,
+with the same load generator, and prints one table plus the ratios the
+project's targets are stated in; ``--runs`` times over (3 by default), then
+each target's median. The full results go to a JSON file
+(bench/results/latest.json by default, ignored by git). See bench/README.md
+for what each number means.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,11 +21,12 @@ from bench.compare import available, draw_chart, render_table, targets
 from bench.flags import Flag, loopback, names_in, parse, positive, settings_from
 from bench.floor import measure_floor
 from bench.loadgen import LoadGen, run_each
-from bench.measure import BenchSettings, measure_server
-from bench.proc import raise_fd_limit
-from bench.reporting import RESULTS_DIR, Report, environment, loadavg, write_json
+from bench.measure import BenchSettings, measure_join_floor, measure_server
+from bench.proc import ephemeral_ports, raise_fd_limit
+from bench.reporting import RESULTS_DIR, Report, environment, loadavg, say, write_json
+from bench.runs import median_targets, medians_table
 from bench.senders import SenderWorker
-from bench.servers import SERVERS
+from bench.servers import JOIN_FLOOR, SERVERS
 
 __all__ = ["main"]
 
@@ -35,16 +38,23 @@ FLAGS = (
     Flag("--senders", "ingest: connections sending as fast as they can", positive(int), 50, 4),
     Flag("--actions-per-sender", "ingest: actions each sender writes", positive(int), 200, 20),
     Flag("--ingest-reps", "ingest: runs of each mode, alternating (median)", positive(int), 5, 1),
-    Flag("--max-connections", "idle connections to try to hold", positive(int), 10_000, 200),
-    Flag("--capacity-timeout", "seconds allowed to open them", positive(float), 60.0, 10.0),
+    Flag("--max-connections", "capacity: connections to try to hold", positive(int), 19_000, 200),
+    Flag("--capacity-timeout", "capacity: seconds to open them in", positive(float), 60.0, 10.0),
+    Flag(
+        "--capacity-concurrency",
+        "capacity: handshakes in flight, over all load processes",
+        positive(int),
+        200,
+    ),
     Flag("--timeout", "seconds any other phase may take", positive(float), 60.0, quick=15.0),
+    Flag("--runs", "times to run the whole comparison (targets: medians)", positive(int), 3, 1),
     Flag("--servers", "comma-separated servers to run", names_in(SERVERS), ",".join(SERVERS)),
     Flag("--workers", "load generator processes for the listeners", positive(int), 2),
     Flag("--host", "loopback address the servers listen on", loopback, "127.0.0.1"),
     Flag("--output", "JSON results", Path, RESULTS_DIR / "latest.json"),
-    Flag("--chart", "also draw a PNG chart here (needs matplotlib)", Path),
+    Flag("--chart", "also draw a PNG chart of the last run here (needs matplotlib)", Path),
     Flag("--quick", "a small smoke run (seconds, not minutes)", None),
-    Flag("--no-floor", "skip the raw socket.send floor", None),
+    Flag("--no-floor", "skip the floors (socket.send loop, bare websockets join storm)", None),
     Flag("--no-install", "never run npm ci for the Node peer (skip it instead)", None),
 )
 
@@ -59,9 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit = raise_fd_limit()
     settings = settings_from(BenchSettings, args, log_dir=args.output.parent / "logs")
     per_worker = settings.max_connections // settings.workers + 64
-    if per_worker > limit:
+    if per_worker > min(limit, ports := ephemeral_ports()):
         print(
-            f"warning: {per_worker} descriptors per worker needed, limit is {limit}",
+            f"warning: {per_worker} connections per load process, but each has {limit} "
+            f"descriptors and its address {ports} ephemeral ports: raise --workers",
             file=sys.stderr,
         )
     names, skipped = available(args.servers, install=not args.no_install)
@@ -72,18 +83,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": asdict(settings),
         "environment": environment(),
         "skipped": skipped,
-        "floor": None,
-        "servers": {},
+        "runs": [],
     }
     started = time.monotonic()
-    if not args.no_floor:
-        print("floor: plain socket.send loop ...", file=sys.stderr, flush=True)
-        report["floor"] = measure_floor(
+    save = functools.partial(write_json, args.output, report)
+    for number in range(1, args.runs + 1):
+        print(f"run {number} of {args.runs}", file=sys.stderr, flush=True)
+        run: Report = {"loadavg": loadavg(), "floor": None, "join_floor": None, "servers": {}}
+        report["runs"].append(run)
+        if not run_once(run, names, settings, floors=not args.no_floor, save=save):
+            return 2
+        print(f"\nRun {number} of {args.runs}:")
+        print(render_table(run, settings, skipped), flush=True)
+    report["seconds"] = time.monotonic() - started
+    report["environment"]["loadavg_after"] = loadavg()
+    report["targets"] = median_targets([run["targets"] for run in report["runs"]])
+    write_json(args.output, report)
+    print(f"\nMedians over {args.runs} run(s), each ratio taken within its run:")
+    print(medians_table(report["targets"]))
+    print(f"\nresults written to {args.output} ({report['seconds']:.0f}s)")
+    if args.chart is not None:
+        print(draw_chart(report["runs"][-1], report, args.chart))
+    return 0
+
+
+def run_once(
+    run: Report,
+    names: list[str],
+    settings: BenchSettings,
+    *,
+    floors: bool,
+    save: Callable[[], None],
+) -> bool:
+    """The floors, then every server in turn, into `run`; False if the load generator failed."""
+    started = time.monotonic()
+    if floors:
+        say("floor: plain socket.send loop")
+        run["floor"] = measure_floor(
             connections=settings.listeners, rate=settings.rate, duration=settings.duration
         )
     load = LoadGen(workers=settings.workers, host=settings.host, kind=SenderWorker)
 
     def measure(name: str) -> Report:
+        if name == JOIN_FLOOR.name:
+            return measure_join_floor(load, settings)
         print(f"{name}: {SERVERS[name].description} ...", file=sys.stderr, flush=True)
         try:
             return measure_server(SERVERS[name], load, settings)
@@ -91,20 +134,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             load.close()
             return {"errors": [f"{type(exc).__name__}: {exc}"]}
 
-    save = functools.partial(write_json, args.output, report)
-    if not run_each(load, names, measure, report["servers"], save):
-        return 2
-    report["seconds"] = time.monotonic() - started
-    report["environment"]["loadavg_after"] = loadavg()
-    floor_us = report["floor"]["cpu_us_per_message"] if report["floor"] else None
-    report["targets"] = targets(report["servers"], floor_us, settings)
-    write_json(args.output, report)
-
-    print(render_table(report, settings))
-    print(f"\nresults written to {args.output} ({report['seconds']:.0f}s)")
-    if args.chart is not None:
-        print(draw_chart(report, args.chart))
-    return 0
+    measured: Report = {}
+    order = [JOIN_FLOOR.name, *names] if floors else names
+    ok = run_each(load, order, measure, measured, save)
+    run["join_floor"] = measured.pop(JOIN_FLOOR.name, None)
+    run["servers"] = measured
+    if ok:
+        floor_us = run["floor"]["cpu_us_per_message"] if run["floor"] else None
+        run["targets"] = targets(measured, floor_us, run["join_floor"], settings)
+    run["seconds"] = time.monotonic() - started
+    run["loadavg_after"] = loadavg()
+    save()
+    return ok
 
 
 if __name__ == "__main__":

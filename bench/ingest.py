@@ -18,6 +18,7 @@ from bench.senders import MODES
 __all__ = [
     "INGEST_BOUND",
     "SESSION_SERVERS",
+    "Target",
     "ingest_rows",
     "ingest_targets",
     "summarize_ingest",
@@ -30,6 +31,7 @@ SESSION_SERVERS = frozenset({"counter-sync"})
 # ops and one cumulative ack per flush must not make a fast clicker expensive.
 INGEST_BOUND = 1.15
 
+# A target as its report builds it: what, measured, op, bound, note.
 Target = tuple[str, float | None, str, float, str]
 
 

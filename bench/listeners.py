@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -93,7 +94,11 @@ class Group:
 
 
 class Listener(WSListener):
-    """One client that only listens: it notes when it first sees each target."""
+    """One client that only listens: it notes when it first sees each target.
+
+    It also notes when its handshake completed and when its first message
+    came, for the join storm.
+    """
 
     def __init__(self, group: Group) -> None:
         super().__init__()
@@ -103,16 +108,21 @@ class Listener(WSListener):
         self.value: int | None = None
         self.users_at: float | None = None
         self.value_at: float | None = None
+        self.opened_at: float | None = None
+        self.first_at: float | None = None
         self.history: list[tuple[float, int]] | None = [] if group.recording else None
         self.closed = False
         group.listeners.append(self)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
+        self.opened_at = time.monotonic()
         self.transport = transport
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         now = time.monotonic()
         if frame.msg_type == WSMsgType.TEXT:
+            if self.first_at is None:
+                self.first_at = now
             group = self.group
             group.frames += 1
             try:
@@ -160,18 +170,39 @@ class Listener(WSListener):
 
 
 class IdleListener(WSListener):
-    """A connection held open for the capacity test: it reads and drops frames."""
+    """A connection held open for the capacity test: it drops frames until armed.
 
-    def __init__(self) -> None:
+    Armed (its group has a ``target_value``), it notes when it first sees a
+    state at or above it; until then it parses nothing, so that holding
+    thousands of connections to a server that tells each of every join costs
+    the load generator as little as can be.
+    """
+
+    def __init__(self, group: Group) -> None:
         super().__init__()
+        self.group = group
         self.transport: WSTransport | None = None
+        self.seen_at: float | None = None
         self.closed = False
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type == WSMsgType.CLOSE:
+        target = self.group.target_value
+        if frame.msg_type == WSMsgType.TEXT and target is not None and self.seen_at is None:
+            now = time.monotonic()
+            try:
+                event = json.loads(frame.get_payload_as_bytes())
+                seen = event["type"] == "state" and int(event["value"]) >= target
+            except (ValueError, TypeError, KeyError):
+                self.group.errors += 1
+                return
+            if seen:
+                self.seen_at = now
+                self.group.value_reached += 1
+                self.group.changed.set()
+        elif frame.msg_type == WSMsgType.CLOSE:
             if not transport.is_close_frame_sent:
                 transport.send_close()
             transport.disconnect()
@@ -212,6 +243,7 @@ class Worker:
         self.source_ip = source_ip
         self.group = Group()
         self.idle: list[IdleListener] = []
+        self.idle_group = Group()  # armed by the capacity phase's action
         self.driver_group = Group()
         self.driver: Listener | None = None
 
@@ -264,12 +296,19 @@ class Worker:
             return_exceptions=True,
         )
         failed = sum(isinstance(r, BaseException) for r in results)
+        opened = [x.opened_at for x in group.listeners if x.opened_at is not None]
         return {
             "started": started,
             "connected": count - failed,
             "failed": failed,
+            "handshakes_last": max(opened, default=None),
             "errors": summarize_errors(results),
         }
+
+    def firsts(self) -> Reply:
+        """How many listeners got a first message, and when the last of them got it."""
+        firsts = [x.first_at for x in self.group.listeners if x.first_at is not None]
+        return {"count": len(firsts), "last": max(firsts, default=None)}
 
     def expect(
         self, users: int | None = None, value: int | None = None, record: bool = False
@@ -334,8 +373,11 @@ class Worker:
     async def hold_all(self, urls: list[str], concurrency: int, limit: float) -> Reply:
         """An idle connection to each of `urls`, kept (they count in :meth:`count_open`)."""
 
+        group = self.idle_group
+
         async def hold(index: int) -> IdleListener:
-            listener: IdleListener = await self.open(IdleListener, urls[index], limit)
+            factory = functools.partial(IdleListener, group)
+            listener: IdleListener = await self.open(factory, urls[index], limit)
             self.idle.append(listener)
             return listener
 
@@ -350,10 +392,53 @@ class Worker:
     def count_open(self) -> Reply:
         return {"open": sum(not x.closed for x in self.idle)}
 
+    def arm(self, value: int) -> Reply:
+        """From now on, every idle connection notes when it first sees a value >= `value`."""
+        self.idle_group.target_value = value
+        self.idle_group.value_reached = 0
+        self.idle_group.errors = 0
+        for listener in self.idle:
+            listener.seen_at = None
+        return {}
+
+    async def armed_delays(self, sent_at: float, limit: float) -> Reply:
+        """Wait until every open idle connection saw the armed value; each one's delay.
+
+        A delay is the time from `sent_at` (the action's send, on the shared
+        clock) until the connection saw it; `missing` counts the open ones
+        that had not by `limit`.
+        """
+        group = self.idle_group
+        await group.until(lambda: all(x.seen_at is not None or x.closed for x in self.idle), limit)
+        delays = [x.seen_at - sent_at for x in self.idle if x.seen_at is not None]
+        missing = sum(x.seen_at is None and not x.closed for x in self.idle)
+        return {"delays": delays, "missing": missing, "errors": group.errors}
+
     def driver_status(self) -> Reply:
         """Error events the driver got (a rate limit, say) and whether it is open."""
         closed = self.driver is None or self.driver.closed
         return {"errors": self.driver_group.errors, "closed": closed}
+
+    def driver_view(self) -> Reply:
+        """The latest users count and value the driver was told, and whether it is open."""
+        driver = self.driver
+        if driver is None:
+            return {"users": None, "value": None, "closed": True}
+        users = driver.users if driver.users >= 0 else None
+        return {"users": users, "value": driver.value, "closed": driver.closed}
+
+    def driver_expect(self, value: int) -> Reply:
+        """The driver notes when it first sees a value >= `value` (see :meth:`driver_seen`)."""
+        self.driver_group.expect(users=None, value=value, record=False)
+        return {}
+
+    async def driver_seen(self, limit: float) -> Reply:
+        """When the driver saw the value it expects, waiting up to `limit`; None if it did not."""
+        driver = self.driver
+        if driver is None:
+            return {"value_at": None}
+        await self.driver_group.until(lambda: driver.value_at is not None or driver.closed, limit)
+        return {"value_at": driver.value_at}
 
     def cpu(self) -> Reply:
         """This process's CPU seconds, to tell whether the generator kept up."""
@@ -415,6 +500,7 @@ class Worker:
                 listener.transport.disconnect(graceful=False)
         self.group = Group()
         self.idle = []
+        self.idle_group = Group()
         self.driver = None
         await asyncio.sleep(0.05)
         return {"dropped": len(listeners)}

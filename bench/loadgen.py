@@ -21,8 +21,10 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Self
 
 from bench.listeners import Reply, Worker, worker_main
+from bench.proc import CpuWatch
+from bench.servers import RunningServer
 
-__all__ = ["JoinResult", "LoadGen", "LoadGenError", "Progress", "run_each", "shares"]
+__all__ = ["JoinResult", "LoadGen", "LoadGenError", "Progress", "Usage", "run_each", "shares"]
 
 # How long the main process waits for a reply beyond the command's own timeout.
 REPLY_MARGIN = 15.0
@@ -50,12 +52,20 @@ class Progress:
 
 @dataclass
 class JoinResult:
-    """What the join storm saw, across every worker."""
+    """What the join storm saw, across every worker.
+
+    Each time runs from the first connect; it is None unless every
+    connection got there (all handshakes done; all first messages; all saw
+    users == N, which a server that speaks no protocol is not asked for).
+    """
 
     connected: int
     failed: int
     reached: int
     seconds: float | None
+    handshakes_seconds: float | None
+    first_message_seconds: float | None
+    first_messages: int
     errors: list[str]
 
 
@@ -198,8 +208,15 @@ class LoadGen:
 
     # --- the steps the phases are made of ---
 
-    def join_storm(self, url: str, count: int, timeout: float) -> JoinResult:
-        """`count` listeners connect at once; time until all of them saw users == count."""
+    def join_storm(
+        self, url: str, count: int, timeout: float, *, protocol: bool = True
+    ) -> JoinResult:
+        """`count` listeners connect at once; time until every handshake completed, and more.
+
+        With `protocol`, also until every listener got its first message and
+        saw users == count. Without (a server that only completes
+        handshakes), the storm ends with the last handshake.
+        """
         start_at = time.monotonic() + 0.3
         calls = {
             i: (
@@ -216,16 +233,33 @@ class LoadGen:
         }
         connected = list(self.ask(calls, timeout + 1).values())
         started = min(r["started"] for r in connected)
-        spent = time.monotonic() - started
-        waited = self.wait("users", max(0.1, timeout - spent))
-        done = waited.reached == count and waited.last is not None
-        return JoinResult(
-            connected=sum(r["connected"] for r in connected),
+        opened = sum(r["connected"] for r in connected)
+        handshakes = [r["handshakes_last"] for r in connected if r["handshakes_last"] is not None]
+        result = JoinResult(
+            connected=opened,
             failed=sum(r["failed"] for r in connected),
-            reached=waited.reached,
-            seconds=waited.last - started if done and waited.last is not None else None,
+            reached=0,
+            seconds=None,
+            handshakes_seconds=max(handshakes) - started if opened == count else None,
+            first_message_seconds=None,
+            first_messages=0,
             errors=[e for r in connected for e in r["errors"]],
         )
+        if not protocol:
+            return result
+        spent = time.monotonic() - started
+        waited = self.wait("users", max(0.1, timeout - spent))
+        # Seeing users == count implies a first message: once this wait is
+        # over, every listener that will have one within the timeout has it.
+        firsts = self.each("firsts", 5)
+        result.first_messages = sum(r["count"] for r in firsts)
+        last_first = max((r["last"] for r in firsts if r["last"] is not None), default=None)
+        if result.first_messages == count and last_first is not None:
+            result.first_message_seconds = last_first - started
+        result.reached = waited.reached
+        if waited.reached == count and waited.last is not None:
+            result.seconds = waited.last - started
+        return result
 
     def connect_driver(self, url: str, *, listeners: int, timeout: float) -> int:
         """Open the driver's connection; once all `listeners` saw it join, its first value."""
@@ -271,9 +305,11 @@ class LoadGen:
         return [d for r in replies for d in r["delays"]], sum(r["missing"] for r in replies)
 
     def fill(self, url: str, count: int, concurrency: int, timeout: float) -> Reply:
+        """Open `count` idle connections, `concurrency` handshakes in flight over all workers."""
+        gates = self.split(concurrency)
         calls = {
-            i: ("fill", {"url": url, "count": n, "concurrency": concurrency, "limit": timeout})
-            for i, n in zip(self.listener_ids, self.split(count), strict=True)
+            i: ("fill", {"url": url, "count": n, "concurrency": max(1, g), "limit": timeout})
+            for i, n, g in zip(self.listener_ids, self.split(count), gates, strict=True)
         }
         replies = list(self.ask(calls, timeout + 1).values())
         return {
@@ -285,6 +321,20 @@ class LoadGen:
     def count_open(self) -> int:
         return sum(r["open"] for r in self.each("count_open", 5))
 
+    def arm(self, value: int) -> None:
+        """Every idle connection notes when it first sees a value >= `value`."""
+        self.each("arm", 5, value=value)
+
+    def armed_delays(self, sent_at: float, timeout: float) -> tuple[list[float], int, int]:
+        """Per idle connection, seconds from `sent_at` until it saw the armed value.
+
+        Returns the delays, how many open connections had not seen it by
+        `timeout`, and the frames that were no event.
+        """
+        replies = self.each("armed_delays", timeout, sent_at=sent_at, limit=timeout)
+        delays = [d for r in replies for d in r["delays"]]
+        return delays, sum(r["missing"] for r in replies), sum(r["errors"] for r in replies)
+
     def cpu(self) -> list[float]:
         """CPU seconds used so far by each listener worker."""
         return [r["cpu"] for r in self.each("cpu", 5)]
@@ -294,6 +344,29 @@ class LoadGen:
             i: ("reset", {}) for i in [*self.listener_ids, self.driver_id]
         }
         self.ask(calls, 10)
+
+
+class Usage:
+    """CPU used by the server and by each load generator worker over a phase."""
+
+    def __init__(self, server: RunningServer, load: LoadGen) -> None:
+        self.load = load
+        self.server = CpuWatch(server.pid)
+        self.loadgen_cpu = load.cpu()
+
+    def server_seconds(self) -> float:
+        return self.server.seconds()
+
+    def stop(self) -> Reply:
+        wall = time.monotonic() - self.server.started
+        server = self.server_seconds()
+        loadgen = [b - a for a, b in zip(self.loadgen_cpu, self.load.cpu(), strict=True)]
+        return {
+            "wall_seconds": wall,
+            "server_cpu_seconds": server,
+            "server_busy": server / wall,
+            "loadgen_busy": max(loadgen) / wall,
+        }
 
 
 def run_each(

@@ -4,10 +4,13 @@
 
 1. traffic: join storm -> idle memory -> driver joins -> burst -> steady
    -> ingest (counter-sync only: the peers know no sessions);
-2. capacity: hold as many idle connections as the server takes.
+2. capacity (:mod:`bench.capacity`): hold as many idle connections as the
+   server takes, then one action to all of them.
 
 The capacity test gets its own process so that its memory reading starts
 from a clean baseline and the first session's connections do not count.
+`measure_join_floor()` runs the join storm alone against the bare
+websockets server (:mod:`bench.peers.handshake_only`), the join storm's floor.
 
 Every phase also records how busy the server and the load generator were
 (CPU seconds / wall seconds). On one machine the listeners pay for every
@@ -19,17 +22,19 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.capacity import session_capacity
 from bench.ingest import SESSION_SERVERS, summarize_ingest
-from bench.loadgen import LoadGen, LoadGenError
-from bench.proc import CpuWatch, listen_overflows, rss_bytes, wait_idle
+from bench.loadgen import LoadGen, LoadGenError, Usage
+from bench.proc import listen_overflows, rss_bytes, wait_idle
 from bench.reporting import Report, say, spread_ms
 from bench.senders import MODES
-from bench.servers import RunningServer, ServerSpec, start_server
+from bench.servers import JOIN_FLOOR, RunningServer, ServerSpec, start_server
 
-__all__ = ["BenchSettings", "Usage", "measure_server"]
+__all__ = ["BenchSettings", "measure_join_floor", "measure_server"]
 
 Result = Report
 
@@ -49,6 +54,7 @@ class BenchSettings:
     duration: float
     max_connections: int
     capacity_timeout: float
+    capacity_concurrency: int
     timeout: float
     workers: int
     senders: int
@@ -61,51 +67,57 @@ class BenchSettings:
         return max(1, round(self.rate * self.duration))
 
 
-class Usage:
-    """CPU used by the server and by each load generator worker over a phase."""
-
-    def __init__(self, server: RunningServer, load: LoadGen) -> None:
-        self.load = load
-        self.server = CpuWatch(server.pid)
-        self.loadgen_cpu = load.cpu()
-
-    def server_seconds(self) -> float:
-        return self.server.seconds()
-
-    def stop(self) -> Result:
-        wall = time.monotonic() - self.server.started
-        server = self.server_seconds()
-        loadgen = [b - a for a, b in zip(self.loadgen_cpu, self.load.cpu(), strict=True)]
-        return {
-            "wall_seconds": wall,
-            "server_cpu_seconds": server,
-            "server_busy": server / wall,
-            "loadgen_busy": max(loadgen) / wall,
-        }
+Session = Callable[[RunningServer, LoadGen, BenchSettings, Result], None]
 
 
 def measure_server(spec: ServerSpec, load: LoadGen, settings: BenchSettings) -> Result:
     """Every phase against `spec`; a failing phase is recorded, not raised."""
     result: Result = {"description": spec.description}
-    for session in (session_traffic, session_capacity):
-        server: RunningServer | None = None
+    sessions: tuple[tuple[ServerSpec, Session], ...] = (
+        (spec, session_traffic),
+        (spec.for_capacity(), session_capacity),
+    )
+    for session_spec, session in sessions:
+        in_session(session_spec, session, load, settings, result)
+    return result
+
+
+def in_session(
+    spec: ServerSpec, session: Session, load: LoadGen, settings: BenchSettings, result: Result
+) -> None:
+    """`session` against a fresh server; afterwards every connection is dropped.
+
+    A failure is added to ``result["errors"]``, not raised.
+    """
+    server: RunningServer | None = None
+    try:
+        server = start_server(
+            spec,
+            settings.host,
+            settings.log_dir / f"{spec.name}-{session.__name__}.log",
+            timeout=20,
+        )
+        session(server, load, settings, result)
+    except (LoadGenError, RuntimeError, OSError) as exc:
+        result.setdefault("errors", []).append(f"{session.__name__}: {exc}")
+    finally:
+        if server is not None:
+            server.stop()
         try:
-            server = start_server(
-                spec,
-                settings.host,
-                settings.log_dir / f"{spec.name}-{session.__name__}.log",
-                timeout=20,
-            )
-            session(server, load, settings, result)
-        except (LoadGenError, RuntimeError, OSError) as exc:
-            result.setdefault("errors", []).append(f"{session.__name__}: {exc}")
-        finally:
-            if server is not None:
-                server.stop()
-            try:
-                load.reset()
-            except LoadGenError as exc:
-                result.setdefault("errors", []).append(f"reset: {exc}")
+            load.reset()
+        except LoadGenError as exc:
+            result.setdefault("errors", []).append(f"reset: {exc}")
+
+
+def measure_join_floor(load: LoadGen, settings: BenchSettings) -> Result:
+    """The join storm against the bare websockets server: the floor of counter-sync's."""
+    result: Result = {"description": JOIN_FLOOR.description}
+
+    def session_join(server: RunningServer, load: LoadGen, s: BenchSettings, out: Result) -> None:
+        say(f"join storm floor: {s.listeners} handshakes, bare websockets")
+        out["join"] = phase_join(server, load, s, protocol=False)
+
+    in_session(JOIN_FLOOR, session_join, load, settings, result)
     return result
 
 
@@ -115,7 +127,6 @@ def session_traffic(server: RunningServer, load: LoadGen, s: BenchSettings, resu
     result["join"] = join = phase_join(server, load, s)
     if join["connected"] == 0:
         return
-    wait_idle(server.pid, timeout=s.timeout)
     rss = rss_bytes(server.pid)
     result["memory"] = {
         "baseline_rss_bytes": baseline_rss,
@@ -142,20 +153,36 @@ def session_traffic(server: RunningServer, load: LoadGen, s: BenchSettings, resu
         result["ingest"] = phase_ingest(server, load, s)
 
 
-def phase_join(server: RunningServer, load: LoadGen, s: BenchSettings) -> Result:
-    """All listeners connect at once; time until each has seen users == N."""
+def phase_join(
+    server: RunningServer, load: LoadGen, s: BenchSettings, *, protocol: bool = True
+) -> Result:
+    """All listeners connect at once; time until every handshake completed, and more.
+
+    With `protocol`, also until each listener got its first message and
+    until each saw users == N. The server's CPU runs from just before the
+    first connect until it is idle again, per connection that got in.
+    """
     overflows = listen_overflows()
     usage = Usage(server, load)
-    join = load.join_storm(server.url, s.listeners, s.timeout)
+    join = load.join_storm(server.url, s.listeners, s.timeout, protocol=protocol)
+    used = usage.stop()
+    idle = wait_idle(server.pid, timeout=s.timeout)
+    cpu = usage.server_seconds()
     return {
         "listeners": s.listeners,
         "connected": join.connected,
         "failed": join.failed,
         "reached": join.reached,
         "seconds": join.seconds,
+        "handshakes_seconds": join.handshakes_seconds,
+        "first_message_seconds": join.first_message_seconds,
+        "first_messages": join.first_messages,
         "listen_overflows": listen_overflows() - overflows,
         "connect_errors": join.errors,
-        **usage.stop(),
+        **used,
+        "server_idle_after": idle,
+        "cpu_until_idle_seconds": cpu,
+        "cpu_us_per_handshake": cpu / join.connected * 1e6 if join.connected else None,
     }
 
 
@@ -307,38 +334,4 @@ def ingest_once(
         "server_cpu_seconds": cpu,
         "server_idle_after": idle,
         "cpu_us_per_action": cpu / actions * 1e6,
-    }
-
-
-def session_capacity(
-    server: RunningServer, load: LoadGen, s: BenchSettings, result: Result
-) -> None:
-    """Open up to `max_connections` idle connections and count what is held."""
-    baseline_rss = rss_bytes(server.pid)
-    overflows = listen_overflows()
-    say(f"capacity: up to {s.max_connections} idle connections")
-    usage = Usage(server, load)
-    fill = load.fill(server.url, s.max_connections, concurrency=200, timeout=s.capacity_timeout)
-    used = usage.stop()
-    idle = wait_idle(server.pid, timeout=min(s.timeout, 10))
-    held = load.count_open()
-    rss = rss_bytes(server.pid)
-    try:
-        users = load.drive("probe", s.timeout, url=server.url, limit=min(s.timeout, 10))["users"]
-    except LoadGenError:
-        users = None
-    result["capacity"] = {
-        "tried": s.max_connections,
-        "handshakes": fill["connected"],
-        "failed": fill["failed"],
-        "held": held,
-        # The probe is one more user, so the server's count includes it.
-        "server_users": users - 1 if users is not None else None,
-        "time_limit": s.capacity_timeout,
-        "seconds": used["wall_seconds"],
-        **used,
-        "server_idle_after": idle,
-        "listen_overflows": listen_overflows() - overflows,
-        "kib_per_connection": (rss - baseline_rss) / 1024 / held if held else None,
-        "connect_errors": fill["errors"],
     }

@@ -15,12 +15,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Self
 
 __all__ = [
     "CpuWatch",
     "Sampler",
     "cpu_seconds",
+    "ephemeral_ports",
     "kernel_memory",
     "listen_overflows",
     "open_files",
@@ -47,6 +49,12 @@ def raise_fd_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def ephemeral_ports() -> int:
+    """How many local ports connect() picks from: connections one address may open to one port."""
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return int(high) - int(low) + 1
 
 
 def schedstat_seconds(pid: int, field: int) -> float | None:

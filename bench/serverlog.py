@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["dropped_line", "lifetimes", "log_stats", "lowered_caps"]
+__all__ = ["dropped_line", "lifetimes", "log_stats", "lowered_caps", "open_files_warning"]
 
 LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 CONNECTED = re.compile(r" INFO (\S+) connected to ")
@@ -62,6 +62,11 @@ def lifetimes(lines: Sequence[str], source: str) -> list[tuple[str, float, str]]
 def dropped_line(peer: str) -> str:
     """A pattern for the server's line when ``peer``'s connection ends."""
     return rf"{re.escape(peer)} (lost|disconnected)\b"
+
+
+def open_files_warning(lines: Sequence[str]) -> str | None:
+    """The server's warning that it lowered its caps to fit its open-files limit, if any."""
+    return next((line.strip() for line in lines if "open-files limit" in line), None)
 
 
 def lowered_caps(line: str | None) -> str:

@@ -7,6 +7,7 @@ Its cost is read from outside (:mod:`bench.proc`).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,15 @@ from pathlib import Path
 
 from testkit.processes import ROOT, LoggedProcess, free_port
 
-__all__ = ["NODE_DIR", "SERVERS", "RunningServer", "ServerSpec", "node_ready", "start_server"]
+__all__ = [
+    "JOIN_FLOOR",
+    "NODE_DIR",
+    "SERVERS",
+    "RunningServer",
+    "ServerSpec",
+    "node_ready",
+    "start_server",
+]
 
 NODE_DIR = ROOT / "bench" / "peers" / "node_ws"
 READY_MARK = "listening on"
@@ -23,14 +32,24 @@ READY_MARK = "listening on"
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """One server the bench can run: a name for the table and its command."""
+    """One server the bench can run: a name for the table and its command.
+
+    ``capacity_argv`` is added to the command for the capacity phase (a later
+    flag wins); ``metrics`` says whether it serves counter-sync's /metrics.
+    """
 
     name: str
     description: str
     argv: tuple[str, ...]
+    capacity_argv: tuple[str, ...] = ()
+    metrics: bool = False
 
     def command(self, host: str, port: int) -> list[str]:
         return [*self.argv, "--host", host, "--port", str(port)]
+
+    def for_capacity(self) -> ServerSpec:
+        """The same server with its capacity flags."""
+        return dataclasses.replace(self, argv=(*self.argv, *self.capacity_argv))
 
 
 SERVERS: dict[str, ServerSpec] = {
@@ -43,9 +62,10 @@ SERVERS: dict[str, ServerSpec] = {
             # sends faster than any person would. The load generator connects
             # each worker from one 127.0.1.x address, thousands of connections
             # each and a join storm's handshakes all at once, so the caps per
-            # address and on handshakes in progress are raised to the user cap:
-            # the bench measures fan-out, not admission. (The server fits the
-            # caps to its open-files limit and logs how.)
+            # address, on handshakes in progress and on new rooms (the rooms
+            # bench opens thousands) are raised: the bench measures fan-out,
+            # not admission. (The server fits the caps to its open-files limit
+            # and logs how.)
             (
                 sys.executable,
                 "server.py",
@@ -59,7 +79,21 @@ SERVERS: dict[str, ServerSpec] = {
                 "20000",
                 "--max-pending-per-ip",
                 "20000",
+                "--new-rooms-per-ip",
+                "100000",
             ),
+            # Issue 18's capacity: 19,000 users in one process whose open-files
+            # hard limit is 20,000, with the capacity phase's handshakes in
+            # flight (CAPACITY_CONCURRENCY) under the pending cap.
+            capacity_argv=(
+                "--max-users",
+                "19000",
+                "--max-pending",
+                "400",
+                "--max-pending-per-ip",
+                "400",
+            ),
+            metrics=True,
         ),
         ServerSpec(
             "classic",
@@ -78,6 +112,14 @@ SERVERS: dict[str, ServerSpec] = {
         ),
     )
 }
+
+
+# The join storm's floor (not a peer: it speaks no protocol, it only completes handshakes).
+JOIN_FLOOR = ServerSpec(
+    "bare-websockets",
+    "websockets serve(), a handler that awaits the close",
+    (sys.executable, "-m", "bench.peers.handshake_only"),
+)
 
 
 def node_ready() -> str | None:

@@ -1,9 +1,11 @@
 """Smoke test of the bench: every server starts, and every phase converges.
 
 One tiny `python -m bench --quick` run in a subprocess (a few listeners, a
-few actions) against every server, then one test per server reads its
-results. Nothing here compares a time or a CPU figure: a slow or busy machine
-can make the bench's numbers worse, never these tests fail.
+few actions, one run) against every server and the floors, then one test per
+server reads its results. Nothing here compares a time or a CPU figure: a
+slow or busy machine can make the bench's numbers worse, never these tests
+fail. The medians over runs and the /metrics parsing are pure functions,
+tested with made-up figures.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from typing import Any
 
 import pytest
 
-from bench.compare import available
+from bench.compare import CAPACITY_GOAL, available
 from bench.floor import state_frame
 from bench.ingest import SESSION_SERVERS
 from bench.reporting import percentile
+from bench.runs import median_targets
+from bench.scrape import gc_pauses, parse_exposition
 from bench.senders import MODES
 from bench.servers import SERVERS
 from testkit.processes import ROOT
@@ -58,30 +62,74 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return report
 
 
+@pytest.fixture(scope="module")
+def first(smoke: dict[str, Any]) -> dict[str, Any]:
+    """The smoke report's only run: its floors, servers and targets."""
+    assert len(smoke["runs"]) == 1, "--quick runs the comparison once"
+    run: dict[str, Any] = smoke["runs"][0]
+    return run
+
+
 @pytest.mark.parametrize("server", list(SERVERS))
-def test_server_starts_and_every_phase_converges(server: str, smoke: dict[str, Any]) -> None:
+def test_server_starts_and_every_phase_converges(server: str, first: dict[str, Any]) -> None:
     if (reason := UNAVAILABLE.get(server)) is not None:
         unavailable(f"{server}: {reason}")
-    result = smoke["servers"][server]
+    result = first["servers"][server]
     assert "errors" not in result, result.get("errors")
     assert result["join"]["connected"] == LISTENERS
     assert result["join"]["reached"] == LISTENERS, "every listener saw users == N"
+    assert result["join"]["first_messages"] == LISTENERS
+    assert result["join"]["handshakes_seconds"] <= result["join"]["first_message_seconds"]
+    assert result["join"]["cpu_us_per_handshake"] > 0
     assert result["burst"]["converged"], "every listener saw the burst's final value"
     assert result["burst"]["driver"] == {"errors": 0, "closed": False}
     assert result["steady"]["converged"], "every listener saw every steady action"
     assert result["steady"]["missing"] == 0
     assert result["steady"]["error_events"] == 0
-    assert result["capacity"]["held"] == MAX_CONNECTIONS
+    assert result["capacity"]["held"] == MAX_CONNECTIONS, "the driver is one of them"
     assert result["capacity"]["server_users"] == MAX_CONNECTIONS
 
 
 @pytest.mark.parametrize("server", list(SERVERS))
+def test_capacity_every_connection_gets_the_one_update(server: str, first: dict[str, Any]) -> None:
+    if (reason := UNAVAILABLE.get(server)) is not None:
+        unavailable(f"{server}: {reason}")
+    update = first["servers"][server]["capacity"]["update"]
+    assert update["got"] == update["count"] == MAX_CONNECTIONS, "the driver's copy counts too"
+    assert update["missing"] == update["error_events"] == 0
+    assert update["within"] <= update["got"]
+
+
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_gc_pauses_are_read_from_counter_sync_only(server: str, first: dict[str, Any]) -> None:
+    if (reason := UNAVAILABLE.get(server)) is not None:
+        unavailable(f"{server}: {reason}")
+    capacity = first["servers"][server]["capacity"]
+    if not SERVERS[server].metrics:
+        assert capacity["gc"] is None, "a peer has no such metric: n/a"
+        return
+    gc = capacity["gc"]
+    assert "error" not in gc, gc
+    assert gc["longest_ms"] <= gc["longest_since_start_ms"]
+    assert set(gc["generations"]) == {"0", "1", "2"}
+
+
+def test_join_floor_completes_every_handshake(first: dict[str, Any]) -> None:
+    floor = first["join_floor"]
+    assert "errors" not in floor, floor.get("errors")
+    assert floor["join"]["connected"] == LISTENERS
+    assert floor["join"]["handshakes_seconds"] > 0
+    assert floor["join"]["first_messages"] == 0, "it sends nothing, and nothing is awaited"
+    assert floor["join"]["cpu_us_per_handshake"] > 0
+
+
+@pytest.mark.parametrize("server", list(SERVERS))
 def test_ingest_counts_every_action_plain_and_with_sessions_on_counter_sync_only(
-    server: str, smoke: dict[str, Any]
+    server: str, first: dict[str, Any]
 ) -> None:
     if (reason := UNAVAILABLE.get(server)) is not None:
         unavailable(f"{server}: {reason}")
-    ingest = smoke["servers"][server].get("ingest")
+    ingest = first["servers"][server].get("ingest")
     if server not in SESSION_SERVERS:
         assert ingest is None, "the peers know no sessions"
         return
@@ -104,18 +152,75 @@ def test_ingest_counts_every_action_plain_and_with_sessions_on_counter_sync_only
     assert ingest["ratio_cpu"] is not None and ingest["ratio_seconds"] is not None
 
 
-def test_floor_delivers_every_frame_it_sends(smoke: dict[str, Any]) -> None:
-    floor = smoke["floor"]
+def test_floor_delivers_every_frame_it_sends(first: dict[str, Any]) -> None:
+    floor = first["floor"]
     assert floor["delivered"] == floor["messages"] == floor["rounds"] * LISTENERS
     assert floor["would_block"] == 0
 
 
-def test_every_target_is_reported_with_its_bound(smoke: dict[str, Any]) -> None:
-    targets = {t["target"]: t for t in smoke["targets"]}
-    assert len(targets) == 8
+def test_every_target_is_reported_with_its_bound_and_its_median(
+    smoke: dict[str, Any], first: dict[str, Any]
+) -> None:
+    targets = {t["target"]: t for t in first["targets"]}
+    assert len(targets) == 12
     assert all(t["verdict"] in {"PASS", "FAIL", "n/a"} for t in targets.values())
-    capacity = next(t for t in targets.values() if t["bound"] == 10_000)
-    assert capacity["verdict"] == "n/a", "a 12-connection run cannot show 10,000"
+    capacity = [t for t in targets.values() if t["bound"] == CAPACITY_GOAL]
+    assert [t["verdict"] for t in capacity] == ["n/a", "n/a"], "12 connections cannot show 19,000"
+    medians = smoke["targets"]
+    assert [t["target"] for t in medians] == list(targets)
+    assert all(len(t["runs"]) == 1 and t["measured"] == t["runs"][0] for t in medians)
+
+
+def target(measured: object, op: str = "<=", bound: float = 1.15) -> dict[str, Any]:
+    return {"target": "x", "measured": measured, "op": op, "bound": bound, "verdict": "?"}
+
+
+def test_a_targets_median_is_the_nearest_rank_one_of_its_runs() -> None:
+    runs = [[target(1.3)], [target(1.1)], [target(None)], [target(1.2)]]
+    (median,) = median_targets(runs)
+    assert median["runs"] == [1.3, 1.1, None, 1.2]
+    assert median["measured"] == 1.2, "of 1.1, 1.2, 1.3 the second; the run without a value out"
+    assert median["missing"] == 1
+    assert median["verdict"] == "FAIL"
+
+
+def test_a_yes_or_no_target_holds_only_if_it_held_in_every_run() -> None:
+    (median,) = median_targets([[target(True, "==", 1)], [target(False, "==", 1)]])
+    assert median["verdict"] == "FAIL"
+    (median,) = median_targets([[target(True, "==", 1)], [target(True, "==", 1)]])
+    assert median["verdict"] == "PASS"
+
+
+EXPOSITION = """\
+# HELP counter_sync_gc_pause_seconds Pauses of Python's cyclic garbage collector.
+# TYPE counter_sync_gc_pause_seconds histogram
+counter_sync_gc_pause_seconds_bucket{{generation="2",le="0.001"}} {fast}
+counter_sync_gc_pause_seconds_bucket{{generation="2",le="0.01"}} {mid}
+counter_sync_gc_pause_seconds_bucket{{generation="2",le="+Inf"}} {total}
+counter_sync_gc_pause_seconds_count{{generation="2"}} {total}
+counter_sync_gc_pause_seconds_sum{{generation="2"}} {seconds}
+counter_sync_gc_longest_pause_seconds {longest}
+"""
+
+
+def exposition(fast: int, mid: int, total: int, seconds: float, longest: float) -> str:
+    return EXPOSITION.format(fast=fast, mid=mid, total=total, seconds=seconds, longest=longest)
+
+
+def test_gc_pauses_of_a_phase_come_from_two_scrapes() -> None:
+    before = parse_exposition(exposition(1, 1, 1, 0.0005, 0.02))
+    # Two more full collections, both between 1 and 10 ms: the gauge did not grow.
+    after = parse_exposition(exposition(1, 3, 3, 0.0105, 0.02))
+    pauses = gc_pauses(before, after)
+    assert pauses["generations"]["2"] == {
+        "collections": 2,
+        "seconds": pytest.approx(0.01),
+        "longest_bound_ms": 10.0,
+    }
+    assert (pauses["longest_ms"], pauses["exact"]) == (10.0, False), "a bound from the buckets"
+    grown = gc_pauses(before, parse_exposition(exposition(1, 1, 2, 0.05, 0.0495)))
+    assert (grown["longest_ms"], grown["exact"]) == (pytest.approx(49.5), True), "the gauge grew"
+    assert gc_pauses(before, parse_exposition(""))["longest_ms"] is None, "no metric: no figure"
 
 
 def test_floor_frame_is_a_32_byte_unmasked_text_frame() -> None:

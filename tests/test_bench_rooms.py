@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bench.rooms.floor import action_frame
 from bench.rooms.phases import PHASES, deal
 from bench.rooms.report import TARGETS
 from bench.rooms.worker import room_url
@@ -25,7 +26,7 @@ from tests.helpers import require_module
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The JSON report of one `--quick` run of every phase."""
     require_module("picows", "the bench's load generator needs it: run bench/setup")
     output = tmp_path_factory.mktemp("bench") / "rooms.json"
@@ -34,8 +35,16 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    report: dict[str, Any] = json.loads(output.read_text())
-    return report
+    loaded: dict[str, Any] = json.loads(output.read_text())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def smoke(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's only run (--quick runs everything once): floors, phases, targets."""
+    assert len(report["runs"]) == 1
+    run: dict[str, Any] = report["runs"][0]
+    return run
 
 
 def phase(smoke: dict[str, Any], name: str) -> dict[str, Any]:
@@ -62,21 +71,30 @@ def test_fanout_floors_deliver_every_frame_over_as_many_sockets(smoke: dict[str,
     assert floor["connections"] == fanout["rooms"] * fanout["per_room"]
     assert floor["delivered"] == floor["messages"]
     assert (room_floor["rooms"], room_floor["per_room"]) == (fanout["rooms"], fanout["per_room"])
+    assert room_floor["actions_sent"] == room_floor["actions_handled"] == fanout["actions"]
     assert (
         room_floor["delivered"] == room_floor["messages"] == fanout["actions"] * fanout["per_room"]
     )
     assert room_floor["would_block"] == 0
+    assert fanout["x_room_floor"] is not None, "the target's ratio, taken in the same run"
+
+
+def test_the_rooms_floor_sends_masked_client_frames() -> None:
+    frame = action_frame()
+    assert frame[0] == 0x81 and frame[1] == 0x80 | 18, "FIN + text, masked, 18-byte payload"
+    mask, masked = frame[2:6], frame[6:]
+    assert bytes(b ^ mask[i % 4] for i, b in enumerate(masked)) == b'{"action": "plus"}'
 
 
 def test_cost_is_measured_in_both_conditions_and_every_run_converges(
-    smoke: dict[str, Any],
+    report: dict[str, Any], smoke: dict[str, Any]
 ) -> None:
     cost = phase(smoke, "cost")
-    reps = smoke["options"]["reps"]
+    reps = report["options"]["reps"]
     for condition in ("alone", "crowded"):
         assert len(cost[condition]["cpu_us_per_action"]) == reps
         assert cost[condition]["converged"], condition
-    others = smoke["options"]["others"]
+    others = report["options"]["others"]
     assert cost["fill"]["connected"] == others
     assert cost["server_users"] == cost["users"] + others
     assert cost["ratio"] is not None
@@ -93,20 +111,25 @@ def test_memory_visits_every_room_and_the_file_keeps_each_plus(smoke: dict[str, 
 
 
 def test_isolation_every_burst_converges_and_every_probe_is_answered(
-    smoke: dict[str, Any],
+    report: dict[str, Any], smoke: dict[str, Any]
 ) -> None:
     isolation = phase(smoke, "isolation")
-    assert isolation["bursts_done"] == smoke["options"]["bursts"]
+    assert isolation["bursts_done"] == report["options"]["bursts"]
     assert isolation["quiet"]["count"] > 0
     assert isolation["quiet"]["unanswered"] == isolation["bursting"]["unanswered"] == 0
     assert isolation["check"]["exact"] == isolation["check"]["listeners"]
     assert isolation["converged"]
 
 
-def test_every_target_is_reported_with_its_bound(smoke: dict[str, Any]) -> None:
+def test_every_target_is_reported_with_its_bound_and_its_median(
+    report: dict[str, Any], smoke: dict[str, Any]
+) -> None:
     assert [t["target"] for t in smoke["targets"]] == [label for _, label, _, _ in TARGETS]
     assert all(t["verdict"] in {"PASS", "FAIL", "n/a"} for t in smoke["targets"])
     assert set(smoke["phases"]) == set(PHASES)
+    medians = report["targets"]
+    assert [t["target"] for t in medians] == [label for _, label, _, _ in TARGETS]
+    assert [t["runs"] for t in medians] == [[t["measured"]] for t in smoke["targets"]]
 
 
 def test_room_url_names_the_room_under_c() -> None:

@@ -35,7 +35,7 @@ from bench.attack.subject import Subject
 from bench.loadgen import shares
 from bench.proc import CpuWatch, wait_idle
 from bench.reporting import Report
-from bench.serverlog import log_stats, lowered_caps
+from bench.serverlog import log_stats, lowered_caps, open_files_warning
 from counter_sync.config import MAX_USERS_PER_IP
 
 __all__ = [
@@ -91,9 +91,7 @@ def attack_silent(run: Run, stack: contextlib.ExitStack, outcome: Outcome) -> Su
     """3a. Silent sockets from one host against a server held to 1024 open files."""
     args = run.args
     subject = run.serve(stack, "silent", open_files_limit=args.silent_open_files)
-    caps = next(
-        (line.strip() for line in subject.lines_since(0) if "open-files limit" in line), None
-    )
+    caps = open_files_warning(subject.lines_since(0))
     silent = silent_sockets(run, stack, subject, args.silent, concurrency=256)
     opened = silent.ready(2 * run.timeout)
     result = ordinary_clients(run, stack, subject, [LEGIT_SOURCE], health_source=HEALTH_SOURCE)

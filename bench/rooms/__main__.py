@@ -5,12 +5,13 @@ See the package docstring (:mod:`bench.rooms`) for the phases.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shlex
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,13 +27,11 @@ from bench.reporting import (
     say,
     write_json,
 )
-from bench.rooms.phases import (
-    PHASES,
-    Options,
-    measure_room_floor,
-)
+from bench.rooms.floor import measure_rooms_floor
+from bench.rooms.phases import PHASES, Options
 from bench.rooms.report import render, targets
 from bench.rooms.worker import RoomWorker
+from bench.runs import median_targets, medians_table
 
 __all__ = ["main"]
 
@@ -62,11 +61,12 @@ FLAGS = (
     Flag("--baseline", "isolation: seconds of probing before the bursts", SECONDS, 3.0, 0.3),
     Flag("--concurrency", "handshakes in flight per load process", COUNT, 100, 20),
     Flag("--timeout", "seconds any wait may take", SECONDS, 60.0, 20.0),
+    Flag("--runs", "times to run everything, floors included (targets: medians)", COUNT, 3, 1),
     Flag("--phases", "comma-separated phases to run", names_in(PHASES), ",".join(PHASES)),
     Flag("--workers", "listener load processes", COUNT, 2),
     Flag("--host", "loopback address the server listens on", loopback, "127.0.0.1"),
     Flag("--output", "JSON results", Path, RESULTS_DIR / "rooms.json"),
-    Flag("--no-floor", "skip the socket.send floor (fan-out shows no ratio)", None),
+    Flag("--no-floor", "skip the floors (fan-out shows no ratio)", None),
     Flag("--quick", "a small smoke run (seconds, not minutes)", None),
 )
 
@@ -101,22 +101,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": command,
         "options": asdict(o),
         "environment": environment(),
-        "floor": None,
-        "room_floor": None,
-        "phases": {},
+        "runs": [],
     }
+    started = time.monotonic()
+    save = functools.partial(write_json, args.output, report)
+    for number in range(1, args.runs + 1):
+        say(f"run {number} of {args.runs}")
+        # Each run's rooms are new: no two runs share a counter.
+        run_options = dataclasses.replace(o, tag=f"{o.tag}r{number}")
+        run: Result = {"loadavg": loadavg(), "floor": None, "room_floor": None, "phases": {}}
+        report["runs"].append(run)
+        if not run_once(run, run_options, save):
+            return 2
+        print(f"\nRun {number} of {args.runs}:")
+        print(render(run, report, o), flush=True)
+    report["seconds"] = time.monotonic() - started
+    report["environment"]["loadavg_after"] = loadavg()
+    report["targets"] = median_targets([run["targets"] for run in report["runs"]])
+    write_json(args.output, report)
+    print(f"\nMedians over {args.runs} run(s), each ratio taken within its run:")
+    print(medians_table(report["targets"]))
+    print(f"\nresults written to {args.output} ({report['seconds']:.0f}s)")
+    return 0
+
+
+def run_once(run: Result, o: Options, save: Callable[[], None]) -> bool:
+    """The floors, then every phase, into `run`; False if the load generator failed."""
     started = time.monotonic()
     if "fanout" in o.phases and o.floor:
         say(f"floor: socket.send over {o.rooms * o.per_room} sockets at {o.rate:g} rounds/s")
-        report["floor"] = measure_floor(
+        run["floor"] = measure_floor(
             connections=o.rooms * o.per_room, rate=o.rate, duration=o.duration, timeout=o.timeout
         )
-        say(f"floor: the same sockets, {o.per_room} at a time, {o.rooms * o.rate:g} rounds/s")
-        report["room_floor"] = measure_room_floor(
+        say(
+            f"rooms floor: one epoll loop, {o.rooms} actors at {o.rate:g}/s, "
+            f"{o.per_room} sockets each"
+        )
+        run["room_floor"] = measure_rooms_floor(
             rooms=o.rooms, per_room=o.per_room, rate=o.rate, duration=o.duration, timeout=o.timeout
         )
     load = LoadGen(workers=o.workers, host=o.host, kind=RoomWorker)
-    floors = (report["floor"], report["room_floor"])
+    floors = (run["floor"], run["room_floor"])
 
     def measure(name: str) -> Result:
         """One phase; a failure is recorded in its result, and the next phase still runs."""
@@ -125,16 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (LoadGenError, RuntimeError, OSError, KeyError) as exc:
             return {"errors": [f"{type(exc).__name__}: {exc}"]}
 
-    save = functools.partial(write_json, args.output, report)
-    if not run_each(load, o.phases, measure, report["phases"], save):
-        return 2
-    report["seconds"] = time.monotonic() - started
-    report["environment"]["loadavg_after"] = loadavg()
-    report["targets"] = targets(report["phases"], o)
-    write_json(args.output, report)
-    print(render(report, o))
-    print(f"\nresults written to {args.output} ({report['seconds']:.0f}s)")
-    return 0
+    ok = run_each(load, o.phases, measure, run["phases"], save)
+    run["targets"] = targets(run["phases"], o)
+    run["seconds"] = time.monotonic() - started
+    run["loadavg_after"] = loadavg()
+    save()
+    return ok
 
 
 if __name__ == "__main__":

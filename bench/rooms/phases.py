@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.floor import measure_floor
 from bench.listeners import Reply
-from bench.loadgen import LoadGen, LoadGenError, shares
-from bench.measure import Usage
+from bench.loadgen import LoadGen, LoadGenError, Usage, shares
 from bench.proc import Sampler, cpu_seconds, rss_bytes, wait_idle
 from bench.reporting import Report, say, spread_ms
 from bench.servers import SERVERS, RunningServer, ServerSpec, start_server
@@ -29,7 +27,6 @@ __all__ = [
     "Floors",
     "Options",
     "deal",
-    "measure_room_floor",
     "phase_cost",
     "phase_fanout",
     "phase_isolation",
@@ -79,7 +76,7 @@ class Options:
 
 
 Result = Report
-# floor.py's figure and the room-pattern floor's, each None when not measured.
+# floor.py's figure and the rooms floor's (bench.rooms.floor), each None when not measured.
 Floors = tuple[Result | None, Result | None]
 
 
@@ -189,29 +186,11 @@ def checked(replies: list[Reply]) -> Result:
 # --- phase 1: fan-out over many small rooms -----------------------------------
 
 
-def measure_room_floor(
-    *, rooms: int, per_room: int, rate: float, duration: float, timeout: float
-) -> Result:
-    """floor.py's socket.send loop in the fan-out phase's pattern: one room at a time.
-
-    floor.py sends one frame to every socket per round, a loop that keeps the
-    kernel's code and sockets hot in the caches and its reader awake. The
-    server in the fan-out phase wakes once per action and writes to one
-    room's few sockets, a different room each time. The same loop in that
-    pattern (room i's sockets at i/rooms of each period) shows what the
-    kernel alone costs for it: the gap between it and floor.py is not the
-    server's doing, the gap above it is.
-    """
-    floor = measure_floor(
-        connections=rooms * per_room, rate=rate, duration=duration, timeout=timeout, group=per_room
-    )
-    return {**floor, "rooms": rooms, "per_room": per_room}
-
-
 def phase_fanout(load: LoadGen, o: Options, floors: Floors) -> Result:
     """Rooms x connections, one action per room per 1/rate s; exact values, CPU, delays.
 
-    `floors` are floor.py's figure and the room-pattern one (None when skipped).
+    `floors` are floor.py's figure and the rooms floor's (None when skipped): the
+    target is the ratio to the rooms floor, measured in the same run.
     """
     names = [f"fan-{o.tag}-{i}" for i in range(o.rooms)]
     hands = deal(names, o.workers)
@@ -263,6 +242,7 @@ def phase_fanout(load: LoadGen, o: Options, floors: Floors) -> Result:
             **used,
             "deliveries": deliveries,
             "cpu_us_per_delivery": per_delivery,
+            "cpu_us_per_action": used["server_cpu_seconds"] / sent * 1e6 if sent else None,
             "floor_us_per_delivery": floor_us,
             "x_floor": per_delivery / floor_us if per_delivery and floor_us else None,
             "room_floor_us_per_delivery": room_floor_us,

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from bench.floor import floor_line
 from bench.reporting import Report, fmt, meets, targets_table, verdict
+from bench.rooms.floor import rooms_floor_line
 from bench.rooms.phases import Options
 
 __all__ = ["TARGETS", "render", "targets"]
@@ -15,7 +16,7 @@ Result = Report
 # Targets: (key, label, op, bound). The measured values are filled in by targets().
 TARGETS = (
     ("fanout_exact", "fan-out: connections on their room's exact value", "==", "all"),
-    ("fanout_floor", "fan-out: server CPU per delivery (x socket.send floor)", "<=", 1.5),
+    ("fanout_floor", "fan-out: server CPU per delivery (x rooms floor)", "<=", 1.5),
     ("cost_ratio", "cost per action: with the others / alone (median)", "<=", 1.2),
     ("memory_growth", "memory: RSS after the rooms - before (MiB)", "<=", 4.0),
     ("isolation_p99", "isolation: small room p99 during the bursts (ms)", "<", 100.0),
@@ -29,7 +30,7 @@ def targets(phases: dict[str, Result], o: Options) -> list[Result]:
     fan_check = fan.get("check")
     measured: Result = {
         "fanout_exact": fan.get("converged") if fan_check else None,
-        "fanout_floor": fan.get("x_floor"),
+        "fanout_floor": fan.get("x_room_floor"),
         "cost_ratio": cost.get("ratio"),
         "memory_growth": memory.get("growth_mib"),
         "isolation_p99": (isolation.get("bursting") or {}).get("p99_ms"),
@@ -71,10 +72,11 @@ def lines_fanout(r: Result) -> list[str]:
         f"   delivery delay p50/p99/max (ms): {fmt(delays['p50_ms'])} / {fmt(delays['p99_ms'])}"
         f" / {fmt(delays['max_ms'])} over {fmt(delays['count'])} deliveries{missing}",
         f"   server CPU: {fmt(r['server_cpu_seconds'])} s for {fmt(r['deliveries'])} deliveries"
-        f" = {fmt(r['cpu_us_per_delivery'])} us each; floor {fmt(r['floor_us_per_delivery'])} us"
-        f" -> x{fmt(r['x_floor'])}",
-        f"   (the floor in this phase's pattern, {r['per_room']} sockets per round:"
-        f" {fmt(r['room_floor_us_per_delivery'])} us -> x{fmt(r['x_room_floor'])})",
+        f" = {fmt(r['cpu_us_per_delivery'])} us each ({fmt(r['cpu_us_per_action'])} us per"
+        f" action); rooms floor {fmt(r['room_floor_us_per_delivery'])} us"
+        f" -> x{fmt(r['x_room_floor'])}",
+        f"   (floor.py's socket.send rounds: {fmt(r['floor_us_per_delivery'])} us"
+        f" -> x{fmt(r['x_floor'])})",
         f"   CPU busy: server {r['server_busy']:.0%}, busiest load process {r['loadgen_busy']:.0%}",
     ]
 
@@ -155,25 +157,21 @@ def connect_errors(result: Result) -> list[str]:
     return [e for step in steps for e in step.get("connect_errors", [])]
 
 
-def render(report: Result, o: Options) -> str:
+def render(run: Result, report: Result, o: Options) -> str:
+    """One run's report: its floors, each phase's lines, its targets (`report`: the command)."""
     env = report["environment"]
     lines = [
         f"command: {report['command']}",
         f"commit {env['commit']}, Python {env['python']}, websockets {env['websockets']}, "
         f"uvloop {env['uvloop']}, {env['cpus']} CPUs, load average before "
-        f"{env['loadavg'][0]:.2f}, after {env['loadavg_after'][0]:.2f}",
+        f"{run['loadavg'][0]:.2f}, after {run['loadavg_after'][0]:.2f}",
     ]
-    if report["floor"]:
-        lines.append(floor_line(report["floor"]))
-    room_floor = report["room_floor"]
-    if room_floor:
-        lines.append(
-            f"the same, one room's {room_floor['per_room']} sockets per round, rooms in turn: "
-            f"{room_floor['cpu_us_per_message']:.2f} us ({fmt(room_floor['delivered'])} of "
-            f"{fmt(room_floor['messages'])} delivered)"
-        )
+    if run["floor"]:
+        lines.append(floor_line(run["floor"]))
+    if run["room_floor"]:
+        lines.append(rooms_floor_line(run["room_floor"]))
     for name in o.phases:
-        result = report["phases"].get(name, {})
+        result = run["phases"].get(name, {})
         lines.append("")
         lines.append(TITLES[name](o))
         if "server" in result:
@@ -184,5 +182,5 @@ def render(report: Result, o: Options) -> str:
             lines.extend(LINES[name](result))
             if not result["converged"]:
                 lines.append("   NOT CONVERGED: see the JSON")
-    lines += ["", "Targets (measured in this run):", targets_table(report["targets"])]
+    lines += ["", "Targets (measured in this run):", targets_table(run["targets"])]
     return "\n".join(lines)

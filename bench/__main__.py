@@ -24,7 +24,7 @@ from bench.loadgen import LoadGen, run_each
 from bench.measure import BenchSettings, measure_join_floor, measure_server
 from bench.proc import ephemeral_ports, raise_fd_limit
 from bench.reporting import RESULTS_DIR, Report, environment, loadavg, say, write_json
-from bench.runs import median_targets, medians_table
+from bench.runs import conclude
 from bench.senders import SenderWorker
 from bench.servers import JOIN_FLOOR, SERVERS
 
@@ -95,13 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(f"\nRun {number} of {args.runs}:")
         print(render_table(run, settings, skipped), flush=True)
-    report["seconds"] = time.monotonic() - started
-    report["environment"]["loadavg_after"] = loadavg()
-    report["targets"] = median_targets([run["targets"] for run in report["runs"]])
-    write_json(args.output, report)
-    print(f"\nMedians over {args.runs} run(s), each ratio taken within its run:")
-    print(medians_table(report["targets"]))
-    print(f"\nresults written to {args.output} ({report['seconds']:.0f}s)")
+    conclude(report, args.output, started)
     if args.chart is not None:
         print(draw_chart(report["runs"][-1], report, args.chart))
     return 0

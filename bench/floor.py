@@ -9,9 +9,9 @@ delivery is reported as a multiple of it.
 
 The rounds are paced like the bench's steady phase (the same rate and
 duration by default), because a loop that sends back to back keeps caches
-warm in a way a server woken ten times a second does not. With ``group``, a
-round goes to the sockets a few at a time, one group after the other, as a
-server with many small rooms writes (``python -m bench.rooms``).
+warm in a way a server woken ten times a second does not. Many small rooms,
+each woken by its own client, have a floor of their own
+(:mod:`bench.rooms.floor`).
 
 Run alone: `python -m bench.floor --connections 1000 --rate 10 --duration 5`.
 """
@@ -31,7 +31,7 @@ from bench.flags import Flag, parse, positive
 from bench.proc import raise_fd_limit
 from bench.reporting import Report, fmt
 
-__all__ = ["floor_line", "measure_floor", "state_frame"]
+__all__ = ["FIRST_VALUE", "floor_line", "measure_floor", "state_frame"]
 
 # Five-digit values keep every frame the same 32 bytes.
 FIRST_VALUE = 10_000
@@ -112,20 +112,18 @@ class DrainedSockets:
             sock.close()
 
 
-def send_rounds(groups: Sequence[Sequence[socket.socket]], rounds: int, rate: float) -> int:
-    """``rounds`` rounds at ``rate`` a second, each a frame to every group in turn.
+def send_rounds(socks: Sequence[socket.socket], rounds: int, rate: float) -> int:
+    """``rounds`` rounds at ``rate`` a second, each one frame to every socket.
 
-    Group g of round r goes out at (r + g / len(groups)) / rate seconds.
     Returns how often a send would have blocked (never seen at these rates;
     counted so that it cannot hide).
     """
     would_block = 0
-    steps = len(groups)
     start = time.monotonic()
-    for i in range(rounds * steps):
-        time.sleep(max(0.0, start + i / steps / rate - time.monotonic()))
-        frame = state_frame(FIRST_VALUE + i // steps % 90_000)
-        for sock in groups[i % steps]:
+    for i in range(rounds):
+        time.sleep(max(0.0, start + i / rate - time.monotonic()))
+        frame = state_frame(FIRST_VALUE + i % 90_000)
+        for sock in socks:
             try:
                 sock.send(frame)
             except BlockingIOError:
@@ -133,28 +131,20 @@ def send_rounds(groups: Sequence[Sequence[socket.socket]], rounds: int, rate: fl
     return would_block
 
 
-def measure_floor(
-    *, connections: int, rate: float, duration: float, timeout: float = 60, group: int = 0
-) -> Report:
-    """Send ``rate * duration`` rounds of one frame per connection; return the cost.
-
-    With ``group``, each round goes to ``group`` sockets at a time, in turn.
-    """
+def measure_floor(*, connections: int, rate: float, duration: float, timeout: float = 60) -> Report:
+    """Send ``rate * duration`` rounds of one frame per connection; return the cost."""
     raise_fd_limit()
     rounds = max(1, round(rate * duration))
     frame_size = len(state_frame(FIRST_VALUE))
     expected = rounds * connections * frame_size
     with DrainedSockets(connections, expected, timeout) as floor:
-        size = group or connections
-        groups = [floor.socks[start : start + size] for start in range(0, connections, size)]
         cpu_start = time.process_time()
-        would_block = send_rounds(groups, rounds, rate)
+        would_block = send_rounds(floor.socks, rounds, rate)
         cpu = time.process_time() - cpu_start
         received = floor.received()
     messages = rounds * connections
     return {
         "connections": connections,
-        "group": size,
         "rounds": rounds,
         "rate": rate,
         "frame_bytes": frame_size,

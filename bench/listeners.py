@@ -474,15 +474,6 @@ class Worker:
             sends.append((start_value + i + 1, sent_at))
         return {"sends": sends}
 
-    async def probe(self, url: str, limit: float) -> Reply:
-        """Connect once more and report the users count the server announces."""
-        group = Group()
-        listener = await self.open(lambda: Listener(group), url, limit)
-        await group.until(lambda: listener.users >= 0, limit)
-        if listener.transport is not None:
-            listener.transport.disconnect(graceful=False)
-        return {"users": listener.users if listener.users >= 0 else None}
-
     def require_driver(self) -> WSTransport:
         if self.driver is None or self.driver.transport is None or self.driver.closed:
             raise RuntimeError("the driver is not connected")

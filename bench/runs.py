@@ -10,11 +10,13 @@ figure one run really gave.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from bench.reporting import Report, fmt, meets, percentile, table, verdict
+from bench.reporting import Report, fmt, loadavg, meets, percentile, table, verdict, write_json
 
-__all__ = ["median_targets", "medians_table"]
+__all__ = ["conclude", "median_targets", "medians_table"]
 
 
 def median_targets(runs: Sequence[Sequence[Report]]) -> list[Report]:
@@ -78,3 +80,18 @@ def medians_table(targets: Sequence[Report]) -> str:
             ]
         )
     return table(rows, align="<<" + ">" * (runs + 1) + "<", indent="  ", rule_after=1)
+
+
+def conclude(report: Report, output: Path, started: float) -> None:
+    """After the last run: the medians into `report`, written to `output`, and printed.
+
+    ``report["runs"]`` holds every run, each with its ``targets``;
+    `started` is when the first began (``time.monotonic()``).
+    """
+    report["seconds"] = time.monotonic() - started
+    report["environment"]["loadavg_after"] = loadavg()
+    report["targets"] = median_targets([run["targets"] for run in report["runs"]])
+    write_json(output, report)
+    print(f"\nMedians over {len(report['runs'])} run(s), each ratio taken within its run:")
+    print(medians_table(report["targets"]))
+    print(f"\nresults written to {output} ({report['seconds']:.0f}s)")

@@ -14,13 +14,13 @@ Run: ``python -m bench.peers.handshake_only --host 127.0.0.1 --port 8765``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 
 from websockets.asyncio.server import ServerConnection, serve
 
+from bench.peers.peer import command_line
 from counter_sync.cli import event_loop_runner
 from counter_sync.config import LISTEN_BACKLOG
 
@@ -43,15 +43,5 @@ async def main(host: str, port: int) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=(__doc__ or "").splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
-    parser.add_argument("--port", type=int, default=8765, help="TCP port")
-    args = parser.parse_args()
-    # The root logger stays at WARNING, so websockets does not log every
-    # connection; only the readiness line is forced out.
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    LOG.setLevel(logging.INFO)
+    args = command_line((__doc__ or "").splitlines()[0], LOG)
     event_loop_runner()(main(args.host, args.port))

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from websockets.asyncio.server import ServerConnection, serve
 
-__all__ = ["USERS", "run"]
+__all__ = ["USERS", "command_line", "run"]
 
 # The same listen backlog for every peer (Node's default is 511, asyncio's 100):
 # the join storm should measure handshake work, not SYN retransmit timers.
@@ -71,7 +71,8 @@ def counter(notify: Notify) -> Callable[[ServerConnection], Awaitable[None]]:
     return handler
 
 
-async def main(notify: Notify, description: str) -> None:
+def command_line(description: str, log: logging.Logger) -> argparse.Namespace:
+    """A peer's ``--host`` and ``--port``; logging set up so that ``log`` says when it listens."""
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -82,7 +83,12 @@ async def main(notify: Notify, description: str) -> None:
     # Like the docs' example, the root logger stays at WARNING, so websockets
     # does not log every connection; only the readiness line is forced out.
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    LOG.setLevel(logging.INFO)
+    log.setLevel(logging.INFO)
+    return args
+
+
+async def main(notify: Notify, description: str) -> None:
+    args = command_line(description, LOG)
     handler = counter(notify)
     async with serve(handler, args.host, args.port, compression=None, backlog=BACKLOG) as server:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)

@@ -3,14 +3,15 @@
 `python -m bench.rooms` runs four phases against counter-sync, each on a
 fresh server process, with the load in separate worker processes (the same
 picows-on-uvloop generator as `python -m bench`), and prints one table with
-each figure, its target and a verdict (JSON in bench/results/rooms.json):
+each figure, its target and a verdict (JSON in bench/results/rooms.json);
+``--runs`` times over, floors included, then each target's median:
 
 1. fan-out: many small rooms (1,000 x 10 connections), one action per second
    in every room, spread over the second. Every connection must end on its
    room's exact value; the server's CPU per delivery is compared with the
-   socket.send floor measured in the same run over as many sockets at the same
-   rate (and, to tell the kernel's share, with the same loop in the phase's
-   pattern: one room's sockets per round); the delivery delay is reported.
+   rooms floor measured in the same run (:mod:`bench.rooms.floor`: one epoll
+   loop that reads each action and writes its room's sockets), and shown
+   beside floor.py's socket.send rounds; the delivery delay is reported.
 2. cost: the server's CPU per action in one 10-user room, first alone, then
    with 10,000 other users in idle rooms, several times each.
 3. memory: with --state, 10,000 room names joined and left once each; the

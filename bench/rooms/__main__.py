@@ -31,7 +31,7 @@ from bench.rooms.floor import measure_rooms_floor
 from bench.rooms.phases import PHASES, Options
 from bench.rooms.report import render, targets
 from bench.rooms.worker import RoomWorker
-from bench.runs import median_targets, medians_table
+from bench.runs import conclude
 
 __all__ = ["main"]
 
@@ -115,13 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(f"\nRun {number} of {args.runs}:")
         print(render(run, report, o), flush=True)
-    report["seconds"] = time.monotonic() - started
-    report["environment"]["loadavg_after"] = loadavg()
-    report["targets"] = median_targets([run["targets"] for run in report["runs"]])
-    write_json(args.output, report)
-    print(f"\nMedians over {args.runs} run(s), each ratio taken within its run:")
-    print(medians_table(report["targets"]))
-    print(f"\nresults written to {args.output} ({report['seconds']:.0f}s)")
+    conclude(report, args.output, started)
     return 0
 
 

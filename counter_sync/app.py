@@ -62,6 +62,7 @@ class App:
             await within(self.server.wait_closed(), CLOSE_TIMEOUT)
         await self.watch.stop()
         await self.hub.metrics.stop()
+        self.hub.collector.stop()
         # Commit what was read; a store that hangs gets a bound too, and the
         # clients see what was kept when they reconnect.
         if not await within(self.hub.flusher.drain(), FLUSH_TIMEOUT):
@@ -173,6 +174,7 @@ async def start(settings: Settings) -> App:
     await server.start_serving()
     watch.start(hub.supervisor)
     hub.metrics.start(hub.supervisor)
+    hub.collector.start()
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
         log.info("%s", listening_line(host, port, settings.origins))

@@ -21,6 +21,7 @@ from websockets.datastructures import Headers
 from websockets.frames import CloseCode
 
 from counter_sync.admission import Gate, Refusal
+from counter_sync.collector import Collector
 from counter_sync.config import Settings
 from counter_sync.connection import Connection
 from counter_sync.counter import Room
@@ -76,6 +77,7 @@ class Hub:
         # change was applied (see StoreInDoubt), or a bug in a background task.
         self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.supervisor = Supervisor(self.crashed)
+        self.collector = Collector()
         self.fan_out = FanOut(self.metrics, self.supervisor)
         self.flusher = Flusher(
             store, self.fan_out, self.metrics, self.supervisor, on_doubt=self.store_in_doubt
@@ -269,6 +271,7 @@ class Hub:
             self.connections -= 1
             self.gate.user_left(address)
             self.gate.users.leave(user)
+            self.collector.connection_closed(self.connections)
 
     def unable_to_open(self, websocket: Connection, name: str, exc: StoreUnavailable) -> None:
         log.warning(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
@@ -149,6 +151,19 @@ class Metrics:
             self.handshakes_rejected.labels(reason)
         for kind in DISCONNECT_KINDS:
             self.disconnects.labels(kind)
+        self.gc_pause_seconds = Histogram(
+            "counter_sync_gc_pause_seconds",
+            "Pauses of Python's cyclic garbage collector, by generation (2 is a full one).",
+            ["generation"],
+            buckets=FAST_BUCKETS,
+            registry=registry,
+        )
+        self.gc_longest_pause_seconds = Gauge(
+            "counter_sync_gc_longest_pause_seconds",
+            "The longest garbage collector pause since start-up: the event loop stood still.",
+            registry=registry,
+        )
+        self.gc_pauses = GcPauses(self.gc_pause_seconds, self.gc_longest_pause_seconds)
         self.lag_task: asyncio.Task[None] | None = None
 
     def read_live(
@@ -190,8 +205,11 @@ class Metrics:
 
     def start(self, supervisor: Supervisor) -> None:
         self.lag_task = supervisor.start(self.watch_lag(), name="event-loop lag")
+        gc.callbacks.append(self.gc_pauses)
 
     async def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self.gc_pauses)
         if self.lag_task is not None:
             self.lag_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -214,3 +232,25 @@ class Totals(Collector):
     def collect(self) -> Iterator[Metric]:
         for name, (text, read) in self.totals.items():
             yield CounterMetricFamily(name, text, value=read())
+
+
+class GcPauses:
+    """A ``gc.callbacks`` hook: times each collection, which stops the whole event loop."""
+
+    def __init__(self, pauses: Histogram, longest: Gauge) -> None:
+        self.pauses = pauses
+        self.longest = longest
+        self.longest_seen = 0.0
+        self.began = 0.0
+        # Looked up once: a collection may run often, and labels() costs a lock.
+        self.by_generation = [pauses.labels(str(generation)) for generation in range(3)]
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.began = time.perf_counter()
+            return
+        pause = time.perf_counter() - self.began
+        self.by_generation[info["generation"]].observe(pause)
+        if pause > self.longest_seen:
+            self.longest_seen = pause
+            self.longest.set(pause)

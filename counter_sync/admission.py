@@ -24,6 +24,7 @@ else is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http
 import ipaddress
 import logging
@@ -39,6 +40,7 @@ from counter_sync.config import (
     FITTED_MINIMUM,
     FITTED_SHARE,
     HANDSHAKE_TIMEOUT_UNDER_PRESSURE,
+    MAX_LOG_KEYS,
     MAX_RATED_ADDRESSES,
     PENDING_PRESSURE,
     Settings,
@@ -88,9 +90,9 @@ class Gate:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.trusted = [
+        self.trusted = tuple(
             ipaddress.ip_network(proxy, strict=False) for proxy in settings.trusted_proxies
-        ]
+        )
         # Every handshake in progress, with the address key it counts under.
         self.pending: dict[Evictable, str] = {}
         # Those not heard from yet, oldest first: the next to go at the cap is
@@ -226,17 +228,16 @@ class Gate:
             del self.users_by_address[key]
 
     def is_trusted(self, ip: str) -> bool:
-        if not self.trusted:
-            return False
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in network for network in self.trusted)
+        return bool(self.trusted) and trusted(ip, self.trusted)
 
 
+@functools.lru_cache(maxsize=MAX_LOG_KEYS)
 def address_key(ip: str) -> str:
-    """What the per-address caps count: an IPv4 address, or an IPv6 address's /64."""
+    """What the per-address caps count: an IPv4 address, or an IPv6 address's /64.
+
+    Cached: every handshake asks it several times, and parsing an address
+    costs more than the rest of the look-up.
+    """
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -246,6 +247,16 @@ def address_key(ip: str) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return str(address)
+
+
+@functools.lru_cache(maxsize=MAX_LOG_KEYS)
+def trusted(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """Whether ``ip`` is in one of ``networks`` (cached, as address_key is)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 def valid_ip(text: str) -> bool:

@@ -85,6 +85,7 @@ __all__ = [
     "SWEEP_INTERVAL",
     "SWEEP_LIMIT",
     "SWEEP_PERIOD",
+    "USERS_PERIOD",
     "WRITE_BUFFER_LIMIT",
     "Settings",
 ]
@@ -195,6 +196,11 @@ SOCKET_RECEIVE_BUFFER = 16 * 1024
 # clients and handshakes. Measured with the bench (join storm, N=1000): no
 # pause 5-7 s, 1x 1.1-1.2 s, 2x 0.92-0.95 s, 3x 0.89-0.97 s but slower bursts.
 FLUSH_PAUSE_RATIO = 2
+# Seconds between two broadcasts of a room's user count alone: in a join storm
+# each join would otherwise be a write to every connection of the room. A
+# value and a newcomer's first messages never wait for it; a count a tenth of
+# a second late is not seen as late.
+USERS_PERIOD = 0.1
 # Connections a broadcast writes to per event-loop turn: a big room's
 # broadcast yields between slices, so a small room's flush is never held up
 # for more than one slice (about 2 ms of writes).

@@ -75,6 +75,7 @@ class Connection(ServerConnection):
         "drop_reason",
         "ended_by",
         "endpoint",
+        "fd",
         "gate",
         "grant",
         "head_seen",
@@ -121,6 +122,9 @@ class Connection(ServerConnection):
         self.last_heard = self.loop.time()
         self.head_seen = b""  # the end of the request head so far
         self.intake: BodyIntake | None = None  # an API write's body, taken aside
+        # The socket's descriptor, for fan-out to write to directly while the
+        # transport holds nothing (see FanOut.write_slice); -1: never (TLS).
+        self.fd = -1
         # Set by whoever ends the connection on purpose: how (a disconnects
         # metric kind), and why, for the log.
         self.ended_by: str | None = None
@@ -137,6 +141,9 @@ class Connection(ServerConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self.fd = sock.fileno()
         self.recv_messages.pause = self.pause_for_queue
         self.recv_messages.resume = self.resume_for_queue
         peer = self.transport.get_extra_info("peername")
@@ -161,7 +168,11 @@ class Connection(ServerConnection):
         try:
             # The library's own deadline is --handshake-timeout; when the
             # pending handshakes crowd their cap, a new one gets less.
-            async with asyncio.timeout(self.gate.handshake_timeout()):
+            timeout = self.gate.handshake_timeout()
+            if timeout < self.gate.settings.handshake_timeout:
+                async with asyncio.timeout(timeout):
+                    await super().handshake(*args, **kwargs)
+            else:  # no second timer for every handshake
                 await super().handshake(*args, **kwargs)
         finally:
             self.end_handshake()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -154,23 +155,33 @@ class FanOut:
         connection would cost as much as the write itself.
         """
         everyone, extras, lagging = delivery.everyone, delivery.extras, self.lagging
+        open_, write = State.OPEN, os.write
         for websocket in websockets:
-            if websocket in lagging:
+            if websocket.paused_for_writes or websocket in lagging:
+                # Over WRITE_BUFFER_LIMIT: skipped now, caught up once drained.
+                if websocket not in lagging:
+                    self.start_catch_up(websocket, audience)
                 skipped += 1
                 continue
-            if websocket.protocol.state is not State.OPEN:
+            if websocket.protocol.state is not open_:
                 continue
+            data = everyone
+            if extras and (extra := extras.pop(websocket, b"")):
+                data += extra
             transport = websocket.transport
-            if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-                self.start_catch_up(websocket, audience)
-                skipped += 1
-                continue
             try:
-                transport.write(everyone + extras.pop(websocket, b"") if extras else everyone)
+                # Straight to the kernel while the transport holds nothing (the
+                # bytes keep their order): a transport.write costs 20% more.
+                if websocket.fd < 0 or transport.get_write_buffer_size():
+                    transport.write(data)
+                elif (written := write(websocket.fd, data)) < len(data):
+                    transport.write(data[written:])  # the kernel's buffer is full
+            except BlockingIOError:
+                transport.write(data)
             except Exception as exc:
                 log.warning("%s skipped: %s", websocket.client, exc)
-            else:
-                sent += 1
+                continue
+            sent += 1
         return sent, skipped
 
     @staticmethod

@@ -39,7 +39,13 @@ from typing import Protocol
 
 from websockets.frames import CloseCode
 
-from counter_sync.config import FLUSH_PAUSE_RATIO, MAX_VALUE, MIN_PACING_DELAY, STORE_RETRY_DELAY
+from counter_sync.config import (
+    FLUSH_PAUSE_RATIO,
+    MAX_VALUE,
+    MIN_PACING_DELAY,
+    STORE_RETRY_DELAY,
+    USERS_PERIOD,
+)
 from counter_sync.connection import Connection
 from counter_sync.fanout import Delivery, FanOut, text_frame
 from counter_sync.logs import fields
@@ -124,6 +130,7 @@ class RoomFlush:
         self.observed: RoomState | None = None
         self.elsewhere = 0
         self.next_at = 0.0  # pacing: no pass before this loop time
+        self.users_at = 0.0  # no broadcast of the user count alone before this one
         self.delivering = False
         self.retry: asyncio.TimerHandle | None = None
 
@@ -196,14 +203,19 @@ class RoomFlush:
         return True
 
     def has_work(self) -> bool:
+        return self.users_dirty or self.has_news()
+
+    def has_news(self) -> bool:
+        """Whether something is owed that may not wait: changes, ops, newcomers."""
         return bool(
-            self.senders
-            or self.with_ops
-            or self.unknown
-            or self.newcomers
-            or self.users_dirty
-            or self.observed
+            self.senders or self.with_ops or self.unknown or self.newcomers or self.observed
         )
+
+    def ready_at(self) -> float:
+        """The loop time from which a pass may take this room (pacing, and the user count's)."""
+        if self.users_dirty and not self.has_news():
+            return max(self.next_at, self.users_at)
+        return self.next_at
 
     # The pass's side.
 
@@ -231,10 +243,17 @@ class RoomFlush:
                 tuple(oplog.session for _, oplog in lookups),
             )
         newcomers, self.newcomers = self.newcomers, []
-        users_changed, self.users_dirty = self.users_dirty, False
         observed, self.observed = self.observed, None
-        if users_changed:
+        if self.users_dirty:
             self.flusher.store.share_users(self.room.name, len(self.room.users))
+        # Everyone is told the user count at most every USERS_PERIOD: in a
+        # join storm, every join would otherwise be a broadcast to the whole
+        # room. A newcomer gets the current count in its welcome anyway.
+        now = asyncio.get_running_loop().time()
+        users_changed = self.users_dirty and now >= self.users_at
+        if users_changed:
+            self.users_dirty = False
+            self.users_at = now + USERS_PERIOD
         # The users now are the ones this pass writes to; one who joins
         # while it commits is a newcomer of the next pass.
         return Taken(
@@ -456,14 +475,14 @@ class Flusher:
                 ready = [
                     room
                     for room in self.dirty
-                    if not room.delivering and room.next_at <= now + MIN_PACING_DELAY
+                    if not room.delivering and room.ready_at() <= now + MIN_PACING_DELAY
                 ]
                 if ready:
                     for room in ready:
                         del self.dirty[room]
                     await self.flush(ready)
                     continue
-                waits = [room.next_at for room in self.dirty if not room.delivering]
+                waits = [room.ready_at() for room in self.dirty if not room.delivering]
                 if not waits:
                     break  # each room still writing asks again when it is done
                 await self.sleep(min(waits) - now)

@@ -27,6 +27,8 @@ from bench.reporting import RESULTS_DIR, Report, environment, loadavg, say, writ
 from bench.runs import conclude
 from bench.senders import SenderWorker
 from bench.servers import JOIN_FLOOR, SERVERS
+from bench.steady_floor import NAME as STEADY_FLOOR
+from bench.steady_floor import measure_steady_floor
 
 __all__ = ["main"]
 
@@ -54,7 +56,7 @@ FLAGS = (
     Flag("--output", "JSON results", Path, RESULTS_DIR / "latest.json"),
     Flag("--chart", "also draw a PNG chart of the last run here (needs matplotlib)", Path),
     Flag("--quick", "a small smoke run (seconds, not minutes)", None),
-    Flag("--no-floor", "skip the floors (socket.send loop, bare websockets join storm)", None),
+    Flag("--no-floor", "skip the floors (send() loops, bare websockets join storm)", None),
     Flag("--no-install", "never run npm ci for the Node peer (skip it instead)", None),
 )
 
@@ -89,7 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     save = functools.partial(write_json, args.output, report)
     for number in range(1, args.runs + 1):
         print(f"run {number} of {args.runs}", file=sys.stderr, flush=True)
-        run: Report = {"loadavg": loadavg(), "floor": None, "join_floor": None, "servers": {}}
+        run: Report = {
+            "loadavg": loadavg(),
+            "steady_floor": None,
+            "drain_floor": None,
+            "join_floor": None,
+            "servers": {},
+        }
         report["runs"].append(run)
         if not run_once(run, names, settings, floors=not args.no_floor, save=save):
             return 2
@@ -112,8 +120,8 @@ def run_once(
     """The floors, then every server in turn, into `run`; False if the load generator failed."""
     started = time.monotonic()
     if floors:
-        say("floor: plain socket.send loop")
-        run["floor"] = measure_floor(
+        say("drain floor: send() loop to a selectors reader (for reference)")
+        run["drain_floor"] = measure_floor(
             connections=settings.listeners, rate=settings.rate, duration=settings.duration
         )
     load = LoadGen(workers=settings.workers, host=settings.host, kind=SenderWorker)
@@ -121,6 +129,24 @@ def run_once(
     def measure(name: str) -> Report:
         if name == JOIN_FLOOR.name:
             return measure_join_floor(load, settings)
+        if name == STEADY_FLOOR:
+            say(f"steady floor: send() loop to {settings.listeners} listeners")
+            try:
+                return measure_steady_floor(
+                    load,
+                    host=settings.host,
+                    listeners=settings.listeners,
+                    rounds=settings.steady_actions,
+                    rate=settings.rate,
+                    # Counter-sync's value as its steady phase begins: a fresh
+                    # server's 0 plus the burst's actions; the same digits, the
+                    # same frame size.
+                    welcome_value=settings.burst,
+                    timeout=settings.timeout,
+                )
+            except Exception as exc:  # the servers still run without their floor
+                load.close()
+                return {"errors": [f"{type(exc).__name__}: {exc}"]}
         print(f"{name}: {SERVERS[name].description} ...", file=sys.stderr, flush=True)
         try:
             return measure_server(SERVERS[name], load, settings)
@@ -129,12 +155,13 @@ def run_once(
             return {"errors": [f"{type(exc).__name__}: {exc}"]}
 
     measured: Report = {}
-    order = [JOIN_FLOOR.name, *names] if floors else names
+    order = [JOIN_FLOOR.name, STEADY_FLOOR, *names] if floors else names
     ok = run_each(load, order, measure, measured, save)
     run["join_floor"] = measured.pop(JOIN_FLOOR.name, None)
+    run["steady_floor"] = measured.pop(STEADY_FLOOR, None)
     run["servers"] = measured
     if ok:
-        floor_us = run["floor"]["cpu_us_per_message"] if run["floor"] else None
+        floor_us = (run["steady_floor"] or {}).get("cpu_us_per_delivery")
         run["targets"] = targets(measured, floor_us, run["join_floor"], settings)
     run["seconds"] = time.monotonic() - started
     run["loadavg_after"] = loadavg()

@@ -19,6 +19,7 @@ from bench.ingest import Target, ingest_rows, ingest_targets
 from bench.measure import BenchSettings
 from bench.reporting import Report, fmt, meets, ratio, table, targets_table, verdict
 from bench.servers import NODE_DIR, node_ready
+from bench.steady_floor import steady_floor_line
 from testkit.processes import ROOT
 
 __all__ = [
@@ -86,7 +87,8 @@ def targets(
 
     Issue 18's goals come first, each against its floor measured in the same
     run: the join storm against the bare websockets server's, steady CPU
-    against the socket.send loop's; then the garbage collector's longest
+    against the steady floor's (a ``send()`` loop to the same listeners,
+    `floor_us` per delivery); then the garbage collector's longest
     pause and the capacity. The rest compare counter-sync with
     ``inline-broadcast``, or with itself (ingest).
     """
@@ -124,7 +126,7 @@ def targets(
             "",
         ),
         (
-            "steady CPU per delivery (x socket.send floor)",
+            "steady CPU per delivery (x steady floor: send() loop to the same listeners)",
             ratio(dig(subject, "steady", "cpu_us_per_delivery"), floor_us),
             "<=",
             1.3,
@@ -203,8 +205,16 @@ Row = tuple[str, Callable[[Report], str]]
 
 
 def rows(
-    settings: BenchSettings, floor_us: float | None, join_floor_s: float | None, base: Report | None
+    settings: BenchSettings,
+    floors: tuple[float | None, float | None, float | None],
+    base: Report | None,
 ) -> list[Row]:
+    """The table's rows, one (label, cell of a server's result) each.
+
+    ``floors``: the steady floor's and the drain floor's CPU per delivery
+    (us), and the join storm floor's time until every handshake (s).
+    """
+    floor_us, drain_us, join_floor_s = floors
     n, k = settings.listeners, settings.burst
 
     def timed(path: tuple[str, ...], reached: str) -> Callable[[Report], str]:
@@ -309,11 +319,13 @@ def rows(
         ("  server CPU (s)", figure("burst", "server_cpu_seconds")),
         ("  less CPU than inline-broadcast", vs_base(("burst", "server_cpu_seconds"))),
         ("  CPU per delivery (us)", figure("burst", "cpu_us_per_delivery")),
-        ("  x socket.send floor", times(("burst", "cpu_us_per_delivery"), floor_us)),
+        ("  x steady floor", times(("burst", "cpu_us_per_delivery"), floor_us)),
         ("  frames per listener", per_listener(("burst", "frames_received"))),
         (f"steady {settings.rate:g}/s: delay p50/p99/max (ms)", steady_delays),
         ("  server CPU per delivery (us)", figure("steady", "cpu_us_per_delivery")),
-        ("  x socket.send floor", times(("steady", "cpu_us_per_delivery"), floor_us)),
+        ("  bytes per frame (payload)", figure("steady", "payload_bytes_per_frame")),
+        ("  x steady floor (same listeners)", times(("steady", "cpu_us_per_delivery"), floor_us)),
+        ("  x drain floor (selectors reader)", times(("steady", "cpu_us_per_delivery"), drain_us)),
         (
             "  x inline-broadcast",
             vs_base(("steady", "cpu_us_per_delivery"), smaller_is_better=False),
@@ -347,19 +359,24 @@ def join_floor_line(join_floor: Report) -> str:
 def render_table(report: Report, settings: BenchSettings, skipped: dict[str, str]) -> str:
     """One run's table, its floors, what went wrong, and its targets."""
     servers: Report = report["servers"]
-    floor = report.get("floor")
-    floor_us = floor["cpu_us_per_message"] if floor else None
+    steady_floor, drain_floor = report.get("steady_floor"), report.get("drain_floor")
     join_floor = report.get("join_floor")
-    join_floor_s = dig(join_floor, "join", "handshakes_seconds")
+    floors = (
+        dig(steady_floor, "cpu_us_per_delivery"),
+        dig(drain_floor, "cpu_us_per_message"),
+        dig(join_floor, "join", "handshakes_seconds"),
+    )
     names = list(servers)
     cells = [["", *names]]
-    for label, cell in rows(settings, floor_us, join_floor_s, servers.get(BASELINE)):
+    for label, cell in rows(settings, floors, servers.get(BASELINE)):
         cells.append([label, *(cell(servers[name]) for name in names)])
     lines = [table(cells, align="<" + ">" * len(names), rule_after=1)]
-    if floor or join_floor:
+    if steady_floor or drain_floor or join_floor:
         lines.append("")
-    if floor:
-        lines.append(floor_line(floor))
+    if steady_floor:
+        lines.append(steady_floor_line(steady_floor))
+    if drain_floor:
+        lines.append(floor_line(drain_floor))
     if join_floor:
         lines.append(join_floor_line(join_floor))
     for name, result in servers.items():
@@ -425,11 +442,8 @@ def draw_chart(report: Report, whole: Report, path: Path) -> str:
         ax.tick_params(axis="x", rotation=20)
         if all(v > 0 for v in values) and max(values) / min(values) > 50:
             ax.set_yscale("log")
-    floor = report.get("floor")
-    if floor:
-        axes.flat[3].axhline(
-            floor["cpu_us_per_message"], color="C3", linestyle="--", label="socket.send floor"
-        )
+    if (floor_us := dig(report.get("steady_floor"), "cpu_us_per_delivery")) is not None:
+        axes.flat[3].axhline(floor_us, color="C3", linestyle="--", label="steady floor")
         axes.flat[3].legend()
     fig.suptitle(
         f"counter-sync bench, {whole['settings']['listeners']} listeners, "

@@ -1,17 +1,21 @@
-"""The kernel floor: what delivering one small frame costs with nothing on top.
+"""The drain floor: one small frame per socket, sent by a plain loop, read by a selectors process.
 
 A plain Python loop calls non-blocking `socket.send()` once per connection
-per round, with a 32-byte WebSocket text frame (the size of a state event),
-on TCP_NODELAY sockets that another process keeps draining. The sender's CPU
-time divided by the frames delivered is the cost no Python server can go
-below: the syscall and the loopback TCP path. A server's steady-state CPU per
-delivery is reported as a multiple of it.
+per round, with a 32-byte WebSocket text frame (a state event without
+``seq`` and ``epoch``), on TCP_NODELAY sockets that another process drains
+with ``selectors`` and ``recv()``. The sender's CPU time divided by the
+frames delivered is the cost of the syscall and the loopback TCP path.
+
+What a loopback ``send()`` costs depends on its receiver (how often it must
+be woken, how fast it reads), and this one's is not the bench's listeners:
+the steady phase's floor is :mod:`bench.steady_floor`, a ``send()`` loop to
+the same listeners the servers send to. ``python -m bench`` shows this one
+beside it for reference; ``python -m bench.rooms`` reports it with its rooms
+floor (:mod:`bench.rooms.floor`, which builds its frames here).
 
 The rounds are paced like the bench's steady phase (the same rate and
 duration by default), because a loop that sends back to back keeps caches
-warm in a way a server woken ten times a second does not. Many small rooms,
-each woken by its own client, have a floor of their own
-(:mod:`bench.rooms.floor`).
+warm in a way a server woken ten times a second does not.
 
 Run alone: `python -m bench.floor --connections 1000 --rate 10 --duration 5`.
 """
@@ -159,7 +163,8 @@ def measure_floor(*, connections: int, rate: float, duration: float, timeout: fl
 def floor_line(floor: Report) -> str:
     """The floor's figure in one sentence, for a report."""
     return (
-        f"socket.send floor: {floor['cpu_us_per_message']:.2f} us CPU per delivered "
+        f"drain floor, send() loop to a selectors reader: "
+        f"{floor['cpu_us_per_message']:.2f} us CPU per delivered "
         f"{floor['frame_bytes']}-byte frame ({fmt(floor['delivered'])} of "
         f"{fmt(floor['messages'])} over {fmt(floor['connections'])} sockets, "
         f"{floor['rate']:g} rounds/s)"

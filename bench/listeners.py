@@ -60,6 +60,7 @@ class Group:
         self.value_reached = 0
         self.recording = False
         self.frames = 0
+        self.payload_bytes = 0  # of the text frames counted in `frames`
         self.errors = 0
         self.gone = 0  # idle connections that closed before they saw the value target
         self.changed = asyncio.Event()
@@ -82,7 +83,7 @@ class Group:
         now = time.monotonic()
         self.target_users, self.target_value, self.recording = users, value, record
         self.users_reached = self.value_reached = 0
-        self.frames = 0
+        self.frames = self.payload_bytes = 0
         for listener in self.listeners:
             listener.users_at = listener.value_at = None
             listener.history = [] if record else None
@@ -126,8 +127,10 @@ class Listener(WSListener):
                 self.first_at = now
             group = self.group
             group.frames += 1
+            payload = frame.get_payload_as_bytes()
+            group.payload_bytes += len(payload)
             try:
-                event = json.loads(frame.get_payload_as_bytes())
+                event = json.loads(payload)
                 if event["type"] == "state":
                     self.on_value(int(event["value"]), now)
                 elif event["type"] == "users":
@@ -340,6 +343,7 @@ class Worker:
             "open": expected(),
             "last": max(times, default=None),
             "frames": group.frames,
+            "payload_bytes": group.payload_bytes,
             "errors": group.errors,
         }
 

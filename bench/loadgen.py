@@ -18,11 +18,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from bench.listeners import Reply, Worker, worker_main
 from bench.proc import CpuWatch
-from bench.servers import RunningServer
 
 __all__ = ["JoinResult", "LoadGen", "LoadGenError", "Progress", "Usage", "run_each", "shares"]
 
@@ -47,7 +46,13 @@ class Progress:
     open: int
     last: float | None  # the latest time a listener reached it
     frames: int
+    payload_bytes: int  # of those frames: their size, as the listeners saw it
     errors: int
+
+    @property
+    def payload_bytes_per_frame(self) -> float | None:
+        """The frames' mean payload size; None when none came."""
+        return self.payload_bytes / self.frames if self.frames else None
 
 
 @dataclass
@@ -281,6 +286,7 @@ class LoadGen:
             open=sum(r["open"] for r in replies),
             last=max((r["last"] for r in replies if r["last"] is not None), default=None),
             frames=sum(r["frames"] for r in replies),
+            payload_bytes=sum(r["payload_bytes"] for r in replies),
             errors=sum(r["errors"] for r in replies),
         )
 
@@ -346,10 +352,17 @@ class LoadGen:
         self.ask(calls, 10)
 
 
+class Watched(Protocol):
+    """A process whose CPU a phase measures: a server under test, or a floor."""
+
+    @property
+    def pid(self) -> int: ...
+
+
 class Usage:
     """CPU used by the server and by each load generator worker over a phase."""
 
-    def __init__(self, server: RunningServer, load: LoadGen) -> None:
+    def __init__(self, server: Watched, load: LoadGen) -> None:
         self.load = load
         self.server = CpuWatch(server.pid)
         self.loadgen_cpu = load.cpu()

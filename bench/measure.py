@@ -241,6 +241,8 @@ def phase_steady(
         **spread_ms(delays),
         "mean_ms": statistics.fmean(delays) * 1e3 if delays else None,
         "frames_received": progress.frames,
+        # Checked against the steady floor's: a floor of other sizes is not the same work.
+        "payload_bytes_per_frame": progress.payload_bytes_per_frame,
         "error_events": progress.errors,
         "driver": load.drive("driver_status", 5),
         **used,

@@ -25,6 +25,7 @@ from bench.runs import median_targets
 from bench.scrape import gc_pauses, parse_exposition
 from bench.senders import MODES
 from bench.servers import SERVERS
+from bench.steady_floor import accept_key, opening_response
 from testkit.processes import ROOT
 from tests.helpers import require_module, unavailable
 
@@ -152,10 +153,32 @@ def test_ingest_counts_every_action_plain_and_with_sessions_on_counter_sync_only
     assert ingest["ratio_cpu"] is not None and ingest["ratio_seconds"] is not None
 
 
-def test_floor_delivers_every_frame_it_sends(first: dict[str, Any]) -> None:
-    floor = first["floor"]
+def test_drain_floor_delivers_every_frame_it_sends(first: dict[str, Any]) -> None:
+    floor = first["drain_floor"]
     assert floor["delivered"] == floor["messages"] == floor["rounds"] * LISTENERS
     assert floor["would_block"] == 0
+
+
+def test_steady_floor_sends_every_round_to_every_listener(first: dict[str, Any]) -> None:
+    floor = first["steady_floor"]
+    assert "errors" not in floor, floor.get("errors")
+    assert floor["connections"] == LISTENERS, "the listeners connect to it as to a server"
+    assert floor["delivered"] == floor["sent"] == floor["rounds"] * LISTENERS
+    assert floor["would_block"] == floor["failed"] == 0
+    assert floor["converged"], "every listener saw every round's value"
+    assert floor["missing"] == floor["error_events"] == 0
+    assert floor["count"] == floor["rounds"] * LISTENERS, "one delay per listener and round"
+    assert floor["payload_bytes_per_frame"] == pytest.approx(floor["frame_bytes"] - 2), "unmasked"
+    assert floor["cpu_us_per_delivery"] > 0
+
+
+def test_steady_floor_frames_are_the_size_of_counter_syncs(first: dict[str, Any]) -> None:
+    if (reason := UNAVAILABLE.get("counter-sync")) is not None:
+        unavailable(f"counter-sync: {reason}")
+    mine = first["steady_floor"]["payload_bytes_per_frame"]
+    theirs = first["servers"]["counter-sync"]["steady"]["payload_bytes_per_frame"]
+    # The same values and serializer; only seq may have a digit less after the coalesced burst.
+    assert abs(mine - theirs) <= 1
 
 
 def test_every_target_is_reported_with_its_bound_and_its_median(
@@ -223,7 +246,18 @@ def test_gc_pauses_of_a_phase_come_from_two_scrapes() -> None:
     assert gc_pauses(before, parse_exposition(""))["longest_ms"] is None, "no metric: no figure"
 
 
-def test_floor_frame_is_a_32_byte_unmasked_text_frame() -> None:
+def test_steady_floor_accepts_the_opening_handshake_as_rfc_6455_says() -> None:
+    assert accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", "RFC's example"
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    response = opening_response(request)
+    assert response is not None
+    assert response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response
+    assert response.endswith(b"\r\n\r\n")
+    assert opening_response(b"GET / HTTP/1.1\r\nHost: x\r\n") is None, "no key, no upgrade"
+
+
+def test_drain_floor_frame_is_a_32_byte_unmasked_text_frame() -> None:
     frame = state_frame(12345)
     assert len(frame) == 32
     assert frame[0] == 0x81, "FIN + text opcode"

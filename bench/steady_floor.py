@@ -177,7 +177,7 @@ class _Floor:
             return
         self.clients.append(sock)
         # What counter-sync sends a newcomer first: the users count, then the state.
-        state = RoomState(self.welcome_value, self.welcome_value, self.epoch)
+        state = RoomState(self.welcome_value, 0, self.epoch)
         first = text_frame(users_event(len(self.clients))) + text_frame(state_event(state))
         try:
             sock.sendall(response + first)  # a few hundred bytes into an empty buffer
@@ -189,7 +189,7 @@ class _Floor:
         """``rounds`` rounds at ``rate`` a second, each one state frame to every connection.
 
         Round i sends the value ``welcome_value + i + 1``, as the steady
-        phase's i-th action makes. Returns each round's (value, when it
+        phase's i-th action makes, at seq ``i + 1``. Returns each round's (value, when it
         began), for the listeners' delays, the frames' mean size, and how
         often a send would have blocked or failed (counted so that neither
         can hide).
@@ -200,7 +200,9 @@ class _Floor:
         for i in range(rounds):
             time.sleep(max(0.0, start + i / rate - time.monotonic()))
             value = self.welcome_value + i + 1
-            frame = text_frame(state_event(RoomState(value, value, self.epoch)))
+            # seq counts commits, one per round, as counter-sync's counts its
+            # flushes (a few for the coalesced burst): the same digits.
+            frame = text_frame(state_event(RoomState(value, i + 1, self.epoch)))
             frame_bytes += len(frame)
             sends.append((value, time.monotonic()))
             for sock in self.clients:

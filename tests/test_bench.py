@@ -177,7 +177,7 @@ def test_steady_floor_frames_are_the_size_of_counter_syncs(first: dict[str, Any]
         unavailable(f"counter-sync: {reason}")
     mine = first["steady_floor"]["payload_bytes_per_frame"]
     theirs = first["servers"]["counter-sync"]["steady"]["payload_bytes_per_frame"]
-    # The same values and serializer; only seq may have a digit less after the coalesced burst.
+    # The same values and serializer; seq counts commits, the burst's coalesced on the server.
     assert abs(mine - theirs) <= 1
 
 

@@ -202,6 +202,10 @@ class Gate:
                 f"origin {origin} not allowed",
                 "origin",
             )
+        return self.over_a_cap(address=address, users=users)
+
+    def over_a_cap(self, *, address: str, users: int) -> Refusal | None:
+        """Which cap on users (overall, from ``address``) one more would pass, or None."""
         if users >= self.settings.max_users:
             return Refusal(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
@@ -302,12 +306,15 @@ def cannot_be_rebound(hostname: str) -> bool:
 
 
 def fit_to_open_files(settings: Settings) -> Settings:
-    """Raise the open-files limit to what the caps need, or lower the caps to fit it.
+    """Raise the open-files limit to what the caps need, or lower what fits to it.
 
-    Every user and every handshake in progress is an open file, and so is
-    every connection the kernel queued for accept: the event loop accepts the
-    whole queue at once, so the listen backlog must fit too. Beyond the limit,
-    accept() fails and the loop drops or stalls every queued client alike.
+    Every user and every handshake in progress is an open file, and so,
+    briefly, is every connection the kernel queued for accept: the event loop
+    accepts a whole queue at once, refused ones included, and asyncio's own
+    loop stops accepting for a second when accept() runs out of files. The
+    queue (the listen backlog) holds no file until then, so it gives way
+    first: it is shortened to the files left over by the users and pending
+    handshakes, down to FITTED_MINIMUM; only then are the caps lowered.
     """
     needed = settings.max_users + settings.max_pending + settings.listen_backlog + FD_HEADROOM
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -317,6 +324,19 @@ def fit_to_open_files(settings: Settings) -> Settings:
     if soft >= needed:
         return settings
     spare = soft - FD_HEADROOM
+    left_over = spare - settings.max_users - settings.max_pending
+    if left_over >= FITTED_MINIMUM:  # the caps fit: a shorter queue is enough
+        fitted = dataclasses.replace(settings, listen_backlog=left_over)
+        log.info(
+            "open-files limit %d: listen backlog %d (of %d) beside --max-users %d and "
+            "--max-pending %d",
+            soft,
+            left_over,
+            settings.listen_backlog,
+            settings.max_users,
+            settings.max_pending,
+        )
+        return fitted
     share = max(FITTED_MINIMUM, int(spare * FITTED_SHARE))
     backlog = min(settings.listen_backlog, share)
     pending = min(settings.max_pending, share)

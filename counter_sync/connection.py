@@ -71,6 +71,7 @@ class Connection(ServerConnection):
     # Slots: the library's connection keeps its state in a __dict__ already
     # near a resize; what this class adds must not double it on every connection.
     __slots__ = (
+        "address",
         "client",
         "drop_reason",
         "ended_by",
@@ -109,6 +110,7 @@ class Connection(ServerConnection):
         self.room = ""
         self.session: str | None = None
         self.client = "unknown peer"
+        self.address = ""  # the address alone, as the caps count it
         self.grant = ANYONE  # what it may do: set from its token, or --anonymous
         # What the request asked for, set by the HTTP side: a label of the
         # HTTP requests metric, counted with the status once it is answered.
@@ -177,9 +179,7 @@ class Connection(ServerConnection):
         finally:
             self.end_handshake()
             if self.request is not None and self.response is not None:
-                self.metrics.http_requests.labels(
-                    self.endpoint, str(self.response.status_code)
-                ).inc()
+                self.metrics.count_http(self.endpoint, self.response.status_code)
 
     def end_handshake(self) -> None:
         self.gate.end_handshake(self)

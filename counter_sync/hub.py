@@ -186,6 +186,24 @@ class Hub:
                 )
         return grant
 
+    def over_a_cap(self, room: str, address: str, user: str | None) -> Refusal | None:
+        """Which cap one more connection would pass (the caps only: the rest was checked)."""
+        refusal = self.gate.over_a_cap(address=address, users=self.count_here())
+        if refusal is None and user is not None and self.gate.users.full(user):
+            refusal = Refusal(
+                http.HTTPStatus.TOO_MANY_REQUESTS,
+                "too many connections for this user",
+                "",
+                "per_user",
+            )
+        if refusal is None and self.draining:
+            refusal = Refusal(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "server is restarting", "", "draining"
+            )
+        if refusal is None and (reason := self.refuse_room(room)) is not None:
+            refusal = Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, reason, reason, "rooms")
+        return refusal
+
     def opens_room(self, name: str) -> bool:
         """Whether a connection to ``name`` would open a room nobody is in here."""
         room = self.rooms.get(name)
@@ -233,25 +251,16 @@ class Hub:
         """Serve one client after its handshake, in the room its request named."""
         request = websocket.request
         assert request is not None  # the handshake is done
-        name = websocket.room  # set by the HTTP side, which let only room paths through
+        # Set by the HTTP side, which let only room paths through, and read
+        # the address once.
+        name, address, user = websocket.room, websocket.address, websocket.grant.user
         # process_request refused what it could; this closes the few that
         # passed it together during a storm of concurrent handshakes.
-        refusal = self.refuse(name, peer_ip=websocket.peer_ip, headers=request.headers)
-        user = websocket.grant.user
-        if refusal is None and user is not None and self.gate.users.full(user):
-            refusal = Refusal(
-                http.HTTPStatus.TOO_MANY_REQUESTS,
-                "too many connections for this user",
-                "",
-                "per_user",
-            )
+        refusal = self.over_a_cap(name, address, user)
         if refusal is not None:
             self.metrics.handshakes_rejected.labels(refusal.kind).inc()
             await websocket.close(CloseCode.TRY_AGAIN_LATER, refusal.reason)
             return
-        address = self.gate.client_address(
-            websocket.peer_ip, request.headers.get("X-Forwarded-For")
-        )
         self.connections += 1
         self.gate.user_joined(address)
         limit = self.gate.users.join(user, websocket.loop.time())

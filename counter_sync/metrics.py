@@ -14,6 +14,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
 from prometheus_client.core import CounterMetricFamily
@@ -100,6 +101,8 @@ class Metrics:
             ["endpoint", "status"],
             registry=registry,
         )
+        # Bounded: the endpoints are a fixed set, the statuses the server's own.
+        self.http_series: dict[tuple[str, int], Any] = {}
         self.broadcasts = Counter(
             "counter_sync_broadcasts", "Messages sent to a room's users.", registry=registry
         )
@@ -165,6 +168,14 @@ class Metrics:
         )
         self.gc_pauses = GcPauses(self.gc_pause_seconds, self.gc_longest_pause_seconds)
         self.lag_task: asyncio.Task[None] | None = None
+
+    def count_http(self, endpoint: str, status: int) -> None:
+        """Count one HTTP request answered; its series looked up once (labels() takes a lock)."""
+        key = (endpoint, status)
+        series = self.http_series.get(key)
+        if series is None:
+            series = self.http_series[key] = self.http_requests.labels(endpoint, str(status))
+        series.inc()
 
     def read_live(
         self,

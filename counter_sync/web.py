@@ -154,6 +154,7 @@ class Web:
         address = self.hub.gate.client_address(websocket.peer_ip, headers.get("X-Forwarded-For"))
         if address != websocket.peer_ip:
             websocket.client = address
+        websocket.address = address
         return address
 
     def charge(self, address: str, websocket: Connection) -> int | None:

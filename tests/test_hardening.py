@@ -192,6 +192,18 @@ def test_silent_sockets_beyond_the_open_files_limit_leave_room_for_others(
     assert "Traceback" not in log
 
 
+def test_a_limit_that_fits_the_caps_shortens_the_listen_queue_not_the_caps(
+    server_process: StartProcess,
+) -> None:
+    # 800 users, 100 pending and 64 spare fit in 1024 files; the queue of 4096
+    # connections not yet accepted holds no file: it gives way, not the users.
+    process = server_process("--max-users", "800", "--max-pending", "100", open_files=1024)
+    assert "open-files limit 1024: listen backlog 60 (of 4096)" in process.log, process.log
+    assert "is below" not in process.log
+    returncode, log = process.stop()
+    assert returncode == 0, log
+
+
 # --- 4. Per-address connection cap ------------------------------------------------
 
 

@@ -189,10 +189,10 @@ class _Floor:
         """``rounds`` rounds at ``rate`` a second, each one state frame to every connection.
 
         Round i sends the value ``welcome_value + i + 1``, as the steady
-        phase's i-th action makes, at seq ``i + 1``. Returns each round's (value, when it
-        began), for the listeners' delays, the frames' mean size, and how
-        often a send would have blocked or failed (counted so that neither
-        can hide).
+        phase's i-th action makes, at seq ``i + 1``. Returns each round's
+        (value, when it began), for the listeners' delays, the frames' mean
+        size, and how often a send would have blocked or failed (counted so
+        that neither can hide).
         """
         sends: list[tuple[int, float]] = []
         would_block = failed = frame_bytes = 0

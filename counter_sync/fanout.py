@@ -157,7 +157,7 @@ class FanOut:
         everyone, extras, lagging = delivery.everyone, delivery.extras, self.lagging
         open_, write = State.OPEN, os.write
         for websocket in websockets:
-            if websocket.paused_for_writes or websocket in lagging:
+            if websocket.paused_for_writes or (lagging and websocket in lagging):
                 # Over WRITE_BUFFER_LIMIT: skipped now, caught up once drained.
                 if websocket not in lagging:
                     self.start_catch_up(websocket, audience)

@@ -24,7 +24,7 @@ from counter_sync.config import (
     WRITE_BUFFER_LIMIT,
     Settings,
 )
-from counter_sync.connection import Connection, LivenessWatch
+from counter_sync.connection import Connection, ConnectionSweep
 from counter_sync.fanout import cap_socket_buffers
 from counter_sync.hub import Hub
 from counter_sync.store import MemoryStore, Store, StoreError
@@ -41,7 +41,7 @@ class App:
 
     hub: Hub
     server: Server
-    watch: LivenessWatch
+    watch: ConnectionSweep
 
     @property
     def port(self) -> int:
@@ -144,9 +144,10 @@ async def start(settings: Settings) -> App:
     await store.open()
     hub = Hub(settings, store)
     await hub.open_default_room()
-    keepalive = settings.ping_interval > 0 and settings.ping_timeout > 0
-    watch = LivenessWatch(
-        settings.ping_interval + settings.ping_timeout if keepalive else None, hub.every_user
+    watch = ConnectionSweep(
+        ping_interval=settings.ping_interval or None,
+        ping_timeout=settings.ping_timeout or None,
+        connections=hub.every_user,
     )
     connection = functools.partial(Connection, gate=hub.gate, metrics=hub.metrics)
     server = await serve(
@@ -159,8 +160,10 @@ async def start(settings: Settings) -> App:
         # ~64 KiB of zlib state per connection.
         compression=None,
         max_size=settings.max_message_size,
-        ping_interval=settings.ping_interval or None,
-        ping_timeout=settings.ping_timeout or None,
+        # Keepalive is the shared sweep's (ConnectionSweep), not a task per
+        # connection.
+        ping_interval=None,
+        ping_timeout=None,
         close_timeout=CLOSE_TIMEOUT,
         open_timeout=settings.handshake_timeout,
         write_limit=WRITE_BUFFER_LIMIT,

@@ -85,6 +85,7 @@ __all__ = [
     "SWEEP_INTERVAL",
     "SWEEP_LIMIT",
     "SWEEP_PERIOD",
+    "SWEEP_SLICE",
     "USERS_PERIOD",
     "WRITE_BUFFER_LIMIT",
     "Settings",
@@ -132,8 +133,8 @@ FEED_SIZE = 1024
 # Client addresses whose warnings are throttled one by one: beyond, the idle
 # ones are dropped, so an attacker with many addresses cannot grow the table.
 MAX_LOG_KEYS = 4096
-# Sweeps of the connections per liveness deadline (ping interval + timeout):
-# a silent peer goes at most a quarter of the deadline late.
+# Sweeps of the connections per ping interval: a silent peer is pinged at most
+# a quarter of the interval late (and failed or dropped as late).
 SWEEPS_PER_DEADLINE = 4
 # What survives a full garbage collection is frozen (see counter_sync.collector);
 # it is thawed once connections that closed since add up to this share of those
@@ -305,6 +306,9 @@ MAX_API_PAGE = 1000
 # expired tokens): one sweep for all instead of a timer each, and a second is
 # as late as a liveness drop or a token's expiry may come.
 SWEEP_PERIOD = 1.0
+# Connections the sweep looks at per event-loop turn: a slice costs about a
+# millisecond, so 19,000 connections never hold the loop for long at once.
+SWEEP_SLICE = 1000
 # Connections one token's user may hold on an instance at once: a person has a
 # few tabs and devices, not a hundred; beyond, 429.
 MAX_CONNECTIONS_PER_USER = 10

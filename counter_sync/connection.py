@@ -33,17 +33,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from counter_sync.admission import Gate
 from counter_sync.config import (
-    CLOSE_TIMEOUT,
     FEED_SIZE,
     MAX_API_BODY,
     MAX_API_HEAD,
     SWEEP_PERIOD,
+    SWEEP_SLICE,
     SWEEPS_PER_DEADLINE,
 )
 from counter_sync.logs import fields
@@ -51,7 +52,7 @@ from counter_sync.metrics import Metrics
 from counter_sync.tasks import Supervisor
 from counter_sync.tokens import Grant
 
-__all__ = ["BodyError", "Connection", "LivenessWatch", "disconnect_kind", "log_disconnect"]
+__all__ = ["BodyError", "Connection", "ConnectionSweep", "disconnect_kind", "log_disconnect"]
 
 log = logging.getLogger("counter_sync.connection")
 
@@ -85,6 +86,7 @@ class Connection(ServerConnection):
         "metrics",
         "paused_for_queue",
         "paused_for_writes",
+        "pinged_at",
         "reading_paused",
         "room",
         "session",
@@ -122,6 +124,7 @@ class Connection(ServerConnection):
         self.reading_paused = False
         self.unread = b""  # read, not yet handed to the protocol
         self.last_heard = self.loop.time()
+        self.pinged_at = 0.0  # when the sweep last pinged it (loop time)
         self.head_seen = b""  # the end of the request head so far
         self.intake: BodyIntake | None = None  # an API write's body, taken aside
         # The socket's descriptor, for fan-out to write to directly while the
@@ -285,6 +288,12 @@ class Connection(ServerConnection):
             # Not from here: this may run inside the library's own calls.
             self.loop.call_soon(self.feed)
 
+    def ping_now(self, now: float) -> None:
+        """Send a keepalive ping at once (the sweep's): a live peer answers, and is heard from."""
+        self.protocol.send_ping(b"")
+        self.send_data()
+        self.pinged_at = now
+
     def drop(self, reason: str) -> None:
         """Abort the TCP connection as dead; the handler logs ``reason`` when it sees it go."""
         self.ended_by = "liveness_deadline"
@@ -362,25 +371,36 @@ class BodyIntake:
             self.done.set_exception(BodyError(status, reason))
 
 
-class LivenessWatch:
-    """One sweep over every connection, a second apart at most: the silent ones, the expired.
+class ConnectionSweep:
+    """One sweep over every connection, shared, in place of a task and timers per connection.
 
-    Silent: ``deadline`` is ``ping_interval + ping_timeout``; a live peer
-    answers each ping within ``ping_timeout``, so it is heard from at least
-    that often. A peer whose writes are stuck is dropped at the deadline: the
-    library's ping waits behind them. Any other silent peer is the library's
-    to fail (1011, "keepalive ping timeout", then the close timeout); this one
-    only backs it up, a close timeout later. None (keepalive off) drops none.
+    Keepalive: a connection nothing was heard from for ``ping_interval`` is
+    sent a ping (a live peer answers it, and is heard from); one that answers
+    nothing for ``ping_timeout`` after it is failed with 1011, "keepalive ping
+    timeout", as the library would. The library's own keepalive is off: it is
+    a task and a timer per connection, which cost memory on every connection
+    and a wake-up per ping.
 
-    Expired: a connection whose token's ``exp`` has passed is closed with
-    1008 "token expired" within a second of it. One sweep for all, not a
-    timer per connection.
+    Stuck: a peer whose writes are stuck (it stopped reading) cannot get our
+    ping through; it is dropped once nothing was heard from it for
+    ``ping_interval + ping_timeout`` (the liveness deadline). Expired: a
+    connection whose token's ``exp`` has passed is closed with 1008 "token
+    expired".
+
+    The sweep runs every ``SWEEP_PERIOD`` (or a quarter of the ping interval,
+    if shorter) and looks at ``SWEEP_SLICE`` connections per event-loop turn,
+    so that 19,000 connections never hold the loop at once.
     """
 
     def __init__(
-        self, deadline: float | None, connections: Callable[[], Iterable[Connection]]
+        self,
+        *,
+        ping_interval: float | None,
+        ping_timeout: float | None,
+        connections: Callable[[], Iterable[Connection]],
     ) -> None:
-        self.deadline = deadline
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         self.connections = connections  # every open connection, when called
         self.task: asyncio.Task[None] | None = None
         self.supervisor: Supervisor | None = None
@@ -396,38 +416,54 @@ class LivenessWatch:
                 await self.task
 
     async def run(self) -> None:
-        deadline = self.deadline
+        interval = self.ping_interval
         period = (
-            SWEEP_PERIOD if deadline is None else min(SWEEP_PERIOD, deadline / SWEEPS_PER_DEADLINE)
+            SWEEP_PERIOD if interval is None else min(SWEEP_PERIOD, interval / SWEEPS_PER_DEADLINE)
         )
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)
-            now, wall = loop.time(), time.time()
-            silent, expired = [], []
-            for connection in self.connections():
-                if deadline is not None and is_overdue(connection, now, deadline):
-                    silent.append(connection)
-                elif connection.grant.expires <= wall and connection.ended_by is None:
-                    expired.append(connection)
-            for connection in silent:
-                connection.drop(f"liveness deadline: nothing heard for more than {deadline:g} s")
-            for connection in expired:
-                self.expire(connection)
+            everyone = list(self.connections())
+            for start in range(0, len(everyone), SWEEP_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                now, wall = loop.time(), time.time()
+                for connection in everyone[start : start + SWEEP_SLICE]:
+                    self.look_at(connection, now, wall)
 
-    def expire(self, connection: Connection) -> None:
+    def look_at(self, connection: Connection, now: float, wall: float) -> None:
+        """Ping it, fail it, drop it or close it, if it is due; else nothing."""
+        if connection.ended_by is not None or connection.protocol.state is not State.OPEN:
+            return
+        if connection.grant.expires <= wall:
+            self.end(connection, "token_expired", CloseCode.POLICY_VIOLATION, "token expired")
+            return
+        interval, timeout = self.ping_interval, self.ping_timeout
+        if interval is None:
+            return
+        silent = now - connection.last_heard
+        if timeout is not None and connection.paused_for_writes and silent > interval + timeout:
+            connection.drop(
+                f"liveness deadline: nothing heard for more than {interval + timeout:g} s"
+            )
+        elif connection.pinged_at > connection.last_heard:  # a ping not answered yet
+            if timeout is not None and now - connection.pinged_at > timeout:
+                self.end(connection, None, CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        elif silent >= interval:
+            connection.ping_now(now)
+
+    def end(self, connection: Connection, kind: str | None, code: int, reason: str) -> None:
+        """Fail the connection with ``code``: its close frame, then the close timeout."""
         assert self.supervisor is not None
-        connection.ended_by = "token_expired"
-        self.supervisor.start(
-            connection.close(CloseCode.POLICY_VIOLATION, "token expired"), name="token expired"
-        )
+        connection.ended_by = kind
+        self.supervisor.start(fail(connection, code, reason), name=reason)
 
 
-def is_overdue(connection: Connection, now: float, deadline: float) -> bool:
-    silent_for = now - connection.last_heard
-    if connection.paused_for_writes:
-        return silent_for > deadline
-    return silent_for > deadline + CLOSE_TIMEOUT
+async def fail(connection: Connection, code: int, reason: str) -> None:
+    """Send a close frame and close the TCP connection within the close timeout, as the library."""
+    with contextlib.suppress(ConnectionClosed):
+        async with connection.send_context():
+            connection.protocol.fail(code, reason)
 
 
 # Why the server closed a connection, by the code it sent, where nobody said so.

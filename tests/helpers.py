@@ -12,8 +12,10 @@ import contextlib
 import http.client
 import importlib.util
 import json
+import resource
 import sqlite3
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,13 +25,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from counter_sync.app import App
 from counter_sync.counter import Room
 from counter_sync.store import DEFAULT_ROOM
-from testkit.processes import IN_CI, TIMEOUT, MissingBinary, find_binary
+from testkit.processes import IN_CI, TIMEOUT, LoggedProcess, MissingBinary, find_binary
+from tests import readers
 
 __all__ = [
     "http_request",
     "is_state",
     "join",
     "raw_http",
+    "reading_clients",
     "require_binary",
     "require_module",
     "room",
@@ -105,11 +109,34 @@ async def wait_for_users(websocket: ClientConnection, count: int) -> dict[str, A
     return await wait_for_event(websocket, lambda e: e == {"type": "users", "count": count})
 
 
+# How wait_until polls: on the next few loop turns first (most conditions hold
+# within a few, and a turn costs nothing while the loop has work), then after
+# waits doubling from POLL_FIRST to POLL_LAST. A long wait costs a wake-up every
+# POLL_LAST instead of every millisecond, and ends at most POLL_LAST late.
+POLL_TURNS = 4
+POLL_FIRST = 0.001
+POLL_LAST = 0.008
+
+
 async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll a server-side condition each loop turn (for state no client sees)."""
+    """Poll a server-side condition (for state no client sees); fail if it is not met in TIMEOUT.
+
+    For what the server exposes no event for: a client-visible change is
+    awaited on the client instead (``wait_for_event``).
+    """
     async with asyncio.timeout(TIMEOUT):
-        while not condition():  # noqa: ASYNC110 - the server exposes no event for these
-            await asyncio.sleep(0.001)
+        for delay in poll_delays():
+            if condition():
+                return
+            await asyncio.sleep(delay)
+
+
+def poll_delays() -> Iterator[float]:
+    yield from [0.0] * POLL_TURNS
+    delay = POLL_FIRST
+    while True:
+        yield delay
+        delay = min(2 * delay, POLL_LAST)
 
 
 async def raw_http(port: int, request: bytes, source: str = "127.0.0.1") -> bytes:
@@ -142,6 +169,30 @@ async def http_request(
             connection.close()
 
     return await asyncio.to_thread(request)
+
+
+@contextlib.asynccontextmanager
+async def reading_clients(app: App, path: str, count: int) -> AsyncIterator[None]:
+    """``count`` clients of ``path`` that read all they are sent, in a process of their own.
+
+    For a room whose broadcasts must really be written: clients in this
+    process would take the event loop from the server, and clients that do not
+    read are skipped. They are gone (reset) on leaving the block. Needs the
+    server's per-address caps raised to ``count`` users and
+    ``readers.BATCH`` pending handshakes.
+    """
+    needed = count + 1024  # the server's ends of them, and everything else here
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < needed:
+        unavailable(f"{count} connections need an open-files limit of {needed} (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    argv = [sys.executable, "-m", "tests.readers", str(app.port), path, str(count)]
+    # In a thread: this event loop must answer their handshakes meanwhile.
+    process = await asyncio.to_thread(LoggedProcess, argv, ready=f"^{readers.READY}")
+    try:
+        yield
+    finally:
+        process.kill()
 
 
 def room(app: App, name: str = DEFAULT_ROOM) -> Room:

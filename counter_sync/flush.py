@@ -53,6 +53,7 @@ from counter_sync.metrics import Metrics
 from counter_sync.oplog import OpLog
 from counter_sync.store import (
     Change,
+    MemoryStore,
     OpBatch,
     Outcome,
     RoomState,
@@ -213,9 +214,9 @@ class RoomFlush:
 
     def ready_at(self) -> float:
         """The loop time from which a pass may take this room (pacing, and the user count's)."""
-        if self.users_dirty and not self.has_news():
+        if self.users_dirty and self.room.users and not self.has_news():
             return max(self.next_at, self.users_at)
-        return self.next_at
+        return self.next_at  # nobody left to tell: the room goes at once
 
     # The pass's side.
 
@@ -250,7 +251,7 @@ class RoomFlush:
         # join storm, every join would otherwise be a broadcast to the whole
         # room. A newcomer gets the current count in its welcome anyway.
         now = asyncio.get_running_loop().time()
-        users_changed = self.users_dirty and now >= self.users_at
+        users_changed = self.users_dirty and (now >= self.users_at or not self.room.users)
         if users_changed:
             self.users_dirty = False
             self.users_at = now + USERS_PERIOD
@@ -434,7 +435,13 @@ class RoomFlush:
 
 
 class Flusher:
-    """Runs the passes: every room with something to flush, one commit for all, then delivery."""
+    """Runs the passes: every room with something to flush, one commit for all, then delivery.
+
+    A pass is a callback on the event loop, not a task: a memory store
+    commits at once, so a pass that writes ten frames costs no task. A store
+    that waits (SQLite, Redis) gets a task for its commit, and no other pass
+    runs before it returns: the rooms that get dirty meanwhile make the next.
+    """
 
     def __init__(
         self,
@@ -451,102 +458,132 @@ class Flusher:
         self.supervisor = supervisor
         self.on_doubt = on_doubt  # a commit's outcome is unknown: the hub stops the server
         self.dirty: dict[RoomFlush, None] = {}  # an ordered set: first come, first flushed
-        self.task: asyncio.Task[None] | None = None
-        self.wakeup: asyncio.Future[None] | None = None  # set while waiting for a paced room
+        # The next pass, called soon or at a paced room's time, and when.
+        self.next_pass: asyncio.Handle | None = None
+        self.next_pass_at = 0.0
+        self.committing: asyncio.Task[None] | None = None  # a store that waits
+        # The memory store commits at once: its passes need no task.
+        self.commit_now = store.apply_all if isinstance(store, MemoryStore) else None
 
     def schedule(self, room: RoomFlush) -> None:
         """Make sure ``room`` is flushed by a pass soon (idempotent).
 
-        Creating the task defers the pass to the next loop turn, after every
-        message already read in this one: that is the whole coalescing.
+        The pass is called on the next loop turn, after every message already
+        read in this one: that is the whole coalescing.
         """
         self.dirty[room] = None
-        if self.task is None:
-            self.task = self.supervisor.start(self.run(), name="flush")
-        elif self.wakeup is not None:
-            wake(self.wakeup)
-
-    async def run(self) -> None:
-        """Pass after pass while rooms are dirty, waiting only for paced rooms."""
+        if self.committing is not None:
+            return  # the pass after the commit takes it
         loop = asyncio.get_running_loop()
+        if self.next_pass is not None:
+            if self.next_pass_at <= loop.time() or room.ready_at() >= self.next_pass_at:
+                return
+            self.next_pass.cancel()  # a paced room's timer: this one is due sooner
+        self.next_pass_at = loop.time()
+        self.next_pass = loop.call_soon(self.run)
+
+    def plan(self) -> None:
+        """Call the next pass when the first dirty room is due, if any is waiting."""
+        waits = [room.ready_at() for room in self.dirty if not room.delivering]
+        if not waits or self.next_pass is not None:
+            return  # each room still writing asks again when it is done
+        loop = asyncio.get_running_loop()
+        self.next_pass_at = max(min(waits), loop.time())
+        self.next_pass = loop.call_at(self.next_pass_at, self.run)
+
+    def run(self, *, now_or_never: bool = False) -> None:
+        """One pass over the rooms that are due (all of them, ``now_or_never``), then plan."""
+        self.next_pass = None
         try:
-            while self.dirty:
-                now = loop.time()
-                ready = [
-                    room
-                    for room in self.dirty
-                    if not room.delivering and room.ready_at() <= now + MIN_PACING_DELAY
-                ]
-                if ready:
-                    for room in ready:
-                        del self.dirty[room]
-                    await self.flush(ready)
-                    continue
-                waits = [room.ready_at() for room in self.dirty if not room.delivering]
-                if not waits:
-                    break  # each room still writing asks again when it is done
-                await self.sleep(min(waits) - now)
-        finally:
-            self.task = None
+            loop = asyncio.get_running_loop()
+            due = loop.time() + MIN_PACING_DELAY
+            rooms = [
+                room
+                for room in self.dirty
+                if not room.delivering and (now_or_never or room.ready_at() <= due)
+            ]
+            for room in rooms:
+                del self.dirty[room]
+            if rooms and not self.flush(rooms):
+                return  # its commit waits for the store: the task plans the next
+        except Exception as exc:  # a bug: the hub stops the server, as for a task's
+            self.supervisor.crashed("flush pass", exc)
+            return
+        self.plan()
 
-    async def sleep(self, seconds: float) -> None:
-        """Wait for a paced room's turn, or less if another room gets dirty meanwhile."""
-        loop = asyncio.get_running_loop()
-        self.wakeup = wakeup = loop.create_future()
-        timer = loop.call_later(seconds, wake, wakeup)
-        try:
-            await wakeup
-        finally:
-            timer.cancel()
-            self.wakeup = None
-
-    async def flush(self, rooms: list[RoomFlush]) -> None:
-        """One pass: take each room's change, commit them all at once, then deliver room by room."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+    def flush(self, rooms: list[RoomFlush]) -> bool:
+        """Take each room's change and commit them all at once; False if that must wait."""
         taken = [room.take() for room in rooms]
         changes = [each.change for each in taken if each.change is not None]
+        started = asyncio.get_running_loop().time()
+        if changes and self.commit_now is None:
+            self.committing = self.supervisor.start(
+                self.commit_and_deliver(taken, changes, started), name="flush"
+            )
+            return False
+        outcomes: list[Outcome] = []
+        if changes and self.commit_now is not None:
+            outcomes = self.commit_now(changes)
+            self.metrics.store_commit_seconds.observe(asyncio.get_running_loop().time() - started)
+        self.deliver(taken, outcomes, None, started)
+        return True
+
+    async def commit_and_deliver(
+        self, taken: list[Taken], changes: list[Change], started: float
+    ) -> None:
+        """Await the store's commit, then deliver; then the next pass."""
+        loop = asyncio.get_running_loop()
         outcomes: list[Outcome] = []
         failure: StoreUnavailable | None = None
-        if changes:
-            was_up = self.store.healthy()
-            try:
-                outcomes = await self.store.commit(changes)
-            except StoreUnavailable as exc:
-                failure = exc
-                if was_up:  # one line per outage
-                    log.warning(
-                        "store unavailable, actions of %d room(s) rejected: %s",
-                        len(changes),
-                        exc,
-                        extra=fields("store_unavailable", reason=str(exc)),
-                    )
-            except StoreInDoubt as exc:
-                # Applied or not, nobody can tell: answering "not applied"
-                # could be a lie, so answer nothing and let the hub stop.
-                self.on_doubt(exc)
-                return
-            finally:
-                self.metrics.store_commit_seconds.observe(loop.time() - started)
+        was_up = self.store.healthy()
+        try:
+            outcomes = await self.store.commit(changes)
+        except StoreUnavailable as exc:
+            failure = exc
+            if was_up:  # one line per outage
+                log.warning(
+                    "store unavailable, actions of %d room(s) rejected: %s",
+                    len(changes),
+                    exc,
+                    extra=fields("store_unavailable", reason=str(exc)),
+                )
+        except StoreInDoubt as exc:
+            # Applied or not, nobody can tell: answering "not applied"
+            # could be a lie, so answer nothing and let the hub stop.
+            self.committing = None
+            self.on_doubt(exc)
+            return
+        self.metrics.store_commit_seconds.observe(loop.time() - started)
+        self.committing = None
+        self.deliver(taken, outcomes, failure, started)
+        self.run()
+
+    def deliver(
+        self,
+        taken: list[Taken],
+        outcomes: list[Outcome],
+        failure: StoreUnavailable | None,
+        started: float,
+    ) -> None:
+        """Hand each room what the store did with its change; each writes to its users."""
         results = iter(outcomes)
         for each in taken:
             outcome = next(results) if each.change is not None and failure is None else None
             each.room.finish(each, outcome, failure)
-        self.metrics.flush_seconds.observe(loop.time() - started)
+        self.metrics.flush_seconds.observe(asyncio.get_running_loop().time() - started)
 
     def idle(self) -> bool:
-        """Nothing taken in is waiting for the store (for tests and a clean stop)."""
-        return self.task is None and not self.dirty
+        """Nothing taken in is waiting for the store or a pass (for tests and a clean stop)."""
+        return self.committing is None and not self.dirty
 
     async def drain(self) -> None:
-        """Return once every change taken in has been committed, or failed to be."""
+        """Return once every change taken in has been committed, or failed to be; paced or not."""
         while not self.idle():
-            if self.task is not None:
-                await asyncio.wait({self.task})
+            if self.committing is not None:
+                await asyncio.wait({self.committing})
+            elif any(not room.delivering for room in self.dirty):
+                if self.next_pass is not None:
+                    self.next_pass.cancel()
+                self.run(now_or_never=True)
             else:
-                await asyncio.sleep(0)  # dirty rooms still writing ask again when done
-
-
-def wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+                await asyncio.sleep(0)  # rooms still writing ask again when done

@@ -330,6 +330,10 @@ class MemoryStore:
         return state
 
     async def commit(self, changes: Sequence[Change]) -> list[Outcome]:
+        return self.apply_all(changes)
+
+    def apply_all(self, changes: Sequence[Change]) -> list[Outcome]:
+        """:meth:`commit`, at once: nothing here waits (the flush needs no task for it)."""
         return [self.apply(change) for change in changes]
 
     def apply(self, change: Change) -> Outcome:

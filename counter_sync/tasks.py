@@ -42,11 +42,14 @@ class Supervisor:
 
     def ended(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
-        if task.cancelled() or (exc := task.exception()) is None:
-            return
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.crashed(task.get_name(), exc)
+
+    def crashed(self, name: str, exc: BaseException) -> None:
+        """A bug in ``name`` (a task, or a callback of ours): log the traceback; ``on_crash``."""
         log.error(
             "background task %r failed: %s",
-            task.get_name(),
+            name,
             exc,
             exc_info=(type(exc), exc, exc.__traceback__),
             extra={"event": "bug"},

@@ -86,6 +86,7 @@ class Connection(ServerConnection):
         "metrics",
         "paused_for_queue",
         "paused_for_writes",
+        "peer_ip",
         "pinged_at",
         "reading_paused",
         "room",
@@ -112,6 +113,7 @@ class Connection(ServerConnection):
         self.room = ""
         self.session: str | None = None
         self.client = "unknown peer"
+        self.peer_ip = ""  # the socket's remote address (behind a proxy, the proxy's)
         self.address = ""  # the address alone, as the caps count it
         self.grant = ANYONE  # what it may do: set from its token, or --anonymous
         # What the request asked for, set by the HTTP side: a label of the
@@ -135,12 +137,6 @@ class Connection(ServerConnection):
         self.ended_by: str | None = None
         self.drop_reason: str | None = None
 
-    @property
-    def peer_ip(self) -> str:
-        """The socket's remote address (behind a proxy, the proxy's)."""
-        peer = self.transport.get_extra_info("peername")
-        return str(peer[0]) if peer else ""
-
     # Admission before the handshake: count it, or refuse it at once; the
     # gate may evict a silent one (see Gate.admit_handshake) to make room.
 
@@ -151,8 +147,9 @@ class Connection(ServerConnection):
             self.fd = sock.fileno()
         self.recv_messages.pause = self.pause_for_queue
         self.recv_messages.resume = self.resume_for_queue
-        peer = self.transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")
         if peer:
+            self.peer_ip = self.address = str(peer[0])
             self.client = f"{peer[0]}:{peer[1]}"
         if self.gate.shut_out(self.peer_ip, self.loop.time()):
             # Told 429 and back before its Retry-After: a flood that ignores

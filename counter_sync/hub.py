@@ -40,8 +40,6 @@ log = logging.getLogger("counter_sync.hub")
 # /c/<name>: 1 to 64 of these characters, case-sensitive.
 ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ROOM_PREFIX = "/c/"
-# Headers admission reads one value of: two would make it guess which counts.
-SINGLE_HEADERS = ("Host", "Origin", "X-Forwarded-For")
 
 
 def room_from_path(path: str) -> str | None:
@@ -120,8 +118,12 @@ class Hub:
 
     # Who may come in: the same answer for the handshake and for the page's probe.
 
-    def refuse(self, room: str, *, peer_ip: str, headers: Headers) -> Refusal | None:
-        """Why a WebSocket to ``room`` from this request must be refused, or None."""
+    def refuse(self, room: str, *, address: str, headers: Headers) -> Refusal | None:
+        """Why a WebSocket to ``room`` from ``address`` with these headers must be refused, or None.
+
+        ``address`` is the client's, as the caps count it; the HTTP side read
+        it, and refused a request with a single-valued header repeated.
+        """
         if self.draining:
             return Refusal(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
@@ -129,11 +131,6 @@ class Hub:
                 "draining",
                 "draining",
             )
-        if any(len(headers.get_all(name)) > 1 for name in SINGLE_HEADERS):
-            return Refusal(
-                http.HTTPStatus.BAD_REQUEST, "malformed request", "repeated header", "malformed"
-            )
-        address = self.gate.client_address(peer_ip, headers.get("X-Forwarded-For"))
         refusal = self.gate.refuse(
             origin=headers.get("Origin"),
             host=headers.get("Host"),
@@ -147,14 +144,14 @@ class Hub:
         return refusal
 
     def admit(
-        self, room: str, *, peer_ip: str, headers: Headers, token: str | None, spend: bool
+        self, room: str, *, address: str, headers: Headers, token: str | None, spend: bool
     ) -> Grant | Refusal:
         """What a WebSocket to ``room`` from this request may do, or why it is refused.
 
         With ``spend``, a new room costs the client address one of its
         ``--new-rooms-per-ip``; without (the page's probe), it is only checked.
         """
-        refusal = self.refuse(room, peer_ip=peer_ip, headers=headers)
+        refusal = self.refuse(room, address=address, headers=headers)
         if refusal is not None:
             return refusal
         try:
@@ -169,7 +166,6 @@ class Hub:
                 "per_user",
             )
         if self.opens_room(room):
-            address = self.gate.client_address(peer_ip, headers.get("X-Forwarded-For"))
             now = asyncio.get_running_loop().time()
             budget = self.gate.new_rooms
             if (

@@ -34,7 +34,7 @@ from counter_sync.admission import (
 from counter_sync.api import API_PREFIX, Api
 from counter_sync.config import SESSION_ID
 from counter_sync.connection import Connection
-from counter_sync.hub import SINGLE_HEADERS, Hub, room_from_path
+from counter_sync.hub import Hub, room_from_path
 from counter_sync.logs import ThrottleByKey, fields
 from counter_sync.store import DEFAULT_ROOM
 from counter_sync.tokens import Grant
@@ -44,6 +44,8 @@ __all__ = ["PAGE", "Web"]
 log = logging.getLogger("counter_sync.web")
 
 SESSION = re.compile(SESSION_ID)
+# Headers admission reads one value of: two would make it guess which counts.
+SINGLE_HEADERS = ("Host", "Origin", "X-Forwarded-For")
 
 # client.html at the top of the repository is the one source: the package
 # holds a symbolic link to it, which a wheel turns into a copy.
@@ -197,7 +199,7 @@ class Web:
             raise MalformedRequest("bad session: 16 to 64 characters of A-Z a-z 0-9 _ -")
         admitted = self.hub.admit(
             room,
-            peer_ip=websocket.peer_ip,
+            address=address,
             headers=headers,
             token=token_of(headers, params),
             spend=True,
@@ -326,7 +328,7 @@ class Web:
                 headers["Origin"] = query["origin"]
             admitted = self.hub.admit(
                 room,
-                peer_ip=websocket.peer_ip,
+                address=websocket.address,
                 headers=headers,
                 token=token_of(headers, query),
                 spend=False,

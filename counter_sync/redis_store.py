@@ -192,6 +192,7 @@ def encode_deltas(deltas: tuple[int, ...]) -> str | list[int]:
         return "".join(SIGNS[delta] for delta in deltas)
     return list(deltas)
 
+
 # A state nobody was handed: the first real one replaces it (another epoch).
 UNKNOWN = RoomState(0, 0, "")
 

@@ -33,9 +33,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from counter_sync import sqlite_store
-from counter_sync.app import FLUSH_TIMEOUT, STORE_CLOSE_TIMEOUT
 from counter_sync.client import Client
-from counter_sync.config import CLOSE_TIMEOUT, MAX_VALUE, SESSION_TTL
+from counter_sync.config import (
+    CLOSE_TIMEOUT,
+    FLUSH_TIMEOUT,
+    MAX_VALUE,
+    SESSION_TTL,
+    STORE_CLOSE_TIMEOUT,
+)
 from counter_sync.sqlite_store import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
 from counter_sync.store import Change, MemoryStore, OpBatch, RoomState
 from testkit.processes import ROOT, TIMEOUT, ServerProcess

@@ -40,6 +40,10 @@ log = logging.getLogger("counter_sync.client")
 MAX_PENDING = 100
 # The error the server answers an op with when it skips ahead of the last done one.
 OUT_OF_ORDER = "op out of order"
+# Resending after a reconnect stays within the server's default rate limit
+# (20 a second, 40 at once), as the page does.
+RESEND_BURST = 30
+RESEND_RATE = 15.0
 # Seconds between reconnection attempts: doubling from the first to the last.
 RECONNECT_FIRST = 0.05
 RECONNECT_LAST = 2.0
@@ -77,6 +81,7 @@ class Client:
         self.epoch: str | None = None
         self.users: int | None = None
         self.stale_states = 0  # states older than the one shown: the server promises none
+        self.out_of_order = 0  # the first op refused as out of order, until started over
         self.connections = 0  # how many times it connected
         # Connected, and told what the server holds as done: new actions may go at once.
         self.websocket: ClientConnection | None = None
@@ -187,10 +192,15 @@ class Client:
                     self.websocket = websocket
             elif kind == "error" and "op" in event:
                 if event["error"] == OUT_OF_ORDER:
-                    await self.start_over(websocket)
-                    return
-                self.take_rejection(event["op"], event["error"])
+                    # Start over once the ops before it are settled: one sent
+                    # before it may yet be counted, and must not go again.
+                    self.out_of_order = min(self.out_of_order or event["op"], event["op"])
+                else:
+                    self.take_rejection(event["op"], event["error"])
             self.changed.set()
+            if self.out_of_order and not any(op < self.out_of_order for op in self.unacked):
+                await self.start_over(websocket)
+                return
 
     def take_state(self, event: dict[str, Any]) -> None:
         """Show a state unless it is older than the one shown (same history, lower seq)."""
@@ -223,6 +233,7 @@ class Client:
         numbered from 1 in the new session.
         """
         self.session = new_session()
+        self.out_of_order = 0
         self.renumber()
         await websocket.close()
 
@@ -232,5 +243,12 @@ class Client:
             self.rejected.append((op, reason))
 
     async def resend(self, websocket: ClientConnection) -> None:
-        for op, action in list(self.unacked.items()):
+        """Send the unacked actions again, in order, within the server's default rate limit.
+
+        A burst of ``RESEND_BURST``, then ``RESEND_RATE`` a second: a hundred
+        clicks queued while offline would otherwise be refused past the burst.
+        """
+        for index, (op, action) in enumerate(list(self.unacked.items())):
+            if index >= RESEND_BURST:
+                await asyncio.sleep(1 / RESEND_RATE)
             await websocket.send(json.dumps({"action": action, "op": op}))

@@ -1203,6 +1203,31 @@ async def events_until_closed_or_rejected(websocket: ClientConnection) -> list[d
     return events
 
 
+async def test_an_io_error_during_a_drain_still_stops_the_server_with_status_1(
+    faulty_disk: FaultyDisk, server_process: StartProcess, tmp_path: Path
+) -> None:
+    state = str(tmp_path / "counter.sqlite")
+    process = server_process(
+        "--rate", "0", "--state", state, "--drain-seconds", "30", env=faulty_disk.environment()
+    )
+    clients = [await connect(process.url) for _ in range(3)]  # one of them is drained first
+    for client in clients:
+        await connect_sequence(client)
+    process.process.send_signal(signal.SIGTERM)  # the drain begins, for 30 s
+    async with asyncio.timeout(TIMEOUT):
+        while (await store_health(process.port))[0] != 503:  # noqa: ASYNC110 - another process
+            await asyncio.sleep(0.01)
+    faulty_disk.fail("eio sync")
+    sender = next(client for client in clients if client.close_code is None)
+    await sender.send(PLUS)  # its commit's outcome is unknown: the server must not go on
+    returncode = await asyncio.to_thread(process.process.wait, TIMEOUT)  # well before the 30 s
+    process.reader.join(TIMEOUT)
+    assert returncode == 1, process.log
+    assert len([line for line in process.log.splitlines() if "CRITICAL" in line]) == 1
+    codes = {client.close_code for client in clients}
+    assert CloseCode.INTERNAL_ERROR in codes, codes  # 1011, not the drain's 1012
+
+
 @pytest.mark.parametrize("fault", ["eio sync", "eio write"])
 async def test_io_error_in_a_commit_stops_the_server_without_saying_not_applied(
     fault: str, faulty_disk: FaultyDisk, server_process: StartProcess, tmp_path: Path

@@ -24,7 +24,15 @@ from counter_sync import counter
 from counter_sync.app import App
 from counter_sync.config import WRITE_BUFFER_LIMIT
 from testkit.processes import TIMEOUT
-from testkit.rawclient import RawClient, connected_socket
+from testkit.rawclient import (
+    HOST,
+    SMALL_RCVBUF,
+    RawClient,
+    bound_socket,
+    check_upgraded,
+    connected_socket,
+    upgrade_request,
+)
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
     is_state,
@@ -87,34 +95,55 @@ async def test_a_stalled_reader_is_dropped_within_the_keepalive_deadline(
     start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "counter_sync")
-    interval, timeout = 2.0, 1.0
+    interval, timeout = 1.0, 0.5
     app = await start_server(ping_interval=interval, ping_timeout=timeout)
     watcher = await join(app, ping_interval=None)
     driver = await join(app, ping_interval=None)
     loop = asyncio.get_running_loop()
-    stalled = await RawClient.connect(app.port)
+    stalled = await stalled_reader(app.port)
     stalled_at = loop.time()
-    stalled.stop_reading()
-    # Thousands of updates back up behind the stalled reader before its first
-    # keepalive ping is due: the ping then waits behind them, and its timeout
-    # never starts. Only the liveness deadline can drop it. One update at a
-    # time: a burst would be coalesced into a few broadcasts.
     await wait_for_users(watcher, 3)
-    for value in range(1, 4001):
-        await driver.send(PLUS)
-        await wait_for_value(driver, value)
-    assert loop.time() - stalled_at < interval, "the flood must come before the first ping"
-    assert server_side(app, stalled.writer.get_extra_info("sockname")[1]).paused_for_writes
+    stalled_side = server_side(app, stalled.writer.get_extra_info("sockname")[1])
+    # Updates back up behind the stalled reader until its writes are stuck: a
+    # keepalive ping then waits behind them, and cannot be answered; only the
+    # liveness deadline can drop it. One update at a time: a burst would be
+    # coalesced into a few broadcasts.
+    value = 0
     async with asyncio.timeout(TIMEOUT):
-        while json.loads(await watcher.recv()) != {"type": "users", "count": 2}:
-            pass
-    assert loop.time() - stalled_at <= interval + timeout + 1
+        while not stalled_side.paused_for_writes:
+            value += 1
+            await driver.send(PLUS)
+            await wait_for_value(driver, value)
+    assert loop.time() - stalled_at < interval + timeout, "stuck before the deadline"
+    await wait_for_users(watcher, 2)
+    # The deadline, then at most one sweep (a quarter of the interval), and slack.
+    assert loop.time() - stalled_at <= interval + timeout + interval / 4 + 0.5
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("counter_sync")]
     assert any(
         "disconnected (liveness_deadline): code 1006, reason 'liveness deadline" in line
         for line in lines
     ), lines
     stalled.abort()
+
+
+async def stalled_reader(port: int) -> RawClient:
+    """A client that reads nothing, with a small receive window from the start.
+
+    Set before it connects, the window the server is offered stays small, so
+    the server's writes get stuck for good once its buffers are full; set
+    later (as :meth:`RawClient.stop_reading` does), the kernel may still take
+    tens of KiB more, and unstick them for a while.
+    """
+    sock = bound_socket(HOST, rcvbuf=SMALL_RCVBUF)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(upgrade_request(port))
+    async with asyncio.timeout(TIMEOUT):
+        check_upgraded(await reader.readuntil(b"\r\n\r\n"))
+    client = RawClient(reader, writer)
+    client.stop_reading()
+    return client
 
 
 # --- 3. Admission before the handshake ------------------------------------------
@@ -302,15 +331,27 @@ async def test_an_over_the_limit_client_is_logged_once_per_interval_not_per_epis
     start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "counter_sync")
-    app = await start_server(rate=1000.0, burst=1)
+    rate = 50.0
+    app = await start_server(rate=rate, burst=1)
     client = await join(app)
-    # Alternate: a message over the limit, then (after a refill) an accepted one.
-    # The old "once per episode" warning logged again after every accepted one.
-    for _ in range(10):
+    # Episodes: an accepted message, then one over the limit. The old "once
+    # per episode" warning logged again after every accepted one.
+    value = episodes = 0
+    for _ in range(5):
         await client.send(PLUS)
-        await client.send(PLUS)  # over the limit: the bucket holds one
-        await wait_for_event(client, lambda event: event["type"] == "error")
-        await asyncio.sleep(0.002)  # refill one token
+        await client.send(PLUS)  # at once: over the limit, the bucket held one
+        before, refused = value, 0
+        async with asyncio.timeout(TIMEOUT):
+            while value - before + refused < 2:  # both answered, in either order
+                event = json.loads(await client.recv())
+                if event["type"] == "error":
+                    refused += 1
+                elif event["type"] == "state":
+                    value = event["value"]
+        episodes += (value - before, refused) == (1, 1)
+        # Time passing is the point: one token refills in 1 / rate, the least.
+        await asyncio.sleep(1 / rate)
+    assert episodes >= 2  # (each round is one, unless the test was held up 1 / rate)
     lines = [r.getMessage() for r in caplog.records if "rate limit" in r.getMessage()]
     assert len(lines) == 1
 

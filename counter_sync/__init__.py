@@ -3,7 +3,8 @@
 Start reading at :mod:`counter_sync.counter`: the users, the value, and the
 handler that serves each client. The rest of the package, by role:
 
-* :mod:`counter_sync.flush`: the coalesced flush, one pass for every room;
+* :mod:`counter_sync.flush`: the coalesced flush, what each room owes;
+  :mod:`counter_sync.passes`: the passes that pay it, one for every room;
   :mod:`counter_sync.oplog`: a session's numbered ops on one connection;
 * :mod:`counter_sync.fanout`: bytes to many connections, with backpressure;
 * :mod:`counter_sync.connection`: one connection, hardened;

@@ -35,7 +35,7 @@ from websockets.frames import CloseCode
 from counter_sync.admission import RateLimit
 from counter_sync.config import MAX_VALUE, Settings
 from counter_sync.connection import Connection, log_disconnect
-from counter_sync.flush import Flusher, RoomFlush
+from counter_sync.flush import PassRunner, RoomFlush
 from counter_sync.logs import Throttle, fields
 from counter_sync.metrics import Metrics
 from counter_sync.store import RoomState
@@ -156,7 +156,7 @@ class Room:
         state: RoomState,
         *,
         settings: Settings,
-        flusher: Flusher,
+        flusher: PassRunner,
         metrics: Metrics,
         on_empty: Callable[[Room], None],
     ) -> None:

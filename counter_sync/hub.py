@@ -26,9 +26,9 @@ from counter_sync.config import Settings
 from counter_sync.connection import Connection
 from counter_sync.counter import Room
 from counter_sync.fanout import FanOut
-from counter_sync.flush import Flusher
 from counter_sync.logs import fields
 from counter_sync.metrics import Metrics
+from counter_sync.passes import Flusher
 from counter_sync.store import DEFAULT_ROOM, MemoryStore, RoomState, Store, StoreUnavailable
 from counter_sync.tasks import Supervisor
 from counter_sync.tokens import Access, Denied, Grant

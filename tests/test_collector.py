@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import weakref
 
@@ -12,7 +11,7 @@ from websockets.asyncio.client import ClientConnection
 from counter_sync import collector
 from counter_sync.app import App
 from tests.conftest import StartServer
-from tests.helpers import http_request, join, room
+from tests.helpers import http_request, join, room, wait_until
 
 
 async def test_what_survives_a_full_collection_is_frozen_out_of_the_next(app: App) -> None:
@@ -43,9 +42,7 @@ async def test_closed_connections_frozen_before_they_closed_are_freed_after_enou
     gc.collect()  # freezes them, open
     for client in clients:
         client.transport.abort()  # they read nothing: a close handshake would wait
-    async with asyncio.timeout(10):
-        while app.hub.count_here():  # noqa: ASYNC110 - the server exposes no event for it
-            await asyncio.sleep(0.01)
+    await wait_until(lambda: not app.hub.count_here())
     clients.clear()
     gc.collect()  # 50 closes passed the (lowered) minimum: thawed, so this frees them
     assert len(gone) == 0

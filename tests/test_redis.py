@@ -1281,10 +1281,12 @@ async def test_close_does_not_wait_for_a_task_that_swallows_its_cancellation(
     await join(b, "/c/red")
     await wait_for_users(alice, 2)
     store = store_of(b)
+    running = asyncio.Event()
     swallowed = asyncio.Event()
     released = asyncio.Event()
 
     async def stubborn() -> None:
+        running.set()
         try:
             await asyncio.sleep(TIMEOUT)
         except asyncio.CancelledError:
@@ -1293,7 +1295,7 @@ async def test_close_does_not_wait_for_a_task_that_swallows_its_cancellation(
 
     task = asyncio.create_task(stubborn())
     store.tasks.append(task)
-    await asyncio.sleep(0)  # let it start
+    await running.wait()  # in its try: a task cancelled before it started would just end
     loop = asyncio.get_running_loop()
     started = loop.time()
     await store.close()

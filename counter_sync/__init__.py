@@ -8,6 +8,7 @@ handler that serves each client. The rest of the package, by role:
   :mod:`counter_sync.oplog`: a session's numbered ops on one connection;
 * :mod:`counter_sync.fanout`: bytes to many connections, with backpressure;
 * :mod:`counter_sync.connection`: one connection, hardened;
+  :mod:`counter_sync.sweep`: keepalive and liveness, one sweep for all;
 * :mod:`counter_sync.admission`: origins, caps and rate limits;
   :mod:`counter_sync.tokens`: who may read and who may change;
 * :mod:`counter_sync.web`: the page, health, metrics and probes on the same port;

@@ -24,10 +24,11 @@ from counter_sync.config import (
     WRITE_BUFFER_LIMIT,
     Settings,
 )
-from counter_sync.connection import Connection, ConnectionSweep
+from counter_sync.connection import Connection
 from counter_sync.fanout import cap_socket_buffers
 from counter_sync.hub import Hub
 from counter_sync.store import MemoryStore, Store, StoreError
+from counter_sync.sweep import ConnectionSweep
 from counter_sync.web import Web
 
 __all__ = ["App", "open_store", "start"]

@@ -9,7 +9,6 @@ import ipaddress
 import logging
 import random
 import socket
-from collections.abc import Awaitable
 from typing import cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -29,6 +28,7 @@ from counter_sync.fanout import cap_socket_buffers
 from counter_sync.hub import Hub
 from counter_sync.store import MemoryStore, Store, StoreError
 from counter_sync.sweep import ConnectionSweep
+from counter_sync.tasks import within
 from counter_sync.web import Web
 
 __all__ = ["App", "open_store", "start"]
@@ -56,19 +56,19 @@ class App:
         # close() waits for the close frame to drain, and a stalled reader
         # never drains: without the bound, shutdown would wait for the
         # keepalive timeout. Aborting is safe: every action read is pending.
-        if not await within(self.server.wait_closed(), CLOSE_GRACE):
+        if not await within(CLOSE_GRACE, self.server.wait_closed()):
             for websocket in self.every_user():
                 websocket.transport.abort()
             # A handler may still wait for a store that hangs (Redis stopped).
-            await within(self.server.wait_closed(), CLOSE_TIMEOUT)
+            await within(CLOSE_TIMEOUT, self.server.wait_closed())
         await self.watch.stop()
         await self.hub.metrics.stop()
         self.hub.collector.stop()
         # Commit what was read; a store that hangs gets a bound too, and the
         # clients see what was kept when they reconnect.
-        if not await within(self.hub.flusher.drain(), FLUSH_TIMEOUT):
+        if not await within(FLUSH_TIMEOUT, self.hub.flusher.drain()):
             log.warning("the last flushes did not commit within %g s", FLUSH_TIMEOUT)
-        if not await within(self.hub.store.close(), STORE_CLOSE_TIMEOUT):
+        if not await within(STORE_CLOSE_TIMEOUT, self.hub.store.close()):
             log.warning("the store did not close within %g s; exiting anyway", STORE_CLOSE_TIMEOUT)
 
     async def drain(self, seconds: float) -> None:
@@ -96,16 +96,6 @@ class App:
     def every_user(self) -> list[Connection]:
         # Not Server.connections: it leaves out those already closing.
         return list(self.hub.every_user())
-
-
-async def within(awaitable: Awaitable[None], seconds: float) -> bool:
-    """Await ``awaitable`` for at most ``seconds``; tell whether it finished."""
-    try:
-        async with asyncio.timeout(seconds):
-            await awaitable
-    except TimeoutError:
-        return False
-    return True
 
 
 def open_store(settings: Settings) -> Store:

@@ -129,7 +129,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -166,7 +166,9 @@ from counter_sync.store import (
     StoreError,
     StoreUnavailable,
     new_epoch,
+    one_line,
 )
+from counter_sync.tasks import within
 
 __all__ = ["RedisStore", "room_keys"]
 
@@ -584,13 +586,13 @@ class RedisStore:
         if redis is None:
             return  # closed already, or never opened
         self.up = False
-        await within(REDIS_PART_TIMEOUT, self.part())
+        await within(REDIS_PART_TIMEOUT, self.part(), quiet=True)
         if self.in_doubt is not None:
             log.warning(
                 "stopping with a commit whose reply was lost not settled: Redis may "
                 "count actions whose senders were told they were not applied"
             )
-        await within(REDIS_DISCONNECT_TIMEOUT, redis.aclose())
+        await within(REDIS_DISCONNECT_TIMEOUT, redis.aclose(), quiet=True)
 
     def watch(self, observer: Observer) -> None:
         """Tell ``observer`` from now on what the other instances change."""
@@ -1183,30 +1185,6 @@ async def subscriptions_confirmed(pubsub: PubSub, count: int) -> None:
                 count -= 1
 
 
-# within() has a twin with the arguments the other way round in app.py, and
-# one_line() one in sqlite_store.py; they are to become one each.
-
-
-async def within(seconds: float, awaitable: Awaitable[Any]) -> None:
-    """Run ``awaitable`` for at most ``seconds``, ignoring its errors: the store is stopping.
-
-    It runs as a task of its own, so that if it swallows its cancellation the
-    caller still goes on.
-    """
-    task = asyncio.ensure_future(awaitable)
-    # Fetch the outcome whenever it comes, so that it is not reported as lost.
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())
-    try:
-        await asyncio.wait({task}, timeout=seconds)
-    finally:
-        task.cancel()
-
-
 async def close_quietly(pubsub: PubSub) -> None:
     """Drop a subscription's connection; Redis forgets the subscriptions with it."""
-    await within(REDIS_DISCONNECT_TIMEOUT, pubsub.aclose())
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's text on one line, for the operator."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    await within(REDIS_DISCONNECT_TIMEOUT, pubsub.aclose(), quiet=True)

@@ -99,6 +99,7 @@ from counter_sync.store import (
     StoreUnavailable,
     apply_batch,
     new_epoch,
+    one_line,
 )
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteStore"]
@@ -993,11 +994,6 @@ def describe(exc: sqlite3.Error, name: str) -> str:
     if code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
         return f"--state {name}: the database is corrupt ({one_line(str(exc))})"
     return f"--state {name}: cannot open the database ({one_line(str(exc))})"
-
-
-def one_line(text: str) -> str:
-    # SQLite's reports can span lines (quick_check does); main() prints one.
-    return " ".join(text.split())
 
 
 def fsync_directory(directory: Path) -> None:

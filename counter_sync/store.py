@@ -53,6 +53,7 @@ __all__ = [
     "StoreInDoubt",
     "StoreUnavailable",
     "new_epoch",
+    "one_line",
 ]
 
 log = logging.getLogger("counter_sync.store")
@@ -162,6 +163,17 @@ def apply_batch(last_done: int, batch: OpBatch) -> tuple[int, int]:
 def new_epoch() -> str:
     """A name for a new history: random, so that two never meet."""
     return uuid.uuid4().hex[:16]
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error's text on one line, for the operator: SQLite's and Redis's can span lines.
+
+    An exception with no text is named by its type.
+    """
+    text = " ".join(str(error).split())
+    if not text and isinstance(error, BaseException):
+        return type(error).__name__
+    return text
 
 
 class Observer(Protocol):

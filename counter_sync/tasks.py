@@ -1,21 +1,22 @@
-"""Background tasks that cannot die silently.
+"""Background tasks that cannot die silently, and awaits that cannot hang a stop.
 
 A task that raises keeps its exception to itself until someone awaits it; a
 background task nobody awaits would end with a bug unseen, and whatever it
 did (flushing rooms, sweeping dead connections) would stop for good. Every
 background task of a server is started by its :class:`Supervisor`: a bug is
 logged once with its traceback and handed to ``on_crash`` (the hub, which
-stops the server: better a restart than a room gone quiet).
+stops the server: better a restart than a room gone quiet). A step of a stop
+is awaited :func:`within` a bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "within"]
 
 log = logging.getLogger("counter_sync.tasks")
 
@@ -55,3 +56,23 @@ class Supervisor:
             extra={"event": "bug"},
         )
         self.on_crash(exc)
+
+
+async def within(seconds: float, awaitable: Awaitable[Any], *, quiet: bool = False) -> bool:
+    """Await ``awaitable`` for at most ``seconds``; tell whether it finished in time.
+
+    It runs as a task of its own, cancelled at the deadline and not waited
+    for after: one that swallows its cancellation cannot hold the caller.
+    What it raises in time is raised here, unless ``quiet`` (a store that is
+    stopping does not care how its goodbye to a server failed).
+    """
+    task = asyncio.ensure_future(awaitable)
+    # Fetch the outcome whenever it comes, so that it is not reported as lost.
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    try:
+        finished, _ = await asyncio.wait({task}, timeout=seconds)
+    finally:
+        task.cancel()
+    if finished and not quiet:
+        task.result()
+    return bool(finished)

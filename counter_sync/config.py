@@ -1,7 +1,7 @@
 """Every limit and default in one place, and the settings a server runs with.
 
 Each limit is a flag of the command line (see :mod:`counter_sync.flags`) or a
-named constant here, and each is documented in the README. The settings are
+named constant here, and each is documented in docs/operations.md. The settings are
 one frozen dataclass, so two servers with different settings can run in one
 process (the tests do).
 """

@@ -15,7 +15,7 @@ How the server knows that a client disconnected, in the three ways it can:
   kernel says so): ``async for`` raises ``ConnectionClosedError``, code 1006.
 * The peer goes silent (half-open TCP: the laptop slept, the network dropped
   without a reset): nothing arrives at all, so only the keepalive ping finds
-  it. No pong within ``ping_timeout`` -> the library fails the connection with
+  it. No pong within ``ping_timeout`` -> the server fails the connection with
   1011 and ``async for`` raises ``ConnectionClosedError``.
 
 Whichever way it ends, the ``finally`` block in :meth:`Room.serve` unregisters
@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from counter_sync.admission import RateLimit
-from counter_sync.config import MAX_VALUE, Settings
+from counter_sync.config import MAX_VALUE
 from counter_sync.connection import Connection, log_disconnect
 from counter_sync.flush import PassRunner, RoomFlush
 from counter_sync.logs import Throttle, fields
@@ -42,6 +42,7 @@ from counter_sync.store import RoomState
 
 __all__ = [
     "ACTIONS",
+    "DELTAS",
     "BadMessage",
     "Message",
     "Room",
@@ -155,7 +156,6 @@ class Room:
         name: str,
         state: RoomState,
         *,
-        settings: Settings,
         flusher: PassRunner,
         metrics: Metrics,
         on_empty: Callable[[Room], None],
@@ -163,7 +163,6 @@ class Room:
         self.name = name
         self.users: set[Connection] = set()
         self.state = state  # the value every user was last sent, and its version
-        self.settings = settings
         self.metrics = metrics
         self.flush = RoomFlush(self, flusher, on_empty=lambda: on_empty(self))
 
@@ -232,26 +231,29 @@ class Room:
             parsed = parse_message(message)
         except BadMessage as exc:
             if not allowed:
-                return self.refuse(websocket, warnings)
+                return self._refuse(websocket, warnings)
             self.metrics.actions.labels("bad_message").inc()
             warnings.warning(
-                log, "%s sent a bad message: %s", websocket.client, exc, **self.rejected(websocket)
+                log, "%s sent a bad message: %s", websocket.client, exc, **self._rejected(websocket)
             )
-            return self.answer(websocket, error_event(str(exc)))
+            return self._answer(websocket, error_event(str(exc)))
         if parsed.action == "sync":
             if not allowed:
-                return self.refuse(websocket, warnings)
+                return self._refuse(websocket, warnings)
             self.metrics.actions.labels("sync").inc()
-            # Not welcomed yet: its users and state are on their way.
-            return self.answer(websocket, self.users_message(), self.state_message())
+            if self.flush.welcoming(websocket):
+                # Its first messages are the answer: built now, the state could
+                # be older than the one they carry, sent after them.
+                return ()
+            return (self.users_message(), self.state_message())
         delta = DELTAS[parsed.action]
         if parsed.op is not None and websocket.session is None:
-            return self.answer(
+            return self._answer(
                 websocket, error_event('"op" needs a session: connect with ?session=<id>')
             )
         reason = None
         if not allowed:
-            reason = self.rate_limited(websocket, warnings)
+            reason = self._rate_limited(websocket, warnings)
         elif (read_only := websocket.grant.read_only) is not None:
             self.metrics.actions.labels("read_only").inc()
             reason = read_only
@@ -260,27 +262,27 @@ class Room:
             reason = "value out of range; action not counted"
         if parsed.op is not None:
             reply = self.flush.take_op(websocket, parsed.op, delta, reason)
-            return () if reply is None else self.answer(websocket, reply)
+            return () if reply is None else self._answer(websocket, reply)
         if reason is not None:
-            return self.answer(websocket, error_event(reason))
+            return self._answer(websocket, error_event(reason))
         self.flush.add(websocket, delta)
         return ()
 
-    def refuse(self, websocket: Connection, warnings: Throttle) -> tuple[str, ...]:
-        return self.answer(websocket, error_event(self.rate_limited(websocket, warnings)))
+    def _refuse(self, websocket: Connection, warnings: Throttle) -> tuple[str, ...]:
+        return self._answer(websocket, error_event(self._rate_limited(websocket, warnings)))
 
-    def rate_limited(self, websocket: Connection, warnings: Throttle) -> str:
+    def _rate_limited(self, websocket: Connection, warnings: Throttle) -> str:
         self.metrics.actions.labels("rate_limited").inc()
         warnings.warning(
-            log, "%s is over the rate limit", websocket.client, **self.rejected(websocket)
+            log, "%s is over the rate limit", websocket.client, **self._rejected(websocket)
         )
         return "rate limit exceeded; action not counted"
 
-    def answer(self, websocket: Connection, *replies: str) -> tuple[str, ...]:
+    def _answer(self, websocket: Connection, *replies: str) -> tuple[str, ...]:
         """The replies to send now; none before its users and state (they are held till then)."""
         return () if self.flush.hold(websocket, replies) else replies
 
-    def rejected(self, websocket: Connection) -> dict[str, object]:
+    def _rejected(self, websocket: Connection) -> dict[str, object]:
         return fields("rejected", peer=websocket.client, room=self.name)
 
     # What the flush sends, built from the room's current numbers.

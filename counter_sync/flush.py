@@ -188,6 +188,10 @@ class RoomFlush:
             self.users_dirty = True
         self.flusher.schedule(self)
 
+    def welcoming(self, websocket: Connection) -> bool:
+        """Whether ``websocket`` is still waiting for its first messages (users, state)."""
+        return websocket in self.unwelcomed
+
     def hold(self, websocket: Connection, replies: tuple[str, ...]) -> bool:
         """Keep replies for a connection not yet welcomed, to send after its users and state."""
         if websocket not in self.unwelcomed:

@@ -212,3 +212,33 @@ async def test_seq_grows_with_every_change_and_never_goes_back(app: App) -> None
             await one.settled()
             seen.append(one.seq)
         assert seen == sorted(seen) and len(set(seen)) == len(seen)
+
+
+async def test_a_sync_sent_before_the_first_messages_never_brings_an_older_state(
+    start_server: StartServer, mode: dict[str, Any]
+) -> None:
+    app = await start_server(max_users_per_ip=1000, max_pending_per_ip=1000, **mode)
+    clicker = await connect(f"ws://127.0.0.1:{app.port}/")
+
+    async def click() -> None:
+        for _ in range(300):
+            await clicker.send(json.dumps({"action": "plus"}))
+            await asyncio.sleep(0)
+
+    clicking = asyncio.ensure_future(click())
+
+    async def join_and_sync() -> list[int]:
+        """Connect, ask for a sync at once, and return every seq of the states received."""
+        async with connect(f"ws://127.0.0.1:{app.port}/") as client:
+            await client.send(json.dumps({"action": "sync"}))
+            await clicking
+            await client.send("{}")  # its error reply marks the end
+            seqs = []
+            async with asyncio.timeout(TIMEOUT):
+                while (event := json.loads(await client.recv()))["type"] != "error":
+                    if event["type"] == "state":
+                        seqs.append(event["seq"])
+            return seqs
+
+    received = await asyncio.gather(*(join_and_sync() for _ in range(50)))
+    assert all(seqs == sorted(seqs) for seqs in received), received

@@ -145,10 +145,9 @@ def parse_message(message: str | bytes) -> Message:
 class Room:
     """One counter and the connections that share it.
 
-    Actions and joins do not write to anyone: they note what changed in the
-    room's :class:`~counter_sync.flush.RoomFlush`, and one flush per
-    event-loop turn commits it to the store and broadcasts the latest value
-    once. A burst of K actions or J joins costs one broadcast.
+    Actions and joins write to nobody: they note what changed in the room's
+    :class:`~counter_sync.flush.RoomFlush`, and one flush per event-loop turn
+    commits it and broadcasts the latest value once, for K actions or J joins.
     """
 
     def __init__(
@@ -231,7 +230,7 @@ class Room:
             parsed = parse_message(message)
         except BadMessage as exc:
             if not allowed:
-                return self._refuse(websocket, warnings)
+                return self._answer(websocket, error_event(self._over_limit(websocket, warnings)))
             self.metrics.actions.labels("bad_message").inc()
             warnings.warning(
                 log, "%s sent a bad message: %s", websocket.client, exc, **self._rejected(websocket)
@@ -239,7 +238,7 @@ class Room:
             return self._answer(websocket, error_event(str(exc)))
         if parsed.action == "sync":
             if not allowed:
-                return self._refuse(websocket, warnings)
+                return self._answer(websocket, error_event(self._over_limit(websocket, warnings)))
             self.metrics.actions.labels("sync").inc()
             if self.flush.welcoming(websocket):
                 # Its first messages are the answer: built now, the state could
@@ -253,7 +252,7 @@ class Room:
             )
         reason = None
         if not allowed:
-            reason = self._rate_limited(websocket, warnings)
+            reason = self._over_limit(websocket, warnings)
         elif (read_only := websocket.grant.read_only) is not None:
             self.metrics.actions.labels("read_only").inc()
             reason = read_only
@@ -268,10 +267,7 @@ class Room:
         self.flush.add(websocket, delta)
         return ()
 
-    def _refuse(self, websocket: Connection, warnings: Throttle) -> tuple[str, ...]:
-        return self._answer(websocket, error_event(self._rate_limited(websocket, warnings)))
-
-    def _rate_limited(self, websocket: Connection, warnings: Throttle) -> str:
+    def _over_limit(self, websocket: Connection, warnings: Throttle) -> str:
         self.metrics.actions.labels("rate_limited").inc()
         warnings.warning(
             log, "%s is over the rate limit", websocket.client, **self._rejected(websocket)

@@ -311,7 +311,6 @@ class Hub:
         room = self.rooms[name] = Room(
             name,
             state,
-            settings=self.settings,
             flusher=self.flusher,
             metrics=self.metrics,
             on_empty=self.release,

@@ -45,14 +45,14 @@ __all__ = ["BodyError", "Connection", "disconnect_kind", "log_disconnect"]
 
 log = logging.getLogger("counter_sync.connection")
 
-END_OF_HEAD = b"\r\n\r\n"
+_END_OF_HEAD = b"\r\n\r\n"
 # The methods whose requests carry a body (the API's writes): their head is
-# held whole, to take the body aside (see BodyIntake). DELETE carries none.
-BODY_METHODS = (b"POST ", b"PUT ", b"PATCH ")
+# held whole, to take the body aside (see _BodyIntake). DELETE carries none.
+_BODY_METHODS = (b"POST ", b"PUT ", b"PATCH ")
 
 
 # A connection without a token on a server without tokens: today's anyone.
-ANYONE = Grant(None, can_write=True)
+_ANYONE = Grant(None, can_write=True)
 
 
 class Connection(ServerConnection):
@@ -104,7 +104,7 @@ class Connection(ServerConnection):
         self.client = "unknown peer"
         self.peer_ip = ""  # the socket's remote address (behind a proxy, the proxy's)
         self.address = ""  # the address alone, as the caps count it
-        self.grant = ANYONE  # what it may do: set from its token, or --anonymous
+        self.grant = _ANYONE  # what it may do: set from its token, or --anonymous
         # What the request asked for, set by the HTTP side: a label of the
         # HTTP requests metric, counted with the status once it is answered.
         self.endpoint = "other"
@@ -117,9 +117,9 @@ class Connection(ServerConnection):
         self.last_heard = self.loop.time()
         self.pinged_at = 0.0  # when the sweep last pinged it (loop time)
         self.head_seen = b""  # the end of the request head so far
-        self.intake: BodyIntake | None = None  # an API write's body, taken aside
+        self.intake: _BodyIntake | None = None  # an API write's body, taken aside
         # The socket's descriptor, for fan-out to write to directly while the
-        # transport holds nothing (see FanOut.write_slice); -1: never (TLS).
+        # transport holds nothing (see FanOut._write_slice); -1: never (TLS).
         self.fd = -1
         # Set by whoever ends the connection on purpose: how (a disconnects
         # metric kind), and why, for the log.
@@ -134,8 +134,8 @@ class Connection(ServerConnection):
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
             self.fd = sock.fileno()
-        self.recv_messages.pause = self.pause_for_queue
-        self.recv_messages.resume = self.resume_for_queue
+        self.recv_messages.pause = self._pause_for_queue
+        self.recv_messages.resume = self._resume_for_queue
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = self.address = str(peer[0])
@@ -166,16 +166,16 @@ class Connection(ServerConnection):
             else:  # no second timer for every handshake
                 await super().handshake(*args, **kwargs)
         finally:
-            self.end_handshake()
+            self._end_handshake()
             if self.request is not None and self.response is not None:
                 self.metrics.count_http(self.endpoint, self.response.status_code)
 
-    def end_handshake(self) -> None:
+    def _end_handshake(self) -> None:
         self.gate.end_handshake(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.end_handshake()
+        self._end_handshake()
 
     # Reading: one request per handshake, then a little at a time.
 
@@ -183,15 +183,15 @@ class Connection(ServerConnection):
         self.last_heard = self.loop.time()
         if self.protocol.state is State.CONNECTING:
             self.gate.heard_from(self)
-            if self.intake is None and not self.head_seen and data.startswith(BODY_METHODS):
-                self.intake = BodyIntake(self.loop)
+            if self.intake is None and not self.head_seen and data.startswith(_BODY_METHODS):
+                self.intake = _BodyIntake(self.loop)
             if self.intake is not None:
                 data = self.intake.take(data)
-            data = self.first_request_head(data)
+            data = self._first_request_head(data)
         self.unread += data
-        self.feed()
+        self._feed()
 
-    def feed(self) -> None:
+    def _feed(self) -> None:
         """Hand what was read to the protocol, a slice at a time, until reading pauses."""
         unread, offset = self.unread, 0
         while offset < len(unread) and not self.reading_paused:
@@ -209,16 +209,16 @@ class Connection(ServerConnection):
             return b""
         return await self.intake.done
 
-    def first_request_head(self, data: bytes) -> bytes:
+    def _first_request_head(self, data: bytes) -> bytes:
         """The part of ``data`` up to the end of the first request's head; drop the rest."""
-        if self.head_seen == END_OF_HEAD:
+        if self.head_seen == _END_OF_HEAD:
             return b""  # a pipelined request: its answer would break this one's
         # The end may straddle two reads: look at the last bytes seen too.
         seen = self.head_seen + data
-        end = seen.find(END_OF_HEAD)
+        end = seen.find(_END_OF_HEAD)
         if end >= 0:
-            data = data[: end + len(END_OF_HEAD) - len(self.head_seen)]
-            self.head_seen = END_OF_HEAD
+            data = data[: end + len(_END_OF_HEAD) - len(self.head_seen)]
+            self.head_seen = _END_OF_HEAD
         else:
             self.head_seen = seen[-3:]
         return data
@@ -246,22 +246,22 @@ class Connection(ServerConnection):
     def pause_writing(self) -> None:
         super().pause_writing()
         self.paused_for_writes = True
-        self.update_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self.paused_for_writes = False
-        self.update_reading()
+        self._update_reading()
 
-    def pause_for_queue(self) -> None:
+    def _pause_for_queue(self) -> None:
         self.paused_for_queue = True
-        self.update_reading()
+        self._update_reading()
 
-    def resume_for_queue(self) -> None:
+    def _resume_for_queue(self) -> None:
         self.paused_for_queue = False
-        self.update_reading()
+        self._update_reading()
 
-    def update_reading(self) -> None:
+    def _update_reading(self) -> None:
         """Pause reading while anything holds it; resume, and feed what waits, once nothing does."""
         paused = self.paused_for_queue or self.paused_for_writes
         if paused == self.reading_paused or self.transport.is_closing():
@@ -272,7 +272,7 @@ class Connection(ServerConnection):
         else:
             self.transport.resume_reading()
             # Not from here: this may run inside the library's own calls.
-            self.loop.call_soon(self.feed)
+            self.loop.call_soon(self._feed)
 
     def ping_now(self, now: float) -> None:
         """Send a keepalive ping at once (the sweep's): a live peer answers, and is heard from."""
@@ -296,7 +296,7 @@ class BodyError(Exception):
         self.reason = reason
 
 
-class BodyIntake:
+class _BodyIntake:
     """The body of an API write, taken aside before the handshake's parser sees the request.
 
     The library parses a request's head for a WebSocket handshake, and
@@ -316,49 +316,49 @@ class BodyIntake:
     def take(self, data: bytes) -> bytes:
         """Take ``data``; return what the handshake's parser gets of it (the head, rewritten)."""
         if self.length is not None:
-            self.add_body(data)
+            self._add_body(data)
             return b""
         self.head += data
-        end = self.head.find(END_OF_HEAD)
+        end = self.head.find(_END_OF_HEAD)
         if end < 0:
             if len(self.head) > MAX_API_HEAD:
-                self.fail(431, "request head too large")
+                self._fail(431, "request head too large")
                 return self.head  # the parser refuses it too
             return b""
-        head, rest = self.head[: end + len(END_OF_HEAD)], self.head[end + len(END_OF_HEAD) :]
+        head, rest = self.head[: end + len(_END_OF_HEAD)], self.head[end + len(_END_OF_HEAD) :]
         lines = head.split(b"\r\n")
         lengths = [line for line in lines if line.lower().startswith(b"content-length:")]
         kept = [line for line in lines if line not in lengths]
         self.length = 0
         if any(line.lower().startswith(b"transfer-encoding:") for line in lines):
-            self.fail(411, "send a Content-Length, not Transfer-Encoding")
+            self._fail(411, "send a Content-Length, not Transfer-Encoding")
         elif len({line.partition(b":")[2].strip() for line in lengths}) > 1:
-            self.fail(400, "Content-Length repeated with another value")
+            self._fail(400, "Content-Length repeated with another value")
         elif lengths:
             value = lengths[0].partition(b":")[2].strip()
             if not value.isdigit():
-                self.fail(400, "Content-Length is not a number")
+                self._fail(400, "Content-Length is not a number")
             elif int(value) > MAX_API_BODY:
-                self.fail(413, f"the body is over {MAX_API_BODY} bytes")
+                self._fail(413, f"the body is over {MAX_API_BODY} bytes")
             else:
                 self.length = int(value)
-        self.add_body(rest)
+        self._add_body(rest)
         return b"\r\n".join(kept)
 
-    def add_body(self, data: bytes) -> None:
+    def _add_body(self, data: bytes) -> None:
         if self.done.done() or self.length is None:
             return
         self.body += data[: self.length - len(self.body)]
         if len(self.body) >= self.length:
             self.done.set_result(bytes(self.body))
 
-    def fail(self, status: int, reason: str) -> None:
+    def _fail(self, status: int, reason: str) -> None:
         if not self.done.done():
             self.done.set_exception(BodyError(status, reason))
 
 
 # Why the server closed a connection, by the code it sent, where nobody said so.
-CLOSED_BY_LIBRARY: dict[int, str] = {
+_CLOSED_BY_LIBRARY: dict[int, str] = {
     CloseCode.INTERNAL_ERROR: "keepalive_timeout",
     CloseCode.MESSAGE_TOO_BIG: "oversize",
 }
@@ -380,11 +380,11 @@ def disconnect_kind(websocket: Connection) -> str:
     if received is not None and (sent is None or protocol.close_rcvd_then_sent):
         return "clean_close"
     if sent is not None:
-        return CLOSED_BY_LIBRARY.get(sent.code, "other")
+        return _CLOSED_BY_LIBRARY.get(sent.code, "other")
     return "connection_lost"
 
 
-def close_code(websocket: Connection) -> int:
+def _close_code(websocket: Connection) -> int:
     """The code that explains the close: the peer's, else ours, else 1006."""
     protocol = websocket.protocol
     if protocol.close_rcvd is not None:
@@ -401,7 +401,7 @@ def log_disconnect(websocket: Connection, metrics: Metrics) -> None:
     protocol = websocket.protocol
     frame = protocol.close_rcvd or protocol.close_sent
     reason = websocket.drop_reason or (frame.reason if frame is not None else "")
-    code = close_code(websocket)
+    code = _close_code(websocket)
     log.info(
         "%s disconnected (%s): code %d, reason %r",
         websocket.client,

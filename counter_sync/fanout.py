@@ -100,8 +100,8 @@ class FanOut:
         sent = skipped = 0
         extras = delivery.extras
         for websocket in delivery.newcomers:
-            sent, skipped = self.tally(
-                self.write(websocket, delivery.welcome + extras.pop(websocket, b""), audience),
+            sent, skipped = self._tally(
+                self._write(websocket, delivery.welcome + extras.pop(websocket, b""), audience),
                 sent,
                 skipped,
             )
@@ -112,17 +112,17 @@ class FanOut:
         else:  # nothing for everyone: only those with extras
             rest = list(extras)
         first, rest = rest[:BROADCAST_SLICE], rest[BROADCAST_SLICE:]
-        sent, skipped = self.write_slice(first, delivery, audience, sent, skipped)
-        self.count(sent, skipped)
+        sent, skipped = self._write_slice(first, delivery, audience, sent, skipped)
+        self._count(sent, skipped)
         busy = time.thread_time() - began
         if not rest:
             on_done(busy)
             return
         self.supervisor.start(
-            self.write_rest(rest, delivery, audience, busy, on_done), name="fan-out slices"
+            self._write_rest(rest, delivery, audience, busy, on_done), name="fan-out slices"
         )
 
-    async def write_rest(
+    async def _write_rest(
         self,
         rest: list[Connection],
         delivery: Delivery,
@@ -134,14 +134,14 @@ class FanOut:
         for start in range(0, len(rest), BROADCAST_SLICE):
             await asyncio.sleep(0)
             began = time.thread_time()
-            sent, skipped = self.write_slice(
+            sent, skipped = self._write_slice(
                 rest[start : start + BROADCAST_SLICE], delivery, audience, 0, 0
             )
-            self.count(sent, skipped)
+            self._count(sent, skipped)
             busy += time.thread_time() - began
         on_done(busy)
 
-    def write_slice(
+    def _write_slice(
         self,
         websockets: list[Connection],
         delivery: Delivery,
@@ -160,7 +160,7 @@ class FanOut:
             if websocket.paused_for_writes or (lagging and websocket in lagging):
                 # Over WRITE_BUFFER_LIMIT: skipped now, caught up once drained.
                 if websocket not in lagging:
-                    self.start_catch_up(websocket, audience)
+                    self._start_catch_up(websocket, audience)
                 skipped += 1
                 continue
             if websocket.protocol.state is not open_:
@@ -185,12 +185,12 @@ class FanOut:
         return sent, skipped
 
     @staticmethod
-    def tally(written: bool | None, sent: int, skipped: int) -> tuple[int, int]:
+    def _tally(written: bool | None, sent: int, skipped: int) -> tuple[int, int]:
         if written is None:
             return sent, skipped
         return (sent + 1, skipped) if written else (sent, skipped + 1)
 
-    def write(self, websocket: Connection, data: bytes, audience: Audience) -> bool | None:
+    def _write(self, websocket: Connection, data: bytes, audience: Audience) -> bool | None:
         """Write ``data`` unless the connection lags; True if written, False if skipped.
 
         None: not open, nothing to do. Like ``broadcast()``, one failure never
@@ -202,7 +202,7 @@ class FanOut:
             return False
         transport = websocket.transport
         if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-            self.start_catch_up(websocket, audience)
+            self._start_catch_up(websocket, audience)
             return False
         try:
             transport.write(data)
@@ -211,19 +211,19 @@ class FanOut:
             return None
         return True
 
-    def count(self, sent: int, skipped: int) -> None:
+    def _count(self, sent: int, skipped: int) -> None:
         # Counted once per slice, not per frame: the loop above is the hot path.
         if sent:
             self.metrics.frames_sent.inc(sent)
         if skipped:
             self.metrics.slow_consumer_skips.inc(skipped)
 
-    def start_catch_up(self, websocket: Connection, audience: Audience) -> None:
+    def _start_catch_up(self, websocket: Connection, audience: Audience) -> None:
         self.metrics.catch_ups.inc()
         self.lagging.add(websocket)
-        self.supervisor.start(self.catch_up(websocket, audience), name="catch-up")
+        self.supervisor.start(self._catch_up(websocket, audience), name="catch-up")
 
-    async def catch_up(self, websocket: Connection, audience: Audience) -> None:
+    async def _catch_up(self, websocket: Connection, audience: Audience) -> None:
         """Once the buffer drains, send what the connection missed: the latest of each kind."""
         sent: tuple[str, ...] = ()
         try:

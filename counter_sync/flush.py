@@ -199,10 +199,10 @@ class RoomFlush:
         self.held.setdefault(websocket, []).extend(replies)
         return True
 
-    def has_work(self) -> bool:
-        return self.users_dirty or self.has_news()
+    def _has_work(self) -> bool:
+        return self.users_dirty or self._has_news()
 
-    def has_news(self) -> bool:
+    def _has_news(self) -> bool:
         """Whether something is owed that may not wait: changes, ops, newcomers."""
         return bool(
             self.senders or self.with_ops or self.unknown or self.newcomers or self.observed
@@ -210,7 +210,7 @@ class RoomFlush:
 
     def ready_at(self) -> float:
         """The loop time from which a pass may take this room (pacing, and the user count's)."""
-        if self.users_dirty and self.room.users and not self.has_news():
+        if self.users_dirty and self.room.users and not self._has_news():
             return max(self.next_at, self.users_at)
         return self.next_at  # nobody left to tell: the room goes at once
 
@@ -272,21 +272,21 @@ class RoomFlush:
         room = self.room
         replies: dict[Connection, list[str]] = {}
         if outcome is not None:
-            self.committed(taken, outcome, replies)
+            self._committed(taken, outcome, replies)
         elif failure is not None:
-            self.rejected(taken, failure, replies)
+            self._rejected(taken, failure, replies)
         else:
-            self.uncommitted -= self.in_flight(taken)
+            self.uncommitted -= self._in_flight(taken)
         old = room.state
         for candidate in (taken.observed, outcome.state if outcome is not None else None):
             if candidate is not None and candidate.is_newer_than(room.state):
                 room.state = candidate
         if room.state.epoch != old.epoch:
-            self.history_lost()
+            self._history_lost()
         state_changed = (room.state.value, room.state.epoch) != (old.value, old.epoch)
-        self.deliver(taken, state_changed, replies)
+        self._deliver(taken, state_changed, replies)
 
-    def history_lost(self) -> None:
+    def _history_lost(self) -> None:
         """The store started a new history: what session clients know of op numbers is void.
 
         They are closed with 1012: on reconnecting, each is told its last done
@@ -299,22 +299,22 @@ class RoomFlush:
                 name="close after history lost",
             )
 
-    def in_flight(self, taken: Taken) -> int:
+    def _in_flight(self, taken: Taken) -> int:
         """The net change a taken pass carried, for the range check of what follows."""
         ops = sum(sum(batch.deltas) for _, _, batch in taken.batches)
         return (taken.change.delta if taken.change is not None else 0) + ops
 
-    def committed(
+    def _committed(
         self, taken: Taken, outcome: Outcome, replies: dict[Connection, list[str]]
     ) -> None:
         room, metrics = self.room, self.flusher.metrics
-        self.uncommitted -= self.in_flight(taken)
+        self.uncommitted -= self._in_flight(taken)
         counted = 0
         if taken.senders:
             if outcome.applied:
                 counted += sum(taken.senders.values())
             else:
-                self.tell_senders(taken.senders, "value out of range", "out_of_range", replies)
+                self._tell_senders(taken.senders, "value out of range", "out_of_range", replies)
         for websocket, oplog, batch in taken.batches:
             before, after = outcome.done[batch.session]
             errors, ack, applied = oplog.committed(batch, before, after, applied=outcome.applied)
@@ -332,12 +332,12 @@ class RoomFlush:
         if counted:
             metrics.accepted_actions.inc(counted)
 
-    def rejected(
+    def _rejected(
         self, taken: Taken, failure: StoreUnavailable, replies: dict[Connection, list[str]]
     ) -> None:
         """The store took nothing: tell every sender, and keep asking for what newcomers need."""
-        self.uncommitted -= self.in_flight(taken)
-        self.tell_senders(taken.senders, "store unavailable", "store_unavailable", replies)
+        self.uncommitted -= self._in_flight(taken)
+        self._tell_senders(taken.senders, "store unavailable", "store_unavailable", replies)
         reason = f"store unavailable: {failure}; action not counted"
         for websocket, oplog, batch in taken.batches:
             errors = oplog.failed(batch, reason)
@@ -350,20 +350,20 @@ class RoomFlush:
             if websocket in self.oplogs:
                 self.unknown.add(websocket)
         if self.with_ops or self.unknown:
-            self.retry_later()
+            self._retry_later()
 
-    def retry_later(self) -> None:
+    def _retry_later(self) -> None:
         """Ask for a pass once the store may be back, for the numbers it still must hear of."""
         if self.retry is None:
             loop = asyncio.get_running_loop()
-            self.retry = loop.call_later(STORE_RETRY_DELAY, self.retry_now)
+            self.retry = loop.call_later(STORE_RETRY_DELAY, self._retry_now)
 
-    def retry_now(self) -> None:
+    def _retry_now(self) -> None:
         self.retry = None
         if self.with_ops or self.unknown:
             self.flusher.schedule(self)
 
-    def tell_senders(
+    def _tell_senders(
         self,
         senders: dict[Connection, int],
         reason: str,
@@ -378,7 +378,7 @@ class RoomFlush:
             message = self.room.error_message(f"{reason}: {count} action(s) not applied")
             replies.setdefault(websocket, []).append(message)
 
-    def deliver(
+    def _deliver(
         self, taken: Taken, state_changed: bool, replies: dict[Connection, list[str]]
     ) -> None:
         """Write this pass's messages: users and state once for all, then each one's replies."""
@@ -406,17 +406,17 @@ class RoomFlush:
             extras=extras,
         )
         if not (delivery.everyone or newcomers or extras):
-            self.delivered(0.0)
+            self._delivered(0.0)
             return
         self.delivering = True
-        self.flusher.fan_out.deliver(delivery, self, self.delivered)
+        self.flusher.fan_out.deliver(delivery, self, self._delivered)
 
-    def delivered(self, busy: float) -> None:
+    def _delivered(self, busy: float) -> None:
         """The pass's writes are done: pace the next one, or let the room go if nobody is in it."""
         self.delivering = False
         if busy:
             self.next_at = asyncio.get_running_loop().time() + FLUSH_PAUSE_RATIO * busy
-        if self.has_work():
+        if self._has_work():
             self.flusher.schedule(self)
         elif not self.room.users and self.retry is None:
             self.on_empty()

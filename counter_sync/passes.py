@@ -73,18 +73,18 @@ class Flusher:
                 return
             self.next_pass.cancel()  # a paced room's timer: this one is due sooner
         self.next_pass_at = loop.time()
-        self.next_pass = loop.call_soon(self.run)
+        self.next_pass = loop.call_soon(self._run)
 
-    def plan(self) -> None:
+    def _plan(self) -> None:
         """Call the next pass when the first dirty room is due, if any is waiting."""
         waits = [room.ready_at() for room in self.dirty if not room.delivering]
         if not waits or self.next_pass is not None:
             return  # each room still writing asks again when it is done
         loop = asyncio.get_running_loop()
         self.next_pass_at = max(min(waits), loop.time())
-        self.next_pass = loop.call_at(self.next_pass_at, self.run)
+        self.next_pass = loop.call_at(self.next_pass_at, self._run)
 
-    def run(self, *, now_or_never: bool = False) -> None:
+    def _run(self, *, now_or_never: bool = False) -> None:
         """One pass over the rooms that are due (all of them, ``now_or_never``), then plan."""
         self.next_pass = None
         try:
@@ -97,31 +97,31 @@ class Flusher:
             ]
             for room in rooms:
                 del self.dirty[room]
-            if rooms and not self.flush(rooms):
+            if rooms and not self._flush(rooms):
                 return  # its commit waits for the store: the task plans the next
         except Exception as exc:  # a bug: the hub stops the server, as for a task's
             self.supervisor.crashed("flush pass", exc)
             return
-        self.plan()
+        self._plan()
 
-    def flush(self, rooms: list[RoomFlush]) -> bool:
+    def _flush(self, rooms: list[RoomFlush]) -> bool:
         """Take each room's change and commit them all at once; False if that must wait."""
         taken = [room.take() for room in rooms]
         changes = [each.change for each in taken if each.change is not None]
         started = asyncio.get_running_loop().time()
         if changes and self.commit_now is None:
             self.committing = self.supervisor.start(
-                self.commit_and_deliver(taken, changes, started), name="flush"
+                self._commit_and_deliver(taken, changes, started), name="flush"
             )
             return False
         outcomes: list[Outcome] = []
         if changes and self.commit_now is not None:
             outcomes = self.commit_now(changes)
             self.metrics.store_commit_seconds.observe(asyncio.get_running_loop().time() - started)
-        self.deliver(taken, outcomes, None, started)
+        self._deliver(taken, outcomes, None, started)
         return True
 
-    async def commit_and_deliver(
+    async def _commit_and_deliver(
         self, taken: list[Taken], changes: list[Change], started: float
     ) -> None:
         """Await the store's commit, then deliver; then the next pass."""
@@ -148,10 +148,10 @@ class Flusher:
             return
         self.metrics.store_commit_seconds.observe(loop.time() - started)
         self.committing = None
-        self.deliver(taken, outcomes, failure, started)
-        self.run()
+        self._deliver(taken, outcomes, failure, started)
+        self._run()
 
-    def deliver(
+    def _deliver(
         self,
         taken: list[Taken],
         outcomes: list[Outcome],
@@ -177,6 +177,6 @@ class Flusher:
             elif any(not room.delivering for room in self.dirty):
                 if self.next_pass is not None:
                     self.next_pass.cancel()
-                self.run(now_or_never=True)
+                self._run(now_or_never=True)
             else:
                 await asyncio.sleep(0)  # rooms still writing ask again when done

@@ -58,7 +58,7 @@ class ConnectionSweep:
 
     def start(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
-        self.task = supervisor.start(self.run(), name="connection sweep")
+        self.task = supervisor.start(self._run(), name="connection sweep")
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -66,7 +66,7 @@ class ConnectionSweep:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         interval = self.ping_interval
         period = (
             SWEEP_PERIOD if interval is None else min(SWEEP_PERIOD, interval / SWEEPS_PER_DEADLINE)
@@ -80,14 +80,14 @@ class ConnectionSweep:
                     await asyncio.sleep(0)
                 now, wall = loop.time(), time.time()
                 for connection in everyone[start : start + SWEEP_SLICE]:
-                    self.look_at(connection, now, wall)
+                    self._look_at(connection, now, wall)
 
-    def look_at(self, connection: Connection, now: float, wall: float) -> None:
-        """Ping it, fail it, drop it or close it, if it is due; else nothing."""
+    def _look_at(self, connection: Connection, now: float, wall: float) -> None:
+        """Ping it, _fail it, drop it or close it, if it is due; else nothing."""
         if connection.ended_by is not None or connection.protocol.state is not State.OPEN:
             return
         if connection.grant.expires <= wall:
-            self.end(connection, "token_expired", CloseCode.POLICY_VIOLATION, "token expired")
+            self._end(connection, "token_expired", CloseCode.POLICY_VIOLATION, "token expired")
             return
         interval, timeout = self.ping_interval, self.ping_timeout
         if interval is None:
@@ -99,18 +99,18 @@ class ConnectionSweep:
             )
         elif connection.pinged_at > connection.last_heard:  # a ping not answered yet
             if timeout is not None and now - connection.pinged_at > timeout:
-                self.end(connection, None, CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                self._end(connection, None, CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
         elif silent >= interval:
             connection.ping_now(now)
 
-    def end(self, connection: Connection, kind: str | None, code: int, reason: str) -> None:
+    def _end(self, connection: Connection, kind: str | None, code: int, reason: str) -> None:
         """Fail the connection with ``code``: its close frame, then the close timeout."""
         assert self.supervisor is not None
         connection.ended_by = kind
-        self.supervisor.start(fail(connection, code, reason), name=reason)
+        self.supervisor.start(_fail(connection, code, reason), name=reason)
 
 
-async def fail(connection: Connection, code: int, reason: str) -> None:
+async def _fail(connection: Connection, code: int, reason: str) -> None:
     """Send a close frame and close the TCP connection within the close timeout, as the library."""
     with contextlib.suppress(ConnectionClosed):
         async with connection.send_context():

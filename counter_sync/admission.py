@@ -58,6 +58,7 @@ __all__ = [
     "address_key",
     "fit_to_open_files",
     "origin_allowed",
+    "split_origin",
 ]
 
 log = logging.getLogger("counter_sync.admission")
@@ -146,7 +147,7 @@ class Gate:
         each, not a request read and answered. Never a trusted proxy's: it
         brings everyone's requests.
         """
-        return self.requests.knocks_too_soon(peer_ip, now) and not self.is_trusted(peer_ip)
+        return self.requests._knocks_too_soon(peer_ip, now) and not self.is_trusted(peer_ip)
 
     def heard_from(self, connection: Evictable) -> None:
         """``connection`` sent bytes of its request: it is no longer evicted to make room."""
@@ -184,7 +185,7 @@ class Gate:
         # client. What lies left of it, the client wrote: never read.
         for hop in reversed(forwarded_for.split(",")):
             hop = hop.strip()
-            if not valid_ip(hop):
+            if not _valid_ip(hop):
                 raise MalformedRequest("garbled X-Forwarded-For header")
             if not self.is_trusted(hop):
                 return hop
@@ -232,7 +233,7 @@ class Gate:
             del self.users_by_address[key]
 
     def is_trusted(self, ip: str) -> bool:
-        return bool(self.trusted) and trusted(ip, self.trusted)
+        return bool(self.trusted) and _trusted(ip, self.trusted)
 
 
 @functools.lru_cache(maxsize=MAX_LOG_KEYS)
@@ -254,7 +255,7 @@ def address_key(ip: str) -> str:
 
 
 @functools.lru_cache(maxsize=MAX_LOG_KEYS)
-def trusted(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+def _trusted(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     """Whether ``ip`` is in one of ``networks`` (cached, as address_key is)."""
     try:
         address = ipaddress.ip_address(ip)
@@ -263,7 +264,7 @@ def trusted(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Netwo
     return any(address in network for network in networks)
 
 
-def valid_ip(text: str) -> bool:
+def _valid_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -287,7 +288,7 @@ def origin_allowed(origin: str | None, host: str | None, extra: Sequence[str]) -
     parts = split_origin(origin)
     if parts.scheme not in ("http", "https") or host is None or parts.netloc != host:
         return False
-    return cannot_be_rebound(parts.hostname or "")
+    return _cannot_be_rebound(parts.hostname or "")
 
 
 def split_origin(origin: str) -> SplitResult:
@@ -298,11 +299,11 @@ def split_origin(origin: str) -> SplitResult:
         raise MalformedRequest("malformed Origin header") from None
 
 
-def cannot_be_rebound(hostname: str) -> bool:
+def _cannot_be_rebound(hostname: str) -> bool:
     """An IP literal, or a name browsers resolve to loopback without asking DNS."""
     if hostname == "localhost" or hostname.endswith(".localhost"):
         return True
-    return valid_ip(hostname)
+    return _valid_ip(hostname)
 
 
 def fit_to_open_files(settings: Settings) -> Settings:
@@ -485,7 +486,7 @@ class RequestRate:
         limit = self.limits.get(address_key(address))
         return limit is None or limit.bucket is None or limit.bucket.ready(now)
 
-    def knocks_too_soon(self, address: str, now: float) -> bool:
+    def _knocks_too_soon(self, address: str, now: float) -> bool:
         """Whether ``address``, refused its last request, comes back before its next token."""
         limit = self.limits.get(address_key(address))
         return (

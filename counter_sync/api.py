@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import http
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,26 +36,22 @@ from urllib.parse import parse_qs, unquote
 
 from websockets.http11 import Request, Response
 
-from counter_sync.config import MAX_API_PAGE, MAX_VALUE
+from counter_sync.config import MAX_API_PAGE, MAX_IDEMPOTENCY_KEY, MAX_VALUE
 from counter_sync.connection import BodyError, Connection
 from counter_sync.hub import ROOM_NAME, Hub
 from counter_sync.store import DEFAULT_ROOM, Change, OpBatch, RoomState, StoreUnavailable
 
 __all__ = ["API_PREFIX", "Api", "KeyFileError", "load_keys"]
 
-log = logging.getLogger("counter_sync.api")
-
 API_PREFIX = "/api/"
-COUNTERS = "/api/counters"
-# An Idempotency-Key: what a client library sends (a UUID, usually), and no more.
-MAX_KEY_LENGTH = 255
+_COUNTERS = "/api/counters"
 
 
 class KeyFileError(Exception):
     """The API key file cannot be used; the text is one line for the operator."""
 
 
-class Problem(Exception):
+class _Problem(Exception):
     """A request the API answers with an error: its status and a one-line reason."""
 
     def __init__(self, status: http.HTTPStatus, reason: str) -> None:
@@ -95,9 +90,9 @@ class Api:
             try:
                 body = await websocket.request_body()
             except BodyError as exc:
-                raise Problem(http.HTTPStatus(exc.status), exc.reason) from None
-            status, answer = await self.route(request, path, query, body)
-        except Problem as problem:
+                raise _Problem(http.HTTPStatus(exc.status), exc.reason) from None
+            status, answer = await self._route(request, path, query, body)
+        except _Problem as problem:
             status, answer = problem.status, {"error": problem.reason}
         response = websocket.respond(status, json.dumps(answer) + "\n")
         del response.headers["Content-Type"]
@@ -109,33 +104,34 @@ class Api:
             response.headers["WWW-Authenticate"] = 'Bearer realm="counter-sync"'
         return response
 
-    async def route(
+    async def _route(
         self, request: Request, path: str, query: str, body: bytes
     ) -> tuple[int, dict[str, Any]]:
-        if not self.authorized(request.headers.get("Authorization", "")):
-            raise Problem(http.HTTPStatus.UNAUTHORIZED, "unauthorized")
-        method = request.method
-        if path == COUNTERS:
-            return self.allow(method, "GET") or await self.list(query)
-        if not path.startswith(COUNTERS + "/"):
-            raise Problem(http.HTTPStatus.NOT_FOUND, "no such endpoint")
-        room = room_name(path[len(COUNTERS) + 1 :])
-        handlers: dict[str, Callable[[], Any]] = {
-            "GET": lambda: self.read(room),
-            "POST": lambda: self.change(room, request, body),
-            "DELETE": lambda: self.forget(room),
-        }
-        if method not in handlers:
-            return self.not_allowed(", ".join(handlers))
+        if not self._authorized(request.headers.get("Authorization", "")):
+            raise _Problem(http.HTTPStatus.UNAUTHORIZED, "unauthorized")
+        handlers: dict[str, Callable[[], Any]]
+        if path == _COUNTERS:
+            handlers = {"GET": lambda: self._list(query)}
+        elif path.startswith(_COUNTERS + "/"):
+            room = _room_name(path[len(_COUNTERS) + 1 :])
+            handlers = {
+                "GET": lambda: self._read(room),
+                "POST": lambda: self._change(room, request, body),
+                "DELETE": lambda: self._forget(room),
+            }
+        else:
+            raise _Problem(http.HTTPStatus.NOT_FOUND, "no such endpoint")
+        if request.method not in handlers:
+            return self._not_allowed(", ".join(handlers))
         try:
-            result: tuple[int, dict[str, Any]] = await handlers[method]()
+            result: tuple[int, dict[str, Any]] = await handlers[request.method]()
         except StoreUnavailable as exc:
-            raise Problem(
+            raise _Problem(
                 http.HTTPStatus.SERVICE_UNAVAILABLE, f"store unavailable: {exc}"
             ) from None
         return result
 
-    def authorized(self, header: str) -> bool:
+    def _authorized(self, header: str) -> bool:
         """Compare the bearer key with every key, in constant time, whichever matches."""
         scheme, _, given = header.partition(" ")
         candidate = given.strip().encode()
@@ -144,44 +140,44 @@ class Api:
             matched |= hmac.compare_digest(candidate, key)
         return scheme.lower() == "bearer" and matched
 
-    def allow(self, method: str, allowed: str) -> tuple[int, dict[str, Any]] | None:
-        return None if method == allowed else self.not_allowed(allowed)
-
     @staticmethod
-    def not_allowed(allowed: str) -> tuple[int, dict[str, Any]]:
+    def _not_allowed(allowed: str) -> tuple[int, dict[str, Any]]:
         return http.HTTPStatus.METHOD_NOT_ALLOWED, {"error": "method not allowed", "allow": allowed}
 
     # The endpoints.
 
-    async def read(self, room: str) -> tuple[int, dict[str, Any]]:
+    async def _read(self, room: str) -> tuple[int, dict[str, Any]]:
         state, elsewhere = await self.hub.store.peek(room)
-        return http.HTTPStatus.OK, self.describe(room, self.shown(room, state), elsewhere)
+        return http.HTTPStatus.OK, self._describe(room, self._shown(room, state), elsewhere)
 
-    async def change(
+    async def _change(
         self, room: str, request: Request, body: bytes | None
     ) -> tuple[int, dict[str, Any]]:
-        add, set_to = parse_change(body)
+        add, set_to = _parse_change(body)
         ops: tuple[OpBatch, ...] = ()
         key = request.headers.get("Idempotency-Key")
         if key is not None:
-            if not 1 <= len(key) <= MAX_KEY_LENGTH:
-                raise Problem(http.HTTPStatus.BAD_REQUEST, "Idempotency-Key: 1 to 255 characters")
-            ops = (OpBatch(idempotency_session(key), 1, (add,)),)
+            if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+                raise _Problem(
+                    http.HTTPStatus.BAD_REQUEST,
+                    f"Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY} characters",
+                )
+            ops = (OpBatch(_idempotency_session(key), 1, (add,)),)
             add = 0
         [outcome] = await self.hub.store.commit([Change(room, add, ops, set_to=set_to)])
-        self.show(room, outcome.state)
+        self._show(room, outcome.state)
         if not outcome.applied:
-            raise Problem(http.HTTPStatus.CONFLICT, f"value out of range (±{MAX_VALUE})")
-        answer = self.describe(room, outcome.state, await self.elsewhere(room))
+            raise _Problem(http.HTTPStatus.CONFLICT, f"value out of range (±{MAX_VALUE})")
+        answer = self._describe(room, outcome.state, await self._elsewhere(room))
         answer["duplicate"] = bool(ops) and outcome.done[ops[0].session][0] >= 1
         return http.HTTPStatus.OK, answer
 
-    async def forget(self, room: str) -> tuple[int, dict[str, Any]]:
+    async def _forget(self, room: str) -> tuple[int, dict[str, Any]]:
         state = await self.hub.store.forget(room)
-        self.show(room, state)
-        return http.HTTPStatus.OK, self.describe(room, state, await self.elsewhere(room))
+        self._show(room, state)
+        return http.HTTPStatus.OK, self._describe(room, state, await self._elsewhere(room))
 
-    async def list(self, query: str) -> tuple[int, dict[str, Any]]:
+    async def _list(self, query: str) -> tuple[int, dict[str, Any]]:
         params = parse_qs(query, keep_blank_values=True)
         prefix = params.get("prefix", [""])[0]
         after = params.get("after", [""])[0]
@@ -190,13 +186,8 @@ class Api:
         except ValueError:
             limit = 0
         if not 1 <= limit <= MAX_API_PAGE:
-            raise Problem(http.HTTPStatus.BAD_REQUEST, f"limit: 1 to {MAX_API_PAGE}")
-        try:
-            page = await self.hub.store.counters(prefix, after, limit + 1)
-        except StoreUnavailable as exc:
-            raise Problem(
-                http.HTTPStatus.SERVICE_UNAVAILABLE, f"store unavailable: {exc}"
-            ) from None
+            raise _Problem(http.HTTPStatus.BAD_REQUEST, f"limit: 1 to {MAX_API_PAGE}")
+        page = await self.hub.store.counters(prefix, after, limit + 1)
         counters = [
             {"room": room, "value": state.value, "seq": state.seq} for room, state in page[:limit]
         ]
@@ -205,55 +196,55 @@ class Api:
 
     # Keeping the rooms open here in step.
 
-    def shown(self, room: str, state: RoomState) -> RoomState:
+    def _shown(self, room: str, state: RoomState) -> RoomState:
         """The newer of what the store says and what the room here shows."""
         open_room = self.hub.rooms.get(room)
         if open_room is not None and not state.is_newer_than(open_room.state):
             return open_room.state
         return state
 
-    def show(self, room: str, state: RoomState) -> None:
+    def _show(self, room: str, state: RoomState) -> None:
         """A change made here reaches the room's users here (the store tells other instances)."""
         open_room = self.hub.rooms.get(room)
         if open_room is not None:
             open_room.flush.observe(state=state)
 
-    async def elsewhere(self, room: str) -> int:
+    async def _elsewhere(self, room: str) -> int:
         if room in self.hub.rooms:
             return 0  # counted by the room, with its users here
         return (await self.hub.store.peek(room))[1]
 
-    def describe(self, room: str, state: RoomState, elsewhere: int) -> dict[str, Any]:
+    def _describe(self, room: str, state: RoomState, elsewhere: int) -> dict[str, Any]:
         open_room = self.hub.rooms.get(room)
         users = open_room.count_users() if open_room is not None else elsewhere
         return {"room": room, "value": state.value, "users": users, "seq": state.seq}
 
 
-def room_name(segment: str) -> str:
+def _room_name(segment: str) -> str:
     """The room a path segment names (``%2F`` is ``/``), or a 404."""
     name = unquote(segment)
     if name == DEFAULT_ROOM or ROOM_NAME.fullmatch(name):
         return name
-    raise Problem(http.HTTPStatus.NOT_FOUND, "no such counter: 1 to 64 of A-Z a-z 0-9 _ -")
+    raise _Problem(http.HTTPStatus.NOT_FOUND, "no such counter: 1 to 64 of A-Z a-z 0-9 _ -")
 
 
-def parse_change(body: bytes | None) -> tuple[int, int | None]:
+def _parse_change(body: bytes | None) -> tuple[int, int | None]:
     """``(add, set)`` from a POST body: exactly one of ``{"add": N}`` and ``{"set": V}``."""
     try:
         fields = json.loads(body or b"")
     except (ValueError, RecursionError):
-        raise Problem(http.HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
+        raise _Problem(http.HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
     if not isinstance(fields, dict) or len(fields.keys() & {"add", "set"}) != 1:
-        raise Problem(http.HTTPStatus.BAD_REQUEST, 'send {"add": N} or {"set": V}')
+        raise _Problem(http.HTTPStatus.BAD_REQUEST, 'send {"add": N} or {"set": V}')
     (name,) = fields.keys() & {"add", "set"}
     number = fields[name]
     if type(number) is not int or abs(number) > MAX_VALUE:
-        raise Problem(
+        raise _Problem(
             http.HTTPStatus.BAD_REQUEST, f'"{name}" must be a whole number within ±{MAX_VALUE}'
         )
     return (number, None) if name == "add" else (0, number)
 
 
-def idempotency_session(key: str) -> str:
+def _idempotency_session(key: str) -> str:
     """The session an Idempotency-Key is kept as: its hash, so any key fits a session id."""
     return "api-" + hashlib.sha256(key.encode()).hexdigest()[:32]

@@ -41,6 +41,7 @@ __all__ = [
     "MAX_DRAIN_SECONDS",
     "MAX_FLAG_SECONDS",
     "MAX_FORGET_AFTER",
+    "MAX_IDEMPOTENCY_KEY",
     "MAX_LOG_KEYS",
     "MAX_MESSAGE_SIZE",
     "MAX_PENDING",
@@ -302,6 +303,9 @@ MAX_API_BODY = 4 * 1024
 # library's own limits allow more, but an API request has a few short headers.
 MAX_API_HEAD = 16 * 1024
 MAX_API_PAGE = 1000
+# An API write's Idempotency-Key: what client libraries send (a UUID, usually)
+# fits many times over; the key is hashed into a session id, whatever its length.
+MAX_IDEMPOTENCY_KEY = 255
 # Seconds between two sweeps over every connection (the silent ones, the
 # expired tokens): one sweep for all instead of a timer each, and a second is
 # as late as a liveness drop or a token's expiry may come.

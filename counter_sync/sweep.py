@@ -83,7 +83,7 @@ class ConnectionSweep:
                     self._look_at(connection, now, wall)
 
     def _look_at(self, connection: Connection, now: float, wall: float) -> None:
-        """Ping it, _fail it, drop it or close it, if it is due; else nothing."""
+        """Ping it, fail it, drop it or close it, if it is due; else nothing."""
         if connection.ended_by is not None or connection.protocol.state is not State.OPEN:
             return
         if connection.grant.expires <= wall:

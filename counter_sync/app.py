@@ -31,7 +31,7 @@ from counter_sync.sweep import ConnectionSweep
 from counter_sync.tasks import within
 from counter_sync.web import Web
 
-__all__ = ["App", "open_store", "start"]
+__all__ = ["App", "start"]
 
 log = logging.getLogger("counter_sync.app")
 
@@ -49,15 +49,20 @@ class App:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def close(self, code: CloseCode = CloseCode.GOING_AWAY, reason: str = "") -> None:
-        """Stop accepting, close every connection (1001 by default), release the store."""
-        for websocket in self.every_user():
+        """Stop accepting, close every connection (1001 by default), release the store.
+
+        Returns within its bounds (``CLOSE_GRACE``, ``CLOSE_TIMEOUT``,
+        ``FLUSH_TIMEOUT``, ``STORE_CLOSE_TIMEOUT``) however clients stall or
+        the store hangs; raises what the store's own close raises.
+        """
+        for websocket in self._every_user():
             websocket.ended_by = websocket.ended_by or "shutdown"
         self.server.close(code=code, reason=reason)
         # close() waits for the close frame to drain, and a stalled reader
         # never drains: without the bound, shutdown would wait for the
         # keepalive timeout. Aborting is safe: every action read is pending.
         if not await within(CLOSE_GRACE, self.server.wait_closed()):
-            for websocket in self.every_user():
+            for websocket in self._every_user():
                 websocket.transport.abort()
             # A handler may still wait for a store that hangs (Redis stopped).
             await within(CLOSE_TIMEOUT, self.server.wait_closed())
@@ -81,7 +86,7 @@ class App:
         """
         self.hub.draining = True
         loop = asyncio.get_running_loop()
-        users = self.every_user()
+        users = self._every_user()
         random.shuffle(users)  # no room goes first
         started = loop.time()
         closing = []
@@ -93,12 +98,12 @@ class App:
             await asyncio.wait(closing, timeout=CLOSE_GRACE)
         await self.close(CloseCode.SERVICE_RESTART)
 
-    def every_user(self) -> list[Connection]:
+    def _every_user(self) -> list[Connection]:
         # Not Server.connections: it leaves out those already closing.
         return list(self.hub.every_user())
 
 
-def open_store(settings: Settings) -> Store:
+def _open_store(settings: Settings) -> Store:
     """Pick the store the flags ask for; import Redis or SQLite support only then."""
     if settings.redis is not None:
         try:
@@ -131,7 +136,7 @@ def open_store(settings: Settings) -> Store:
 
 async def start(settings: Settings) -> App:
     """Start a server (port 0 picks a free port) and return it running."""
-    store = open_store(settings)
+    store = _open_store(settings)
     await store.open()
     hub = Hub(settings, store)
     await hub.open_default_room()
@@ -171,11 +176,11 @@ async def start(settings: Settings) -> App:
     hub.collector.start()
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
-        log.info("%s", listening_line(host, port, settings.origins))
+        log.info("%s", _listening_line(host, port, settings.origins))
     return App(hub, server, watch)
 
 
-def listening_line(host: str, port: int, origins: tuple[str, ...]) -> str:
+def _listening_line(host: str, port: int, origins: tuple[str, ...]) -> str:
     """The start-up line: where the server listens, and an address that opens the page.
 
     Tests and the bench wait for its start, ``listening on ws://HOST:PORT/``. A

@@ -22,9 +22,7 @@ from websockets.frames import CloseCode
 
 from counter_sync.admission import fit_to_open_files
 from counter_sync.app import App, start
-from counter_sync.config import (
-    Settings,
-)
+from counter_sync.config import Settings
 from counter_sync.flags import parse_args
 from counter_sync.logs import setup_logging
 from counter_sync.store import StoreError
@@ -41,7 +39,7 @@ class CannotListen(Exception):
     """The server cannot listen where ``--host`` and ``--port`` say; the message is one line."""
 
 
-def cannot_listen(settings: Settings, exc: OSError) -> CannotListen:
+def _cannot_listen(settings: Settings, exc: OSError) -> CannotListen:
     """Say which flag to change, not only the system's ``[Errno ...]``."""
     if isinstance(exc, socket.gaierror):
         return CannotListen(f"--host {settings.host}: cannot look up this name ({exc.strerror})")
@@ -76,8 +74,8 @@ async def run(settings: Settings) -> int:
     try:
         app = await start(settings)
     except OSError as exc:  # the stores turn their own into StoreError: this is the socket's
-        raise cannot_listen(settings, exc) from None
-    if await unless_failed(app, stop.wait()):
+        raise _cannot_listen(settings, exc) from None
+    if await _unless_failed(app, stop.wait()):
         if settings.drain_seconds <= 0:
             log.info("shutting down")
             await app.close()
@@ -85,14 +83,14 @@ async def run(settings: Settings) -> int:
         log.info("draining: closing every connection with 1012 over %g s", settings.drain_seconds)
         # Still watching: a store that fails mid-drain must not be answered
         # with silence and exit status 0.
-        if await unless_failed(app, app.drain(settings.drain_seconds)):
+        if await _unless_failed(app, app.drain(settings.drain_seconds)):
             return 0
     log.critical("stopping: %s", app.hub.failed.result())
     await app.close(CloseCode.INTERNAL_ERROR, "server failed")
     return 1
 
 
-async def unless_failed(app: App, work: Coroutine[Any, Any, Any]) -> bool:
+async def _unless_failed(app: App, work: Coroutine[Any, Any, Any]) -> bool:
     """Run ``work`` until it ends (True) or the server fails first (False: it is cancelled)."""
     task = asyncio.ensure_future(work)
     await asyncio.wait({task, app.hub.failed}, return_when=asyncio.FIRST_COMPLETED)

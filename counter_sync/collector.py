@@ -45,15 +45,15 @@ class Collector:
         gc.collect()
         gc.set_threshold(*GC_THRESHOLDS)
         gc.freeze()
-        gc.callbacks.append(self.collected)
+        gc.callbacks.append(self._collected)
 
     def stop(self) -> None:
         """Thaw, so that what this server leaves behind is collected. Idempotent."""
-        if self.collected in gc.callbacks:
-            gc.callbacks.remove(self.collected)
+        if self._collected in gc.callbacks:
+            gc.callbacks.remove(self._collected)
             gc.unfreeze()
 
-    def collected(self, phase: str, info: dict[str, int]) -> None:
+    def _collected(self, phase: str, info: dict[str, int]) -> None:
         # After a full collection, every object left is live: freeze them all.
         if phase == "stop" and info["generation"] == 2:
             gc.freeze()

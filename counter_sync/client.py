@@ -31,6 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from counter_sync.oplog import OUT_OF_ORDER
+
 __all__ = ["Client", "TooManyPending", "new_session"]
 
 log = logging.getLogger("counter_sync.client")
@@ -38,15 +40,13 @@ log = logging.getLogger("counter_sync.client")
 # Actions waiting for their ack at most, as the page allows: beyond, the user
 # is told to wait rather than queue clicks without end while offline.
 MAX_PENDING = 100
-# The error the server answers an op with when it skips ahead of the last done one.
-OUT_OF_ORDER = "op out of order"
 # Resending after a reconnect stays within the server's default rate limit
 # (20 a second, 40 at once), as the page does.
-RESEND_BURST = 30
-RESEND_RATE = 15.0
+_RESEND_BURST = 30
+_RESEND_RATE = 15.0
 # Seconds between reconnection attempts: doubling from the first to the last.
-RECONNECT_FIRST = 0.05
-RECONNECT_LAST = 2.0
+_RECONNECT_FIRST = 0.05
+_RECONNECT_LAST = 2.0
 
 
 class TooManyPending(Exception):
@@ -90,7 +90,7 @@ class Client:
         self.closing = False
 
     async def __aenter__(self) -> Self:
-        self.task = asyncio.create_task(self.run())
+        self.task = asyncio.create_task(self._run())
         await self.wait(lambda: self.value is not None)
         return self
 
@@ -109,13 +109,13 @@ class Client:
 
     async def plus(self) -> int:
         """Add one; return the action's op number. It is sent now, or once connected."""
-        return await self.act("plus")
+        return await self._act("plus")
 
     async def minus(self) -> int:
         """Subtract one; return the action's op number."""
-        return await self.act("minus")
+        return await self._act("minus")
 
-    async def act(self, action: str) -> int:
+    async def _act(self, action: str) -> int:
         if len(self.unacked) >= self.max_pending:
             raise TooManyPending(f"{len(self.unacked)} actions wait for their ack")
         op = self.next_op
@@ -150,33 +150,33 @@ class Client:
 
     # The connection, again and again.
 
-    async def run(self) -> None:
-        delay = RECONNECT_FIRST
+    async def _run(self) -> None:
+        delay = _RECONNECT_FIRST
         attempt = 0
         while not self.closing:
             url = self.urls[attempt % len(self.urls)]
             attempt += 1
             try:
-                async with connect(self.with_session(url), **self.options) as websocket:
+                async with connect(self._with_session(url), **self.options) as websocket:
                     self.connections += 1
-                    delay = RECONNECT_FIRST
-                    await self.receive(websocket)
+                    delay = _RECONNECT_FIRST
+                    await self._receive(websocket)
             except (OSError, InvalidHandshake, InvalidStatus, ConnectionClosed) as exc:
                 log.debug("%s: %s", url, exc)
             finally:
                 self.websocket = None
             if not self.closing:
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_LAST)
+                delay = min(delay * 2, _RECONNECT_LAST)
 
-    def with_session(self, url: str) -> str:
+    def _with_session(self, url: str) -> str:
         parts = urlsplit(url)
         query = (
             f"{parts.query}&session={self.session}" if parts.query else f"session={self.session}"
         )
         return urlunsplit(parts._replace(query=query))
 
-    async def receive(self, websocket: ClientConnection) -> None:
+    async def _receive(self, websocket: ClientConnection) -> None:
         """Take in what the server says; resend the unacked actions once it says what is done."""
         async for message in websocket:
             event = json.loads(message)
@@ -184,9 +184,9 @@ class Client:
             if kind == "users":
                 self.users = event["count"]
             elif kind == "state":
-                self.take_state(event)
+                self._take_state(event)
             elif kind == "ack":
-                self.take_ack(event["op"])
+                self._take_ack(event["op"])
                 if self.websocket is None:  # the first ack: what the server holds as done
                     await self.resend(websocket)
                     self.websocket = websocket
@@ -196,13 +196,13 @@ class Client:
                     # before it may yet be counted, and must not go again.
                     self.out_of_order = min(self.out_of_order or event["op"], event["op"])
                 else:
-                    self.take_rejection(event["op"], event["error"])
+                    self._take_rejection(event["op"], event["error"])
             self.changed.set()
             if self.out_of_order and not any(op < self.out_of_order for op in self.unacked):
-                await self.start_over(websocket)
+                await self._start_over(websocket)
                 return
 
-    def take_state(self, event: dict[str, Any]) -> None:
+    def _take_state(self, event: dict[str, Any]) -> None:
         """Show a state unless it is older than the one shown (same history, lower seq)."""
         epoch, seq = event["epoch"], event["seq"]
         if epoch == self.epoch and seq < self.seq:
@@ -211,20 +211,20 @@ class Client:
         if epoch != self.epoch and self.epoch is not None:
             # A new history: what was done in the old one is gone, so the
             # actions still waiting start over as 1, 2, 3... in order.
-            self.renumber()
+            self._renumber()
         self.epoch, self.seq, self.value = epoch, seq, event["value"]
 
-    def renumber(self) -> None:
+    def _renumber(self) -> None:
         actions = list(self.unacked.values())
         self.unacked = {op: action for op, action in enumerate(actions, start=1)}
         self.next_op = len(actions) + 1
 
-    def take_ack(self, op: int) -> None:
+    def _take_ack(self, op: int) -> None:
         for done in [each for each in self.unacked if each <= op]:
             del self.unacked[done]
         self.next_op = max(self.next_op, op + 1)
 
-    async def start_over(self, websocket: ClientConnection) -> None:
+    async def _start_over(self, websocket: ClientConnection) -> None:
         """The server and this client disagree on the numbers: go on as a new session.
 
         It only happens when a server that rejected actions of this session
@@ -234,10 +234,10 @@ class Client:
         """
         self.session = new_session()
         self.out_of_order = 0
-        self.renumber()
+        self._renumber()
         await websocket.close()
 
-    def take_rejection(self, op: int, reason: str) -> None:
+    def _take_rejection(self, op: int, reason: str) -> None:
         """A rejection is final: the action is not counted and not sent again."""
         if self.unacked.pop(op, None) is not None:
             self.rejected.append((op, reason))
@@ -249,6 +249,6 @@ class Client:
         clicks queued while offline would otherwise be refused past the burst.
         """
         for index, (op, action) in enumerate(list(self.unacked.items())):
-            if index >= RESEND_BURST:
-                await asyncio.sleep(1 / RESEND_RATE)
+            if index >= _RESEND_BURST:
+                await asyncio.sleep(1 / _RESEND_RATE)
             await websocket.send(json.dumps({"action": action, "op": op}))

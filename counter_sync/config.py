@@ -32,6 +32,7 @@ __all__ = [
     "HANDSHAKE_TIMEOUT_UNDER_PRESSURE",
     "HTTP_BURST",
     "HTTP_RATE",
+    "LAG_PERIOD",
     "LISTEN_BACKLOG",
     "LOG_INTERVAL",
     "MAX_API_BODY",
@@ -310,6 +311,10 @@ MAX_IDEMPOTENCY_KEY = 255
 # expired tokens): one sweep for all instead of a timer each, and a second is
 # as late as a liveness drop or a token's expiry may come.
 SWEEP_PERIOD = 1.0
+# Seconds between two looks at the event loop's lag (the lag histogram of
+# /metrics): often enough to catch a stall of a fraction of a second, at the
+# cost of four wake-ups a second.
+LAG_PERIOD = 0.25
 # Connections the sweep looks at per event-loop turn: a slice costs about a
 # millisecond, so 19,000 connections never hold the loop for long at once.
 SWEEP_SLICE = 1000

@@ -50,7 +50,7 @@ from counter_sync.config import (
 )
 from counter_sync.tokens import ANONYMOUS, SecretError, load_secret
 
-__all__ = ["Number", "build_parser", "parse_args"]
+__all__ = ["Number", "OneLineParser", "build_parser", "parse_args"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -101,7 +101,7 @@ class Number:
         return f"{low} to {self.high:g}"
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's default, and beside a number's its range: ``(1 or more; default: 40)``."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -112,11 +112,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # One label of a host name: letters, digits, hyphens inside; underscores too,
 # which DNS forbids in host names but /etc/hosts and internal zones do not.
-HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
-DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def is_host_name(text: str) -> bool:
+def _is_host_name(text: str) -> bool:
     """A name that DNS or /etc/hosts could know.
 
     A last label of digits only makes it a (bad) IPv4 address, as in 999.1.1.1.
@@ -124,12 +124,12 @@ def is_host_name(text: str) -> bool:
     labels = text.removesuffix(".").split(".")
     return (
         len(text) <= 253
-        and all(HOST_LABEL.fullmatch(label) for label in labels)
+        and all(_HOST_LABEL.fullmatch(label) for label in labels)
         and not labels[-1].isdigit()
     )
 
 
-def listen_host(text: str) -> str:
+def _listen_host(text: str) -> str:
     """An argparse type: an IP address or a host name, as ``--host`` takes.
 
     Only its form is checked here; whether the name resolves and the address
@@ -138,7 +138,7 @@ def listen_host(text: str) -> str:
     try:
         ipaddress.ip_address(text)
     except ValueError:
-        if not is_host_name(text):
+        if not _is_host_name(text):
             raise argparse.ArgumentTypeError(
                 f"{text!r} is neither an IP address nor a host name "
                 "(0.0.0.0 listens on every IPv4 interface, :: on every IPv6 one)"
@@ -146,7 +146,7 @@ def listen_host(text: str) -> str:
     return text
 
 
-def web_origin(text: str) -> str:
+def _web_origin(text: str) -> str:
     """An argparse type: an origin, ``scheme://host[:port]``, or ``null``.
 
     Browsers send the ``Origin`` header in one form (lower case, no default
@@ -162,7 +162,7 @@ def web_origin(text: str) -> str:
         port = parts.port  # raises ValueError for a port that is not one
         scheme, host = parts.scheme.lower(), parts.hostname
         if (
-            scheme not in DEFAULT_PORTS
+            scheme not in _DEFAULT_PORTS
             or host is None
             or parts.username is not None
             or parts.path not in ("", "/")
@@ -174,7 +174,7 @@ def web_origin(text: str) -> str:
             ip = ipaddress.ip_address(host)
         except ValueError:
             host = host.encode("idna").decode("ascii")  # as browsers send a non-ASCII name
-            if not is_host_name(host):
+            if not _is_host_name(host):
                 raise
         else:
             host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
@@ -183,12 +183,12 @@ def web_origin(text: str) -> str:
             f"{text!r} is not an origin: give scheme://host[:port] with http or https "
             "and no path, e.g. http://myhost:6789, or null"
         ) from None
-    if port is None or port == DEFAULT_PORTS[scheme]:
+    if port is None or port == _DEFAULT_PORTS[scheme]:
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{port}"
 
 
-def network(text: str) -> str:
+def _network(text: str) -> str:
     """An argparse type: an IP address or network, as ``--trusted-proxy`` takes."""
     try:
         ipaddress.ip_network(text, strict=False)
@@ -198,16 +198,17 @@ def network(text: str) -> str:
 
 
 def build_parser(prog: str) -> OneLineParser:
+    """The parser of every flag, with its type, default and help; see :func:`parse_args`."""
     parser = OneLineParser(
         prog=prog,
         description="Shared counters, kept in sync across every connected browser.",
-        formatter_class=HelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     add = parser.add_argument
     count = Number(int, 1)  # the caps and the burst: at 0, nobody would get in or be heard
     add(
         "--host",
-        type=listen_host,
+        type=_listen_host,
         default=DEFAULT_HOST,
         help="interface to listen on, an IP address or a host name; 0.0.0.0 for every IPv4 "
         "interface (pages opened there by a name then need --origin)",
@@ -220,7 +221,7 @@ def build_parser(prog: str) -> OneLineParser:
     )
     add(
         "--origin",
-        type=web_origin,
+        type=_web_origin,
         action="append",
         default=[],
         metavar="URL",
@@ -256,7 +257,7 @@ def build_parser(prog: str) -> OneLineParser:
     )
     add(
         "--trusted-proxy",
-        type=network,
+        type=_network,
         action="append",
         default=[],
         metavar="ADDRESS",

@@ -39,14 +39,14 @@ log = logging.getLogger("counter_sync.hub")
 
 # /c/<name>: 1 to 64 of these characters, case-sensitive.
 ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-ROOM_PREFIX = "/c/"
+_ROOM_PREFIX = "/c/"
 
 
 def room_from_path(path: str) -> str | None:
     """The room a request path names (``/`` or ``/c/<name>``), or None for any other path."""
     if path == "/":
         return DEFAULT_ROOM
-    if path.startswith(ROOM_PREFIX) and ROOM_NAME.fullmatch(name := path[len(ROOM_PREFIX) :]):
+    if path.startswith(_ROOM_PREFIX) and ROOM_NAME.fullmatch(name := path[len(_ROOM_PREFIX) :]):
         return name
     return None
 
@@ -74,11 +74,11 @@ class Hub:
         # Set when the server must stop: a store that cannot tell whether a
         # change was applied (see StoreInDoubt), or a bug in a background task.
         self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.supervisor = Supervisor(self.crashed)
+        self.supervisor = Supervisor(self._crashed)
         self.collector = Collector()
         self.fan_out = FanOut(self.metrics, self.supervisor)
         self.flusher = Flusher(
-            store, self.fan_out, self.metrics, self.supervisor, on_doubt=self.store_in_doubt
+            store, self.fan_out, self.metrics, self.supervisor, on_doubt=self._store_in_doubt
         )
         self.rooms: dict[str, Room] = {}
         # Rooms whose value is being loaded, and the handlers on their way
@@ -93,7 +93,7 @@ class Hub:
 
     async def open_default_room(self) -> None:
         """Open ``/`` at start-up and keep it: ``/healthz`` shows its value."""
-        await self.enter(DEFAULT_ROOM)
+        await self._enter(DEFAULT_ROOM)
 
     def count_here(self) -> int:
         """Connections open on this instance, in every room."""
@@ -137,7 +137,7 @@ class Hub:
             address=address,
             users=self.count_here(),
         )
-        if refusal is None and (reason := self.refuse_room(room)) is not None:
+        if refusal is None and (reason := self._refuse_room(room)) is not None:
             refusal = Refusal(
                 http.HTTPStatus.SERVICE_UNAVAILABLE, reason, f"{reason} ({room})", "rooms"
             )
@@ -165,7 +165,7 @@ class Hub:
                 f"{self.settings.max_connections_per_user} connections of {grant.user} is the cap",
                 "per_user",
             )
-        if self.opens_room(room):
+        if self._opens_room(room):
             now = asyncio.get_running_loop().time()
             budget = self.gate.new_rooms
             if (
@@ -182,7 +182,7 @@ class Hub:
                 )
         return grant
 
-    def over_a_cap(self, room: str, address: str, user: str | None) -> Refusal | None:
+    def _over_a_cap(self, room: str, address: str, user: str | None) -> Refusal | None:
         """Which cap one more connection would pass (the caps only: the rest was checked)."""
         refusal = self.gate.over_a_cap(address=address, users=self.count_here())
         if refusal is None and user is not None and self.gate.users.full(user):
@@ -196,16 +196,16 @@ class Hub:
             refusal = Refusal(
                 http.HTTPStatus.SERVICE_UNAVAILABLE, "server is restarting", "", "draining"
             )
-        if refusal is None and (reason := self.refuse_room(room)) is not None:
+        if refusal is None and (reason := self._refuse_room(room)) is not None:
             refusal = Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, reason, reason, "rooms")
         return refusal
 
-    def opens_room(self, name: str) -> bool:
+    def _opens_room(self, name: str) -> bool:
         """Whether a connection to ``name`` would open a room nobody is in here."""
         room = self.rooms.get(name)
         return (room is None or not room.users) and name not in self.opening
 
-    def refuse_room(self, name: str) -> str | None:
+    def _refuse_room(self, name: str) -> str | None:
         """Why room ``name`` cannot take one more connection now, or None."""
         room = self.rooms.get(name)
         if (room is not None and room.users) or name in self.opening:
@@ -225,19 +225,19 @@ class Hub:
         if (open_room := self.rooms.get(room)) is not None:
             open_room.flush.observe(state=state, elsewhere=elsewhere)
 
-    def store_in_doubt(self, exc: Exception) -> None:
+    def _store_in_doubt(self, exc: Exception) -> None:
         """A commit's outcome is unknown: stop serving (see :exc:`StoreInDoubt`)."""
-        self.fail(
+        self._fail(
             "the store cannot tell whether a change was applied "
             f"({type(exc).__name__}: {exc}); restart the server so that every client "
             "sees what was kept"
         )
 
-    def crashed(self, exc: BaseException) -> None:
+    def _crashed(self, exc: BaseException) -> None:
         """A background task hit a bug (logged with its traceback): stop rather than go quiet."""
-        self.fail(f"a bug stopped a background task ({type(exc).__name__}: {exc})")
+        self._fail(f"a bug stopped a background task ({type(exc).__name__}: {exc})")
 
-    def fail(self, why: str) -> None:
+    def _fail(self, why: str) -> None:
         if not self.failed.done():
             self.failed.set_result(why)
 
@@ -252,7 +252,7 @@ class Hub:
         name, address, user = websocket.room, websocket.address, websocket.grant.user
         # process_request refused what it could; this closes the few that
         # passed it together during a storm of concurrent handshakes.
-        refusal = self.over_a_cap(name, address, user)
+        refusal = self._over_a_cap(name, address, user)
         if refusal is not None:
             self.metrics.handshakes_rejected.labels(refusal.kind).inc()
             await websocket.close(CloseCode.TRY_AGAIN_LATER, refusal.reason)
@@ -261,9 +261,9 @@ class Hub:
         self.gate.user_joined(address)
         limit = self.gate.users.join(user, websocket.loop.time())
         try:
-            room = await self.enter(name)
+            room = await self._enter(name)
         except StoreUnavailable as exc:
-            self.unable_to_open(websocket, name, exc)
+            self._unable_to_open(websocket, name, exc)
             await websocket.close(CloseCode.TRY_AGAIN_LATER, "store unavailable")
         else:
             # No await from this check to the register in serve(): the count is exact.
@@ -278,7 +278,7 @@ class Hub:
             self.gate.users.leave(user)
             self.collector.connection_closed(self.connections)
 
-    def unable_to_open(self, websocket: Connection, name: str, exc: StoreUnavailable) -> None:
+    def _unable_to_open(self, websocket: Connection, name: str, exc: StoreUnavailable) -> None:
         log.warning(
             "%s cannot join %s: %s",
             websocket.client,
@@ -287,7 +287,7 @@ class Hub:
             extra=fields("store_unavailable", peer=websocket.client, room=name, reason=str(exc)),
         )
 
-    async def enter(self, name: str) -> Room:
+    async def _enter(self, name: str) -> Room:
         """The room called ``name``, opened on first use; the caller registers in it at once."""
         self.entering[name] += 1
         try:
@@ -295,7 +295,7 @@ class Hub:
             if room is None:
                 opening = self.opening.get(name)
                 if opening is None:
-                    opening = self.opening[name] = asyncio.ensure_future(self.open(name))
+                    opening = self.opening[name] = asyncio.ensure_future(self._open(name))
                 room = await asyncio.shield(opening)
             return room
         finally:
@@ -303,7 +303,7 @@ class Hub:
             if not self.entering[name]:
                 del self.entering[name]
 
-    async def open(self, name: str) -> Room:
+    async def _open(self, name: str) -> Room:
         try:
             state = await self.store.load(name)
         finally:
@@ -313,11 +313,11 @@ class Hub:
             state,
             flusher=self.flusher,
             metrics=self.metrics,
-            on_empty=self.release,
+            on_empty=self._release,
         )
         return room
 
-    def release(self, room: Room) -> None:
+    def _release(self, room: Room) -> None:
         """Forget a room nobody is in or entering; its value stays in the store."""
         if room.users or self.entering[room.name] or room.name == DEFAULT_ROOM:
             return

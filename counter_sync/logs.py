@@ -22,9 +22,9 @@ from typing import Any
 
 from counter_sync.config import LOG_INTERVAL, MAX_LOG_KEYS
 
-__all__ = ["FIELDS", "JsonFormatter", "Throttle", "ThrottleByKey", "fields", "setup_logging"]
+__all__ = ["Throttle", "ThrottleByKey", "fields", "setup_logging"]
 
-FIELDS = ("event", "peer", "room", "kind", "code", "reason")
+_FIELDS = ("event", "peer", "room", "kind", "code", "reason")
 
 
 def fields(event: str, **values: object) -> dict[str, object]:
@@ -43,6 +43,7 @@ class Throttle:
         self.held_back = 0
 
     def warning(self, logger: logging.Logger, message: str, *args: object, **extra: Any) -> None:
+        """Log ``message`` unless this throttle let one through less than ``interval`` ago."""
         now = time.monotonic()
         if now < self.next_at:
             self.held_back += 1
@@ -65,14 +66,15 @@ class ThrottleByKey:
     def warning(
         self, key: str, logger: logging.Logger, message: str, *args: object, **extra: Any
     ) -> None:
+        """Log ``message`` as :meth:`Throttle.warning` does, throttled for ``key`` alone."""
         throttle = self.throttles.get(key)
         if throttle is None:
             if len(self.throttles) >= MAX_LOG_KEYS:
-                self.forget_idle()
+                self._forget_idle()
             throttle = self.throttles[key] = Throttle(self.interval)
         throttle.warning(logger, message, *args, **extra)
 
-    def forget_idle(self) -> None:
+    def _forget_idle(self) -> None:
         now = time.monotonic()
         self.throttles = {
             key: throttle
@@ -83,7 +85,7 @@ class ThrottleByKey:
             self.throttles.clear()  # all busy: start over rather than grow
 
 
-class JsonFormatter(logging.Formatter):
+class _JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, event, message and the record's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -93,7 +95,7 @@ class JsonFormatter(logging.Formatter):
             "event": getattr(record, "event", "log"),
             "message": record.getMessage(),
         }
-        for name in FIELDS[1:]:
+        for name in _FIELDS[1:]:
             value = getattr(record, name, None)
             if value is not None:
                 entry[name] = value
@@ -102,7 +104,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes the lines of one event-loop turn together: one write, not one per line.
 
     A join storm logs a line per connection; written one by one, each is a
@@ -147,9 +149,9 @@ def setup_logging(log_format: str, *, levels: Mapping[str, int] | None = None) -
     """
     logging._srcfile = None  # the logging docs' own advice ("Optimization")
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = TurnHandler()
+    handler = _TurnHandler()
     if log_format == "json":
-        formatter: logging.Formatter = JsonFormatter()
+        formatter: logging.Formatter = _JsonFormatter()
         formatter.converter = time.gmtime
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")

@@ -21,11 +21,12 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from counter_sync.config import LAG_PERIOD
 from counter_sync.tasks import Supervisor
 
-__all__ = ["ACTION_RESULTS", "DISCONNECT_KINDS", "REJECT_REASONS", "Metrics"]
+__all__ = ["Metrics"]
 
-ACTION_RESULTS = (
+_ACTION_RESULTS = (
     "accepted",
     "bad_message",
     "rate_limited",
@@ -34,7 +35,7 @@ ACTION_RESULTS = (
     "read_only",
     "sync",
 )
-REJECT_REASONS = (
+_REJECT_REASONS = (
     "origin",
     "full",
     "per_address",
@@ -48,7 +49,7 @@ REJECT_REASONS = (
     "per_user",
     "new_rooms",
 )
-DISCONNECT_KINDS = (
+_DISCONNECT_KINDS = (
     "clean_close",
     "connection_lost",
     "keepalive_timeout",
@@ -59,10 +60,8 @@ DISCONNECT_KINDS = (
     "token_expired",
     "other",
 )
-# Seconds between two looks at the event loop's lag.
-LAG_PERIOD = 0.25
 # Flushes and commits take microseconds to milliseconds; a lagging loop, more.
-FAST_BUCKETS = (
+_FAST_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0
 )  # fmt: skip
 
@@ -130,35 +129,35 @@ class Metrics:
         self.flush_seconds = Histogram(
             "counter_sync_flush_seconds",
             "Time of one flush of a room: commit, then broadcast.",
-            buckets=FAST_BUCKETS,
+            buckets=_FAST_BUCKETS,
             registry=registry,
         )
         self.store_commit_seconds = Histogram(
             "counter_sync_store_commit_seconds",
             "Time the store took to apply one flush's change.",
-            buckets=FAST_BUCKETS,
+            buckets=_FAST_BUCKETS,
             registry=registry,
         )
         self.event_loop_lag_seconds = Histogram(
             "counter_sync_event_loop_lag_seconds",
             f"How late a timer due every {LAG_PERIOD} s fires: the event loop's lag.",
-            buckets=FAST_BUCKETS,
+            buckets=_FAST_BUCKETS,
             registry=registry,
         )
         # Every label shows from the start, at 0: a rate() needs the zero.
-        for result in ACTION_RESULTS:
+        for result in _ACTION_RESULTS:
             self.actions.labels(result)
         # Looked up once: labels() costs a lock and a dict on every flush.
         self.accepted_actions = self.actions.labels("accepted")
-        for reason in REJECT_REASONS:
+        for reason in _REJECT_REASONS:
             self.handshakes_rejected.labels(reason)
-        for kind in DISCONNECT_KINDS:
+        for kind in _DISCONNECT_KINDS:
             self.disconnects.labels(kind)
         self.gc_pause_seconds = Histogram(
             "counter_sync_gc_pause_seconds",
             "Pauses of Python's cyclic garbage collector, by generation (2 is a full one).",
             ["generation"],
-            buckets=FAST_BUCKETS,
+            buckets=_FAST_BUCKETS,
             registry=registry,
         )
         self.gc_longest_pause_seconds = Gauge(
@@ -166,7 +165,7 @@ class Metrics:
             "The longest garbage collector pause since start-up: the event loop stood still.",
             registry=registry,
         )
-        self.gc_pauses = GcPauses(self.gc_pause_seconds, self.gc_longest_pause_seconds)
+        self.gc_pauses = _GcPauses(self.gc_pause_seconds, self.gc_longest_pause_seconds)
         self.lag_task: asyncio.Task[None] | None = None
 
     def count_http(self, endpoint: str, status: int) -> None:
@@ -194,7 +193,7 @@ class Metrics:
     ) -> None:
         """Count what a memory store dropped to stay within its caps, read at each scrape."""
         self.registry.register(
-            Totals(
+            _Totals(
                 {
                     "counter_sync_counters_forgotten": (
                         "Counters without users forgotten to make room (memory mode, --max-rooms).",
@@ -215,10 +214,12 @@ class Metrics:
         return encoder(self.registry), content_type
 
     def start(self, supervisor: Supervisor) -> None:
-        self.lag_task = supervisor.start(self.watch_lag(), name="event-loop lag")
+        """Start timing the event loop's lag and the garbage collector's pauses."""
+        self.lag_task = supervisor.start(self._watch_lag(), name="event-loop lag")
         gc.callbacks.append(self.gc_pauses)
 
     async def stop(self) -> None:
+        """Stop timing them. Idempotent."""
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self.gc_pauses)
         if self.lag_task is not None:
@@ -226,7 +227,7 @@ class Metrics:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.lag_task
 
-    async def watch_lag(self) -> None:
+    async def _watch_lag(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             due = loop.time() + LAG_PERIOD
@@ -234,7 +235,7 @@ class Metrics:
             self.event_loop_lag_seconds.observe(max(0.0, loop.time() - due))
 
 
-class Totals(Collector):
+class _Totals(Collector):
     """Counters kept by someone else (a store), read when scraped: name -> (help, read)."""
 
     def __init__(self, totals: dict[str, tuple[str, Callable[[], float]]]) -> None:
@@ -245,7 +246,7 @@ class Totals(Collector):
             yield CounterMetricFamily(name, text, value=read())
 
 
-class GcPauses:
+class _GcPauses:
     """A ``gc.callbacks`` hook: times each collection, which stops the whole event loop."""
 
     def __init__(self, pauses: Histogram, longest: Gauge) -> None:

@@ -20,7 +20,7 @@ __all__ = ["Supervisor", "within"]
 
 log = logging.getLogger("counter_sync.tasks")
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 class Supervisor:
@@ -31,17 +31,17 @@ class Supervisor:
         # The event loop keeps only weak references to tasks: these keep them alive.
         self.tasks: set[asyncio.Task[Any]] = set()
 
-    def start(self, coroutine: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+    def start(self, coroutine: Coroutine[Any, Any, _T], *, name: str) -> asyncio.Task[_T]:
         """Run ``coroutine`` as a task; if it ever raises, log the traceback and call ``on_crash``.
 
         Cancellation is not a crash.
         """
         task = asyncio.create_task(coroutine, name=name)
         self.tasks.add(task)
-        task.add_done_callback(self.ended)
+        task.add_done_callback(self._ended)
         return task
 
-    def ended(self, task: asyncio.Task[Any]) -> None:
+    def _ended(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             self.crashed(task.get_name(), exc)

@@ -28,7 +28,6 @@ from counter_sync.config import MIN_SECRET_BYTES
 
 __all__ = [
     "ANONYMOUS",
-    "READ_ONLY",
     "Access",
     "Denied",
     "Grant",
@@ -39,8 +38,8 @@ __all__ = [
 # What --anonymous may say, most open first.
 ANONYMOUS = ("write", "read", "none")
 # The error a read-only connection gets for each plus or minus.
-READ_ONLY = "read-only: this counter needs a token to change"
-CLAIMS = ("sub", "exp", "rooms")
+_READ_ONLY = "read-only: this counter needs a token to change"
+_CLAIMS = ("sub", "exp", "rooms")
 
 
 class SecretError(Exception):
@@ -69,7 +68,7 @@ class Grant:
         """Why this connection may not change the counter (the error it gets), or None."""
         if self.can_write:
             return None
-        return READ_ONLY if self.user is None else "read-only: this token does not allow changes"
+        return _READ_ONLY if self.user is None else "read-only: this token does not allow changes"
 
 
 def load_secret(path: str) -> bytes:
@@ -96,10 +95,6 @@ class Access:
         self.secret = secret
         self.anonymous = anonymous
 
-    @property
-    def uses_tokens(self) -> bool:
-        return self.secret is not None
-
     def grant(self, token: str | None, room: str) -> Grant:
         """What a connection to ``room`` carrying ``token`` (or none) may do.
 
@@ -114,7 +109,7 @@ class Access:
         if self.secret is None:
             raise Denied(http.HTTPStatus.UNAUTHORIZED, "this server takes no tokens")
         user, rooms, can_write, expires = self.decode(token)
-        if not opens(rooms, room):
+        if not _opens(rooms, room):
             raise Denied(http.HTTPStatus.FORBIDDEN, "the token is not for this counter")
         return Grant(user, can_write, expires)
 
@@ -123,7 +118,7 @@ class Access:
         assert self.secret is not None
         try:
             claims: dict[str, object] = jwt.decode(
-                token, self.secret, algorithms=["HS256"], options={"require": list(CLAIMS)}
+                token, self.secret, algorithms=["HS256"], options={"require": list(_CLAIMS)}
             )
         except jwt.ExpiredSignatureError:
             raise Denied(http.HTTPStatus.UNAUTHORIZED, "the token has expired") from None
@@ -145,7 +140,7 @@ class Access:
         return sub, [str(each) for each in rooms], can == "write", float(exp)
 
 
-def opens(patterns: list[str], room: str) -> bool:
+def _opens(patterns: list[str], room: str) -> bool:
     """Tell whether a token's ``rooms`` include ``room``: by name, or by a prefix and ``*``."""
     for pattern in patterns:
         if pattern.endswith("*"):

@@ -147,7 +147,7 @@ class Gate:
         each, not a request read and answered. Never a trusted proxy's: it
         brings everyone's requests.
         """
-        return self.requests._knocks_too_soon(peer_ip, now) and not self.is_trusted(peer_ip)
+        return self.requests.knocks_too_soon(peer_ip, now) and not self.is_trusted(peer_ip)
 
     def heard_from(self, connection: Evictable) -> None:
         """``connection`` sent bytes of its request: it is no longer evicted to make room."""
@@ -486,7 +486,7 @@ class RequestRate:
         limit = self.limits.get(address_key(address))
         return limit is None or limit.bucket is None or limit.bucket.ready(now)
 
-    def _knocks_too_soon(self, address: str, now: float) -> bool:
+    def knocks_too_soon(self, address: str, now: float) -> bool:
         """Whether ``address``, refused its last request, comes back before its next token."""
         limit = self.limits.get(address_key(address))
         return (

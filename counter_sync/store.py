@@ -48,10 +48,12 @@ __all__ = [
     "OpBatch",
     "Outcome",
     "RoomState",
+    "Sessions",
     "Store",
     "StoreError",
     "StoreInDoubt",
     "StoreUnavailable",
+    "apply_batch",
     "new_epoch",
     "one_line",
 ]
@@ -272,17 +274,19 @@ class Sessions:
         self.evicted = 0
 
     def last_done(self, room: str, session: str) -> int:
+        """The last done op of ``session`` in ``room``; 0 if none is remembered."""
         entry = self.entries.get((room, session))
         return 0 if entry is None else entry[0]
 
     def set_done(self, room: str, session: str, op: int) -> None:
+        """Remember ``op`` as done; drop the entries idle past ``ttl``, then any over ``limit``."""
         now = time.monotonic()
         key = (room, session)
         self.entries[key] = (op, now)
         self.entries.move_to_end(key)
-        self.forget_old(now)
+        self._forget_old(now)
 
-    def forget_old(self, now: float) -> None:
+    def _forget_old(self, now: float) -> None:
         entries = self.entries
         while entries:
             key, (_, written) = next(iter(entries.items()))
@@ -337,8 +341,8 @@ class MemoryStore:
 
     async def load(self, room: str) -> RoomState:
         self.in_use.add(room)
-        state = self.state(room)
-        self.keep(room, state)
+        state = self._state(room)
+        self._keep(room, state)
         return state
 
     async def commit(self, changes: Sequence[Change]) -> list[Outcome]:
@@ -346,11 +350,11 @@ class MemoryStore:
 
     def apply_all(self, changes: Sequence[Change]) -> list[Outcome]:
         """:meth:`commit`, at once: nothing here waits (the flush needs no task for it)."""
-        return [self.apply(change) for change in changes]
+        return [self._apply(change) for change in changes]
 
-    def apply(self, change: Change) -> Outcome:
+    def _apply(self, change: Change) -> Outcome:
         room = change.room
-        state = self.state(room)
+        state = self._state(room)
         delta = change.delta
         done: dict[str, tuple[int, int]] = {}
         retried = False
@@ -371,17 +375,17 @@ class MemoryStore:
         if applied and value + delta != state.value:
             self.seq += 1
             state = RoomState(value + delta, self.seq, self._epoch)
-        self.keep(room, state)
+        self._keep(room, state)
         for session, (before, after) in done.items():
             if after != before:
                 self.sessions.set_done(room, session, after)
         return Outcome(state, applied, done)
 
-    def state(self, room: str) -> RoomState:
+    def _state(self, room: str) -> RoomState:
         kept = self.values.get(room)
         return RoomState(0, self.seq, self._epoch) if kept is None else kept[0]
 
-    def keep(self, room: str, state: RoomState) -> None:
+    def _keep(self, room: str, state: RoomState) -> None:
         """Remember ``room`` as used now; forget the stale, then the least used if too many."""
         now = time.monotonic()
         values = self.values
@@ -413,10 +417,10 @@ class MemoryStore:
     def release(self, room: str) -> None:
         self.in_use.discard(room)
         if room in self.values:
-            self.keep(room, self.values[room][0])  # left just now: recently used
+            self._keep(room, self.values[room][0])  # left just now: recently used
 
     async def peek(self, room: str) -> tuple[RoomState, int]:
-        return self.state(room), 0
+        return self._state(room), 0
 
     async def counters(self, prefix: str, after: str, limit: int) -> list[tuple[str, RoomState]]:
         names = sorted(name for name in self.values if name.startswith(prefix) and name > after)
@@ -427,7 +431,7 @@ class MemoryStore:
         self.seq += 1
         state = RoomState(0, self.seq, self._epoch)
         if room in self.in_use:
-            self.keep(room, state)
+            self._keep(room, state)
         return state
 
     def can_open(self, room: str) -> bool:

@@ -43,16 +43,16 @@ __all__ = ["PAGE", "Web"]
 
 log = logging.getLogger("counter_sync.web")
 
-SESSION = re.compile(SESSION_ID)
+_SESSION = re.compile(SESSION_ID)
 # Headers admission reads one value of: two would make it guess which counts.
-SINGLE_HEADERS = ("Host", "Origin", "X-Forwarded-For")
+_SINGLE_HEADERS = ("Host", "Origin", "X-Forwarded-For")
 
 # client.html at the top of the repository is the one source: the package
 # holds a symbolic link to it, which a wheel turns into a copy.
 PAGE = resources.files("counter_sync") / "client.html"
 
 # The paths of plain endpoints, and their names in the HTTP requests metric.
-ENDPOINTS = {
+_ENDPOINTS = {
     "/healthz": "healthz",
     "/readyz": "readyz",
     "/metrics": "metrics",
@@ -60,10 +60,10 @@ ENDPOINTS = {
     "/favicon.ico": "favicon",
 }
 # What makes a request malformed: the request cannot be read one way.
-MALFORMED = (MalformedRequest, MultipleValuesError, InvalidHeader)
+_MALFORMED = (MalformedRequest, MultipleValuesError, InvalidHeader)
 
 # The 404 page of a /c/ path that names no counter ({path} is escaped in).
-NOT_A_COUNTER = """<!doctype html>
+_NOT_A_COUNTER = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -117,40 +117,40 @@ class Web:
         client address's rate get 429.
         """
         assert isinstance(websocket, Connection)
-        path, query = split_target(request.path)
+        path, query = _split_target(request.path)
         room = room_from_path(path)
-        upgrade = "websocket" in list_header(request.headers, "Upgrade").lower()
+        upgrade = "websocket" in _list_header(request.headers, "Upgrade").lower()
         if room is not None:
             websocket.endpoint = "websocket" if upgrade else "page"
         elif path.startswith(API_PREFIX) or path == API_PREFIX.rstrip("/"):
             websocket.endpoint = "api"
         else:
-            websocket.endpoint = ENDPOINTS.get(path, "other")
+            websocket.endpoint = _ENDPOINTS.get(path, "other")
         try:
-            address = self.identify(websocket, request.headers)
-        except MALFORMED as exc:
+            address = self._identify(websocket, request.headers)
+        except _MALFORMED as exc:
             # Behind a proxy the client is unknown here: charging the proxy's
             # address would charge everyone behind it.
             known = not self.hub.gate.is_trusted(websocket.peer_ip)
-            return self.bad_request(websocket, websocket.peer_ip, exc, charge=known)
+            return self._bad_request(websocket, websocket.peer_ip, exc, charge=known)
         plain = websocket.endpoint != "websocket"  # upgrades have the caps instead
-        if plain and (retry_after := self.charge(address, websocket)) is not None:
-            return self.too_many_requests(websocket, address, retry_after)
+        if plain and (retry_after := self._charge(address, websocket)) is not None:
+            return self._too_many_requests(websocket, address, retry_after)
         try:
             if room is not None and upgrade:
-                return self.check_upgrade(websocket, request, address, room, query)
-            return self.answer(websocket, request, path, query, upgrade=upgrade)
-        except MALFORMED as exc:
+                return self._check_upgrade(websocket, request, address, room, query)
+            return self._answer(websocket, request, path, query, upgrade=upgrade)
+        except _MALFORMED as exc:
             # A plain request paid already; an upgrade is the caps' business.
-            return self.bad_request(websocket, address, exc, charge=False)
+            return self._bad_request(websocket, address, exc, charge=False)
 
-    def identify(self, websocket: Connection, headers: Headers) -> str:
+    def _identify(self, websocket: Connection, headers: Headers) -> str:
         """The client's address as the caps count it; the log lines name it from now on.
 
         Raises :exc:`MalformedRequest` for a single-valued header repeated
         (two would make us guess which counts) or a garbled forwarded address.
         """
-        for name in SINGLE_HEADERS:
+        for name in _SINGLE_HEADERS:
             if len(headers.get_all(name)) > 1:
                 raise MalformedRequest(f"repeated {name} header")
         address = self.hub.gate.client_address(websocket.peer_ip, headers.get("X-Forwarded-For"))
@@ -159,11 +159,11 @@ class Web:
         websocket.address = address
         return address
 
-    def charge(self, address: str, websocket: Connection) -> int | None:
+    def _charge(self, address: str, websocket: Connection) -> int | None:
         """Spend one of ``address``'s plain requests: None, or the seconds until it has one."""
         return self.hub.gate.requests.retry_after(address, websocket.loop.time())
 
-    def answer(
+    def _answer(
         self, websocket: Connection, request: Request, path: str, query: str, *, upgrade: bool
     ) -> Response | Awaitable[Response]:
         """A plain request's answer: the page, an endpoint, or 404 (the API's, to await)."""
@@ -171,37 +171,37 @@ class Web:
         if endpoint == "api" and self.api is not None:
             return self.api.respond(websocket, request, path, query)
         if endpoint == "page":
-            return respond(websocket, http.HTTPStatus.OK, self.page, "text/html; charset=utf-8")
+            return _respond(websocket, http.HTTPStatus.OK, self.page, "text/html; charset=utf-8")
         if endpoint == "healthz":
-            return self.health(websocket)
+            return self._health(websocket)
         if endpoint == "readyz":
-            return self.readiness(websocket)
+            return self._readiness(websocket)
         if endpoint == "admission":
-            return self.admission(websocket, request, query)
+            return self._admission(websocket, request, query)
         if endpoint == "metrics":
-            return self.metrics(websocket, request)
+            return self._metrics(websocket, request)
         if endpoint == "favicon":
-            return no_content(websocket)  # the page's icon is inline; this is for the rest
+            return _no_content(websocket)  # the page's icon is inline; this is for the rest
         if path.startswith("/c/") and not upgrade:
             # A person typed or followed it: say what a counter's address looks like.
-            body = NOT_A_COUNTER.replace("{path}", html.escape(path))
-            return respond(websocket, http.HTTPStatus.NOT_FOUND, body, "text/html; charset=utf-8")
+            body = _NOT_A_COUNTER.replace("{path}", html.escape(path))
+            return _respond(websocket, http.HTTPStatus.NOT_FOUND, body, "text/html; charset=utf-8")
         return websocket.respond(http.HTTPStatus.NOT_FOUND, "Not found\n")
 
-    def check_upgrade(
+    def _check_upgrade(
         self, websocket: Connection, request: Request, address: str, room: str, query: str
     ) -> Response | None:
         """Let the upgrade through, with its room and session on the connection, or refuse it."""
         headers = request.headers
-        params = query_params(query)
+        params = _query_params(query)
         session = params.get("session")
-        if session is not None and not SESSION.fullmatch(session):
+        if session is not None and not _SESSION.fullmatch(session):
             raise MalformedRequest("bad session: 16 to 64 characters of A-Z a-z 0-9 _ -")
         admitted = self.hub.admit(
             room,
             address=address,
             headers=headers,
-            token=token_of(headers, params),
+            token=_token_of(headers, params),
             spend=True,
         )
         if isinstance(admitted, Grant):
@@ -235,7 +235,7 @@ class Web:
         )
         return websocket.respond(refusal.status, f"{refusal.reason}\n")
 
-    def bad_request(
+    def _bad_request(
         self, websocket: Connection, address: str, exc: Exception, *, charge: bool
     ) -> Response:
         """400 with the reason in one line, and a warning throttled per client address.
@@ -243,9 +243,9 @@ class Web:
         With ``charge``, the request costs ``address`` one of its plain
         requests first: 429 if it has none left.
         """
-        if charge and (retry_after := self.charge(address, websocket)) is not None:
-            return self.too_many_requests(websocket, address, retry_after)
-        reason = malformed_reason(exc)
+        if charge and (retry_after := self._charge(address, websocket)) is not None:
+            return self._too_many_requests(websocket, address, retry_after)
+        reason = _malformed_reason(exc)
         if websocket.endpoint == "websocket":
             self.hub.metrics.handshakes_rejected.labels("malformed").inc()
         self.malformed.warning(
@@ -258,7 +258,7 @@ class Web:
         )
         return websocket.respond(http.HTTPStatus.BAD_REQUEST, f"{reason}\n")
 
-    def too_many_requests(self, websocket: Connection, address: str, retry_after: int) -> Response:
+    def _too_many_requests(self, websocket: Connection, address: str, retry_after: int) -> Response:
         """429 with ``Retry-After``; a warning, throttled per client address."""
         settings = self.hub.settings
         self.over_rate.warning(
@@ -274,7 +274,7 @@ class Web:
         response.headers["Retry-After"] = str(retry_after)
         return response
 
-    def health(self, websocket: ServerConnection) -> Response:
+    def _health(self, websocket: ServerConnection) -> Response:
         """Liveness: 200 while the process serves, with what it holds."""
         body = {
             "status": "ok",
@@ -283,9 +283,9 @@ class Web:
             "value": self.hub.rooms[DEFAULT_ROOM].state.value,
             "store": "ok" if self.hub.store.healthy() else "unavailable",
         }
-        return respond(websocket, http.HTTPStatus.OK, json.dumps(body) + "\n", "application/json")
+        return _respond(websocket, http.HTTPStatus.OK, json.dumps(body) + "\n", "application/json")
 
-    def readiness(self, websocket: ServerConnection) -> Response:
+    def _readiness(self, websocket: ServerConnection) -> Response:
         """Readiness: 503 while the store is unreachable or the server drains."""
         reason = self.hub.not_ready()
         body: dict[str, object] = {"ready": reason is None}
@@ -293,11 +293,11 @@ class Web:
         if reason is not None:
             body["reason"] = reason
             status = http.HTTPStatus.SERVICE_UNAVAILABLE
-        return respond(websocket, status, json.dumps(body) + "\n", "application/json")
+        return _respond(websocket, status, json.dumps(body) + "\n", "application/json")
 
-    def metrics(self, websocket: ServerConnection, request: Request) -> Response:
+    def _metrics(self, websocket: ServerConnection, request: Request) -> Response:
         """The Prometheus scrape, in the format the scraper asked for."""
-        accept = list_header(request.headers, "Accept")
+        accept = _list_header(request.headers, "Accept")
         body, content_type = self.hub.metrics.exposition(accept or None)
         response = websocket.respond(http.HTTPStatus.OK, "")
         response.body = body
@@ -307,14 +307,14 @@ class Web:
         response.headers["Content-Length"] = str(len(body))
         return response
 
-    def admission(self, websocket: Connection, request: Request, query_string: str) -> Response:
+    def _admission(self, websocket: Connection, request: Request, query_string: str) -> Response:
         """Would a WebSocket to this room, from this page, be let in now? Why not?
 
         The page says its own origin in the query: a same-origin fetch sends
         no Origin header. Nothing is granted here, so the answer is for anyone
         (``Access-Control-Allow-Origin: *``).
         """
-        query = query_params(query_string)
+        query = _query_params(query_string)
         name = query.get("room", DEFAULT_ROOM)
         room = DEFAULT_ROOM if name == DEFAULT_ROOM else room_from_path(f"/c/{name}")
         admitted: Grant | Refusal
@@ -330,7 +330,7 @@ class Web:
                 room,
                 address=websocket.address,
                 headers=headers,
-                token=token_of(headers, query),
+                token=_token_of(headers, query),
                 spend=False,
             )
         answer: dict[str, object] = {"admitted": isinstance(admitted, Grant)}
@@ -338,7 +338,7 @@ class Web:
             answer.update(status=int(admitted.status), reason=admitted.reason)
         elif admitted.read_only is not None:
             answer["read_only"] = admitted.read_only
-        response = respond(
+        response = _respond(
             websocket, http.HTTPStatus.OK, json.dumps(answer) + "\n", "application/json"
         )
         response.headers["Access-Control-Allow-Origin"] = "*"
@@ -346,7 +346,7 @@ class Web:
         return response
 
 
-def split_target(target: str) -> tuple[str, str]:
+def _split_target(target: str) -> tuple[str, str]:
     """A request target's path and query; the path is "" unless the target is in origin-form.
 
     Origin-form (RFC 9112 3.2.1) is what a browser sends: a path from ``/``,
@@ -359,12 +359,12 @@ def split_target(target: str) -> tuple[str, str]:
     return path, query
 
 
-def list_header(headers: Headers, name: str) -> str:
+def _list_header(headers: Headers, name: str) -> str:
     """A list-valued header's values as one, the way RFC 9110 5.3 combines repeated lines."""
     return ", ".join(headers.get_all(name))
 
 
-def malformed_reason(exc: Exception) -> str:
+def _malformed_reason(exc: Exception) -> str:
     """What was wrong with a malformed request, in one line for the client and the log."""
     if isinstance(exc, MultipleValuesError):
         return f"repeated {exc.args[0]} header"
@@ -373,7 +373,7 @@ def malformed_reason(exc: Exception) -> str:
     return str(exc)
 
 
-def query_params(query: str) -> dict[str, str]:
+def _query_params(query: str) -> dict[str, str]:
     """A query's parameters, the first of each name (a repeated one is not read twice)."""
     params: dict[str, str] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
@@ -381,7 +381,7 @@ def query_params(query: str) -> dict[str, str]:
     return params
 
 
-def token_of(headers: Headers, params: dict[str, str]) -> str | None:
+def _token_of(headers: Headers, params: dict[str, str]) -> str | None:
     """The token a request carries: ``Authorization: Bearer`` (scripts) or ``?token=`` (pages)."""
     scheme, _, credentials = headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
@@ -389,7 +389,7 @@ def token_of(headers: Headers, params: dict[str, str]) -> str | None:
     return params.get("token") or None
 
 
-def no_content(websocket: ServerConnection) -> Response:
+def _no_content(websocket: ServerConnection) -> Response:
     response = websocket.respond(http.HTTPStatus.NO_CONTENT, "")
     # A 204 carries no body, so no Content-Length or Content-Type (RFC 9110).
     del response.headers["Content-Length"]
@@ -397,7 +397,7 @@ def no_content(websocket: ServerConnection) -> Response:
     return response
 
 
-def respond(
+def _respond(
     websocket: ServerConnection, status: http.HTTPStatus, body: str, content_type: str
 ) -> Response:
     response = websocket.respond(status, body)

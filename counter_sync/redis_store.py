@@ -170,36 +170,36 @@ from counter_sync.store import (
 )
 from counter_sync.tasks import within
 
-__all__ = ["RedisStore", "room_keys"]
+__all__ = ["HISTORY", "INSTANCES", "Commit", "RedisStore", "RoomKeys", "room_keys"]
 
 log = logging.getLogger("counter_sync.redis_store")
 
-PREFIX = "counter-sync"
-HISTORY = f"{PREFIX}:history"  # hash: epoch, seq
-INSTANCES = f"{PREFIX}:instances"  # sorted set: instance id -> when its entry lapses (ms)
-ALIVE = f"{PREFIX}:alive"  # the same, for the single-counter version, which prunes only /
+_PREFIX = "counter-sync"
+HISTORY = f"{_PREFIX}:history"  # hash: epoch, seq
+INSTANCES = f"{_PREFIX}:instances"  # sorted set: instance id -> when its entry lapses (ms)
+_ALIVE = f"{_PREFIX}:alive"  # the same, for the single-counter version, which prunes only /
 
 # Errors that mean "Redis cannot be used right now". A Lua error is a
 # RedisError too: it leaves the store down rather than half-working.
 # (TimeoutError is an OSError.)
-ERRORS = (RedisError, OSError)
+_ERRORS = (RedisError, OSError)
 
 # How an op's delta travels to the commit script: one character each.
-SIGNS = {1: "+", -1: "-", 0: "0"}
+_SIGNS = {1: "+", -1: "-", 0: "0"}
 
 
-def encode_deltas(deltas: tuple[int, ...]) -> str | list[int]:
+def _encode_deltas(deltas: tuple[int, ...]) -> str | list[int]:
     """A batch's deltas for lua/commit.lua: a byte per click, a list for the API's larger adds."""
-    if all(delta in SIGNS for delta in deltas):
-        return "".join(SIGNS[delta] for delta in deltas)
+    if all(delta in _SIGNS for delta in deltas):
+        return "".join(_SIGNS[delta] for delta in deltas)
     return list(deltas)
 
 
 # A state nobody was handed: the first real one replaces it (another epoch).
-UNKNOWN = RoomState(0, 0, "")
+_UNKNOWN = RoomState(0, 0, "")
 
 
-def load_scripts() -> dict[str, str]:
+def _load_scripts() -> dict[str, str]:
     """The scripts' texts, each with the shared functions it uses in front."""
     folder = importlib.resources.files("counter_sync").joinpath("lua")
 
@@ -217,7 +217,7 @@ def load_scripts() -> dict[str, str]:
     }
 
 
-SCRIPTS = load_scripts()
+_SCRIPTS = _load_scripts()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,16 +236,16 @@ class RoomKeys:
 
 def room_keys(room: str, db: int) -> RoomKeys:
     """The names of a room's keys; ``room_keys`` in ``lua/users.lua`` gives the same ones."""
-    channels = f"{PREFIX}:{db}"  # keys belong to a database; channels do not
+    channels = f"{_PREFIX}:{db}"  # keys belong to a database; channels do not
     if room == DEFAULT_ROOM:  # the names the single-counter version used
         return RoomKeys(
-            f"{PREFIX}:state",
-            f"{PREFIX}:users",
-            f"{PREFIX}:users:seq",
-            f"{PREFIX}:session",
+            f"{_PREFIX}:state",
+            f"{_PREFIX}:users",
+            f"{_PREFIX}:users:seq",
+            f"{_PREFIX}:session",
             f"{channels}:changes",
         )
-    base = f"{PREFIX}:room:{room}"
+    base = f"{_PREFIX}:room:{room}"
     return RoomKeys(
         f"{base}:state",
         f"{base}:users",
@@ -265,7 +265,7 @@ class Commit:
 
 
 @dataclasses.dataclass
-class SharedRoom:
+class _SharedRoom:
     """A loaded room as this instance knows it from Redis."""
 
     keys: RoomKeys
@@ -273,8 +273,8 @@ class SharedRoom:
     opened: bool = False
     # The newest state known (in the epoch believed in), and the newest the
     # hub was handed (returned by load or commit, or passed to observe).
-    state: RoomState = UNKNOWN
-    shown: RoomState = UNKNOWN
+    state: RoomState = _UNKNOWN
+    shown: RoomState = _UNKNOWN
     # Whether Redis held the room's key when last heard of: if it is gone
     # later, it was deleted or evicted. That is logged at most once per
     # LOG_INTERVAL (monotonic time of the next line allowed).
@@ -288,7 +288,7 @@ class SharedRoom:
 
 
 @dataclasses.dataclass
-class Encoded:
+class _Encoded:
     """Changes as the commit and settle scripts take them."""
 
     keys: list[str]
@@ -329,7 +329,7 @@ class RedisStore:
         self.scripts: dict[str, AsyncScript] = {}
         self.observer: Observer | None = None
         self._epoch = ""  # the history this instance believes in; open() learns it
-        self.rooms: dict[str, SharedRoom] = {}  # loaded: the hub has users in them
+        self.rooms: dict[str, _SharedRoom] = {}  # loaded: the hub has users in them
         self.by_channel: dict[str, str] = {}
         # (Un)subscriptions for the listener to send, in the order asked for,
         # and the loads waiting for Redis to confirm theirs, oldest first.
@@ -361,13 +361,13 @@ class RedisStore:
         return self._epoch
 
     @property
-    def epoch_channel(self) -> str:
-        return f"{PREFIX}:{self.db}:epoch"
+    def _epoch_channel(self) -> str:
+        return f"{_PREFIX}:{self.db}:epoch"
 
     @property
-    def record_key(self) -> str:
+    def _record_key(self) -> str:
         """This instance's commit record (see ``lua/commit.lua``)."""
-        return self.instance_key("commit")
+        return self._instance_key("commit")
 
     # The Store interface (see counter_sync.store.Store).
 
@@ -377,20 +377,20 @@ class RedisStore:
         Raise :exc:`StoreError` with one line if the URL is bad or Redis cannot
         be used, so the server stops before serving anyone.
         """
-        self.redis = self.open_client()
+        self.redis = self._open_client()
         pubsub: PubSub | None = None
         try:
-            pubsub = await self.connect()
-            await self.share_here(full=True)
-        except ERRORS as exc:
+            pubsub = await self._connect()
+            await self._share_here(full=True)
+        except _ERRORS as exc:
             if pubsub is not None:
-                await close_quietly(pubsub)
+                await _close_quietly(pubsub)
             await self.redis.aclose()
             raise StoreError(f"cannot use Redis at {self.where}: {one_line(exc)}") from None
         self.up = True
         self.tasks = [
-            asyncio.create_task(self.follow(pubsub)),
-            asyncio.create_task(self.beat()),
+            asyncio.create_task(self._follow(pubsub)),
+            asyncio.create_task(self._beat()),
         ]
         log.info("sharing the counters through Redis at %s", self.where)
 
@@ -400,31 +400,31 @@ class RedisStore:
         Raise :exc:`StoreUnavailable` while Redis is unreachable.
         """
         if not self.up:
-            raise StoreUnavailable(self.unreachable())
-        shared = self.rooms[room] = SharedRoom(room_keys(room, self.db))
+            raise StoreUnavailable(self._unreachable())
+        shared = self.rooms[room] = _SharedRoom(room_keys(room, self.db))
         self.by_channel[shared.keys.channel] = room
-        confirmed = self.subscribe(shared.keys.channel)
+        confirmed = self._subscribe(shared.keys.channel)
         try:
             # Read only once Redis confirms: a change published before the
             # subscription took effect would otherwise be in neither.
             async with asyncio.timeout(REDIS_COMMAND_TIMEOUT):
                 await confirmed
-            epoch, [snapshot] = await self.read([room], keep=True)
+            epoch, [snapshot] = await self._read([room], keep=True)
             if epoch == self._epoch:
-                self.replace(shared, epoch, snapshot, users=True)
+                self._replace(shared, epoch, snapshot, users=True)
             else:  # a new history (or this read is older than one taken meanwhile)
-                await self.resync()
-        except ERRORS as exc:
+                await self._resync()
+        except _ERRORS as exc:
             self.release(room)
             self.lost(exc)
-            raise StoreUnavailable(self.unreachable()) from None
+            raise StoreUnavailable(self._unreachable()) from None
         if self.rooms.get(room) is not shared or shared.state.epoch != self._epoch:
-            raise StoreUnavailable(self.unreachable())  # lost meanwhile: reconnecting
+            raise StoreUnavailable(self._unreachable())  # lost meanwhile: reconnecting
         shared.shown = shared.state
         shared.opened = True
         # The hub makes the room right after this returns: the users elsewhere
         # reach it once it exists, before anyone here is shown a count.
-        asyncio.get_running_loop().call_soon(self.show, room)
+        asyncio.get_running_loop().call_soon(self._show, room)
         return shared.state
 
     async def commit(self, changes: Sequence[Change]) -> list[Outcome]:
@@ -432,7 +432,7 @@ class RedisStore:
 
         Raise :exc:`StoreUnavailable` if nothing was applied: at once while
         Redis is known to be down; when the script fails (then the reply may
-        be all that was lost, and :meth:`settle` sees to it); or when Redis
+        be all that was lost, and :meth:`_settle` sees to it); or when Redis
         holds another history than the one believed in (then the store
         resyncs every room, and the hub hears of the new states).
         """
@@ -440,7 +440,7 @@ class RedisStore:
             return []
         async with self.committing:
             if not self.up:
-                raise StoreUnavailable(self.unreachable())
+                raise StoreUnavailable(self._unreachable())
             self.commits += 1
             commit = Commit(self.commits, self._epoch, tuple(changes))
             encoded = self.encode(changes, commit.epoch)
@@ -453,16 +453,16 @@ class RedisStore:
             }
             try:
                 reply = await self.run_commit(commit, encoded)
-            except ERRORS as exc:
+            except _ERRORS as exc:
                 self.in_doubt = commit
                 self.lost(exc)
-                raise StoreUnavailable(self.unreachable()) from None
+                raise StoreUnavailable(self._unreachable()) from None
             if reply[0] != "ok" or commit.epoch != self._epoch:
                 # Redis lost its data: the history believed in is gone, and
                 # with it whatever this commit would have added to it.
-                self.start_resync()
+                self._start_resync()
                 raise StoreUnavailable(f"Redis at {self.where} lost its data")
-            return self.outcomes(changes, encoded, reply, commit.epoch, existed)
+            return self._outcomes(changes, encoded, reply, commit.epoch, existed)
 
     def release(self, room: str) -> None:
         """Nobody here is in ``room`` any more: stop receiving its changes."""
@@ -477,15 +477,15 @@ class RedisStore:
         Raise :exc:`StoreUnavailable` while Redis is unreachable.
         """
         if not self.up:
-            raise StoreUnavailable(self.unreachable())
+            raise StoreUnavailable(self._unreachable())
         try:
-            epoch, [snapshot] = await self.read([room], keep=False)
+            epoch, [snapshot] = await self._read([room], keep=False)
             if epoch != self._epoch:  # a new history: believe in it first
-                await self.resync()
-                epoch, [snapshot] = await self.read([room], keep=False)
-        except ERRORS as exc:
+                await self._resync()
+                epoch, [snapshot] = await self._read([room], keep=False)
+        except _ERRORS as exc:
             self.lost(exc)
-            raise StoreUnavailable(self.unreachable()) from None
+            raise StoreUnavailable(self._unreachable()) from None
         if epoch != self._epoch:
             raise StoreUnavailable(f"Redis at {self.where} lost its data")
         value, seq, _, users = snapshot
@@ -501,12 +501,12 @@ class RedisStore:
         Raise :exc:`StoreUnavailable` while Redis is unreachable.
         """
         if not self.up or self.redis is None:
-            raise StoreUnavailable(self.unreachable())
-        base = f"{PREFIX}:room:"
+            raise StoreUnavailable(self._unreachable())
+        base = f"{_PREFIX}:room:"
         names = {DEFAULT_ROOM} if DEFAULT_ROOM.startswith(prefix) else set()
         page: list[tuple[str, RoomState]] = []
         try:
-            pattern = f"{base}{glob_escape(prefix)}*:state"
+            pattern = f"{base}{_glob_escape(prefix)}*:state"
             async for key in self.redis.scan_iter(match=pattern, count=REDIS_SCAN_COUNT):
                 names.add(key[len(base) : -len(":state")])
             candidates = sorted(name for name in names if name > after and ":" not in name)
@@ -519,16 +519,16 @@ class RedisStore:
                         pipeline.hmget(room_keys(name, self.db).state, ["value", "seq"])
                     epoch, *states = await pipeline.execute()
                 if epoch != self._epoch:
-                    self.start_resync()
+                    self._start_resync()
                     raise StoreUnavailable(f"Redis at {self.where} lost its data")
                 for name, (value, seq) in zip(chunk, states, strict=True):
                     if value is not None and len(page) < limit:
                         page.append((name, RoomState(int(value), int(seq or 0), epoch)))
                 if len(page) == limit:
                     break
-        except ERRORS as exc:
+        except _ERRORS as exc:
             self.lost(exc)
-            raise StoreUnavailable(self.unreachable()) from None
+            raise StoreUnavailable(self._unreachable()) from None
         return page
 
     async def forget(self, room: str) -> RoomState:
@@ -539,24 +539,24 @@ class RedisStore:
         reply was lost (then it may have been: forgetting again is harmless).
         """
         if not self.up:
-            raise StoreUnavailable(self.unreachable())
+            raise StoreUnavailable(self._unreachable())
         keys, epoch = room_keys(room, self.db), self._epoch
         try:
             reply: list[Any] = await self.scripts["forget"](
                 keys=[HISTORY, keys.state],
-                args=[epoch, new_epoch(), self.epoch_channel, keys.channel],
+                args=[epoch, new_epoch(), self._epoch_channel, keys.channel],
             )
-        except ERRORS as exc:
+        except _ERRORS as exc:
             self.lost(exc)
-            raise StoreUnavailable(f"{self.unreachable()}; it may or may not be reset") from None
+            raise StoreUnavailable(f"{self._unreachable()}; it may or may not be reset") from None
         if reply[0] != "ok" or epoch != self._epoch:
-            self.start_resync()
+            self._start_resync()
             raise StoreUnavailable(f"Redis at {self.where} lost its data")
         state = RoomState(0, int(reply[1]), epoch)
         if (shared := self.rooms.get(room)) is not None:
             shared.exists = False
-            shared.state = newest(shared.state, state)
-            shared.shown = newest(shared.shown, state)  # the caller shows it
+            shared.state = _newest(shared.state, state)
+            shared.shown = _newest(shared.shown, state)  # the caller shows it
         return state
 
     def can_open(self, room: str) -> bool:
@@ -586,7 +586,7 @@ class RedisStore:
         if redis is None:
             return  # closed already, or never opened
         self.up = False
-        await within(REDIS_PART_TIMEOUT, self.part(), quiet=True)
+        await within(REDIS_PART_TIMEOUT, self._part(), quiet=True)
         if self.in_doubt is not None:
             log.warning(
                 "stopping with a commit whose reply was lost not settled: Redis may "
@@ -598,7 +598,7 @@ class RedisStore:
         """Tell ``observer`` from now on what the other instances change."""
         self.observer = observer
         for room in self.rooms:
-            self.show(room)
+            self._show(room)
 
     def share_users(self, room: str, here: int) -> None:
         """Publish this instance's user count in ``room`` soon, coalescing quick changes."""
@@ -613,9 +613,9 @@ class RedisStore:
 
     # Commits: what the script is given, and what it answers.
 
-    def encode(self, changes: Iterable[Change], epoch: str) -> Encoded:
+    def encode(self, changes: Iterable[Change], epoch: str) -> _Encoded:
         """The keys and the JSON of ``lua/commit.lua`` for ``changes`` in ``epoch``."""
-        keys = [HISTORY, self.record_key]
+        keys = [HISTORY, self._record_key]
         rooms: list[list[Any]] = []
         sessions: list[dict[int, str]] = []
         for change in changes:
@@ -628,19 +628,19 @@ class RedisStore:
                     keys.append(names.session(epoch, session))
                     index[session] = len(keys)
             batches = [
-                [index[batch.session], batch.first, encode_deltas(batch.deltas)]
+                [index[batch.session], batch.first, _encode_deltas(batch.deltas)]
                 for batch in change.ops
             ]
             lookups = [index[session] for session in change.lookups]
             set_to = [] if change.set_to is None else [change.set_to]
             rooms.append([state, names.channel, change.delta, batches, lookups, set_to])
             sessions.append({position: session for session, position in index.items()})
-        return Encoded(keys, rooms, sessions)
+        return _Encoded(keys, rooms, sessions)
 
-    def outcomes(
+    def _outcomes(
         self,
         changes: Sequence[Change],
-        encoded: Encoded,
+        encoded: _Encoded,
         reply: list[Any],
         epoch: str,
         believed: dict[str, bool],
@@ -665,14 +665,14 @@ class RedisStore:
             shared = self.rooms.get(change.room)
             if shared is not None:
                 if believed.get(change.room, False) and not existed:
-                    self.room_lost(shared, change.room)
+                    self._room_lost(shared, change.room)
                 if not shared.state.is_newer_than(state):  # nothing newer came meanwhile
                     shared.exists = bool(exists)
-                shared.state = newest(shared.state, state)
-                shared.shown = newest(shared.shown, state)  # the hub takes the outcome
+                shared.state = _newest(shared.state, state)
+                shared.shown = _newest(shared.shown, state)  # the hub takes the outcome
         return outcomes
 
-    async def settle(self) -> None:
+    async def _settle(self) -> None:
         """Make sure a commit whose reply was lost does not count (see the module doc)."""
         doubt = self.in_doubt
         if doubt is None:
@@ -697,14 +697,14 @@ class RedisStore:
 
     # The scripts that change counters, each run in one place.
 
-    async def run_commit(self, commit: Commit, encoded: Encoded) -> list[Any]:
+    async def run_commit(self, commit: Commit, encoded: _Encoded) -> list[Any]:
         """Run ``lua/commit.lua`` for ``commit`` (``encoded`` from :meth:`encode`); its reply."""
         reply: list[Any] = await self.scripts["commit"](
             keys=encoded.keys,
             args=[
                 commit.epoch,
                 new_epoch(),
-                self.epoch_channel,
+                self._epoch_channel,
                 commit.number,
                 MAX_VALUE,
                 self.session_ttl_ms,
@@ -715,7 +715,7 @@ class RedisStore:
         )
         return reply
 
-    async def run_settle(self, doubt: Commit) -> tuple[list[Any], Encoded]:
+    async def run_settle(self, doubt: Commit) -> tuple[list[Any], _Encoded]:
         """Run ``lua/settle.lua`` for a commit in doubt; its reply, and its keys."""
         encoded = self.encode(doubt.changes, doubt.epoch)
         rooms = []
@@ -736,7 +736,7 @@ class RedisStore:
             args=[
                 doubt.epoch,
                 new_epoch(),
-                self.epoch_channel,
+                self._epoch_channel,
                 doubt.number,
                 self.session_ttl_ms,
                 int(REDIS_COMMIT_MEMORY * 1000),
@@ -748,7 +748,7 @@ class RedisStore:
 
     # Connecting, and keeping in sync.
 
-    def open_client(self) -> Redis:
+    def _open_client(self) -> Redis:
         """A client for the URL, or :exc:`StoreError` saying what is wrong with it."""
         parts = urlsplit(self.url)
         database = parts.path.strip("/")
@@ -764,7 +764,7 @@ class RedisStore:
                 # No hidden retries: a script retried after its reply was lost
                 # would count twice. The store settles such a commit instead.
                 retry=Retry(NoBackoff(), 0),
-                client_name=f"{PREFIX}:{self.instance}",
+                client_name=f"{_PREFIX}:{self.instance}",
             )
         except ValueError as exc:
             raise StoreError(f"--redis: not a usable Redis URL: {exc}") from None
@@ -776,29 +776,29 @@ class RedisStore:
             self.where = (
                 f"{options.get('host') or 'localhost'}:{options.get('port') or 6379}/{self.db}"
             )
-        self.scripts = {name: redis.register_script(text) for name, text in SCRIPTS.items()}
+        self.scripts = {name: redis.register_script(text) for name, text in _SCRIPTS.items()}
         return redis
 
-    async def connect(self) -> PubSub:
+    async def _connect(self) -> PubSub:
         """Subscribe to the epoch and every loaded room, then settle and read: missing nothing."""
         assert self.redis is not None
         # Commands queued for an earlier connection are moot: this one
         # subscribes to what is loaded now, and later changes queue here.
         self.commands = asyncio.Queue()
-        channels = [self.epoch_channel, *(shared.keys.channel for shared in self.rooms.values())]
+        channels = [self._epoch_channel, *(shared.keys.channel for shared in self.rooms.values())]
         pubsub = self.redis.pubsub()
         try:
             await pubsub.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
             await pubsub.subscribe(*channels)
-            await subscriptions_confirmed(pubsub, len(channels))
-            await self.settle()
-            await self.resync(users=True)
+            await _subscriptions_confirmed(pubsub, len(channels))
+            await self._settle()
+            await self._resync(users=True)
         except BaseException:
-            await close_quietly(pubsub)
+            await _close_quietly(pubsub)
             raise
         return pubsub
 
-    async def read(
+    async def _read(
         self, rooms: list[str], *, keep: bool
     ) -> tuple[str, list[tuple[str, str, int, str]]]:
         """Redis's epoch, and each room's (value, seq, exists, users message), read in one step.
@@ -808,16 +808,16 @@ class RedisStore:
         """
         keys = [HISTORY]
         for room in rooms:
-            keys += self.room_key_names(room)
+            keys += self._room_key_names(room)
         flat: list[Any] = await self.scripts["read"](
-            keys=keys, args=[new_epoch(), self.epoch_channel, self.held_ms if keep else ""]
+            keys=keys, args=[new_epoch(), self._epoch_channel, self.held_ms if keep else ""]
         )
         snapshots = [
             (flat[i], flat[i + 1], int(flat[i + 2]), flat[i + 3]) for i in range(1, len(flat), 4)
         ]
         return flat[0], snapshots
 
-    async def resync(self, rooms: Iterable[str] | None = None, *, users: bool = False) -> None:
+    async def _resync(self, rooms: Iterable[str] | None = None, *, users: bool = False) -> None:
         """Read ``rooms`` (every loaded room by default) and hand the hub what changed.
 
         Reads that may move the epoch run one at a time, so the newest read
@@ -827,21 +827,21 @@ class RedisStore:
         """
         async with self.reading:
             names = list(self.rooms if rooms is None else (r for r in rooms if r in self.rooms))
-            epoch, snapshots = await self.read(names, keep=True)
+            epoch, snapshots = await self._read(names, keep=True)
             if epoch != self._epoch:
-                self.new_history(epoch)
+                self._new_history(epoch)
                 if rooms is not None:
                     names = list(self.rooms)
-                    epoch, snapshots = await self.read(names, keep=True)
+                    epoch, snapshots = await self._read(names, keep=True)
                     if epoch != self._epoch:
-                        self.new_history(epoch)
+                        self._new_history(epoch)
                 users = True
             for room, snapshot in zip(names, snapshots, strict=True):
                 if (shared := self.rooms.get(room)) is not None:
-                    self.replace(shared, epoch, snapshot, users=users)
-                    self.show(room)
+                    self._replace(shared, epoch, snapshot, users=users)
+                    self._show(room)
 
-    def new_history(self, epoch: str) -> None:
+    def _new_history(self, epoch: str) -> None:
         """Redis holds another history than the one believed in: say so once, start over."""
         if self._epoch:
             log.warning(
@@ -856,33 +856,33 @@ class RedisStore:
         # What was in doubt belonged to the lost history, and went with it.
         self.in_doubt = None
         for shared in self.rooms.values():
-            shared.state = UNKNOWN
+            shared.state = _UNKNOWN
             shared.users_seq = 0
 
-    def start_resync(self, rooms: Iterable[str] | None = None) -> None:
+    def _start_resync(self, rooms: Iterable[str] | None = None) -> None:
         """Read ``rooms`` (every loaded room by default) again soon, in a task of its own."""
         if rooms is None:
             self.resync_all = True
         else:
             self.resync_rooms.update(rooms)
         if self.resync_task is None and not self.stopping:
-            self.resync_task = asyncio.create_task(self.resyncing())
+            self.resync_task = asyncio.create_task(self._resyncing())
 
-    async def resyncing(self) -> None:
+    async def _resyncing(self) -> None:
         try:
             while (self.resync_all or self.resync_rooms) and self.up and not self.stopping:
                 rooms = None if self.resync_all else list(self.resync_rooms)
                 self.resync_all, self.resync_rooms = False, set()
-                await self.resync(rooms)
+                await self._resync(rooms)
         except Exception as exc:
-            if not isinstance(exc, ERRORS):
+            if not isinstance(exc, _ERRORS):
                 log.exception("unexpected error while reading Redis again")
             self.lost(exc)  # the reconnection reads every room
         finally:
             self.resync_task = None
 
-    def replace(
-        self, shared: SharedRoom, epoch: str, snapshot: tuple[str, str, int, str], *, users: bool
+    def _replace(
+        self, shared: _SharedRoom, epoch: str, snapshot: tuple[str, str, int, str], *, users: bool
     ) -> None:
         """Take a room read from Redis, unless what is known is newer."""
         value, seq, exists, users_message = snapshot
@@ -892,9 +892,9 @@ class RedisStore:
             shared.exists = bool(exists)
         message = json.loads(users_message)
         if users or int(message["seq"]) > shared.users_seq:
-            self.replace_users(shared, message)
+            self._replace_users(shared, message)
 
-    def room_lost(self, shared: SharedRoom, room: str) -> None:
+    def _room_lost(self, shared: _SharedRoom, room: str) -> None:
         """Redis no longer holds a room it held: say so, at most once per interval."""
         now = time.monotonic()
         if now < shared.lost_log_at:
@@ -906,14 +906,14 @@ class RedisStore:
             extra={"event": "store_data_lost", "room": room, "reason": "key missing"},
         )
 
-    def subscribe(self, channel: str) -> asyncio.Future[None]:
+    def _subscribe(self, channel: str) -> asyncio.Future[None]:
         """Queue a SUBSCRIBE; the future is done once Redis confirms this one."""
         confirmed = asyncio.get_running_loop().create_future()
         self.confirmations.setdefault(channel, collections.deque()).append(confirmed)
         self.commands.put_nowait((True, channel))
         return confirmed
 
-    async def send_subscriptions(
+    async def _send_subscriptions(
         self, pubsub: PubSub, commands: asyncio.Queue[tuple[bool, str]]
     ) -> None:
         """Send the queued (un)subscriptions in order: a leave then a rejoin stays subscribed."""
@@ -924,11 +924,11 @@ class RedisStore:
                     await pubsub.subscribe(channel)
                 else:
                     await pubsub.unsubscribe(channel)
-            except ERRORS as exc:
+            except _ERRORS as exc:
                 self.lost(exc)
                 return
 
-    def confirm(self, channel: str) -> None:
+    def _confirm(self, channel: str) -> None:
         """Redis confirmed a SUBSCRIBE: it answers them in order, so the oldest one waiting."""
         waiting = self.confirmations.get(channel)
         if not waiting:
@@ -939,25 +939,25 @@ class RedisStore:
         if not confirmed.done():
             confirmed.set_result(None)
 
-    async def follow(self, pubsub: PubSub | None) -> None:
+    async def _follow(self, pubsub: PubSub | None) -> None:
         """Apply other instances' changes as they arrive; after an outage, reconnect."""
         delay = REDIS_RECONNECT_FIRST
         try:
             while not self.stopping:
                 try:
                     if pubsub is None:
-                        pubsub = await self.connect()
-                        self.recovered()
+                        pubsub = await self._connect()
+                        self._recovered()
                         delay = REDIS_RECONNECT_FIRST
-                    await self.listen(pubsub)
+                    await self._listen(pubsub)
                 except Exception as exc:
                     # Whatever went wrong, this task must go on: it is the
                     # one that brings the store back.
-                    if not isinstance(exc, ERRORS):
+                    if not isinstance(exc, _ERRORS):
                         log.exception("unexpected error while following Redis")
                     self.lost(exc)
                 if pubsub is not None:
-                    await close_quietly(pubsub)
+                    await _close_quietly(pubsub)
                     pubsub = None
                 if self.stopping:
                     break
@@ -966,24 +966,24 @@ class RedisStore:
                 delay = min(delay * 2, REDIS_RECONNECT_LAST)
         finally:
             if pubsub is not None:
-                await close_quietly(pubsub)
+                await _close_quietly(pubsub)
 
-    async def listen(self, pubsub: PubSub) -> None:
+    async def _listen(self, pubsub: PubSub) -> None:
         """Take in what arrives, and send the queued (un)subscriptions, until Redis fails."""
-        sender = asyncio.create_task(self.send_subscriptions(pubsub, self.commands))
+        sender = asyncio.create_task(self._send_subscriptions(pubsub, self.commands))
         try:
             while self.up and not self.stopping:
                 message = await pubsub.get_message(timeout=REDIS_LISTEN_POLL)
                 if message is None:
                     continue
                 if message["type"] == "message":
-                    self.receive_published(message["channel"], message["data"])
+                    self._receive_published(message["channel"], message["data"])
                 elif message["type"] == "subscribe":
-                    self.confirm(message["channel"])
+                    self._confirm(message["channel"])
         finally:
             sender.cancel()
 
-    async def beat(self) -> None:
+    async def _beat(self) -> None:
         """Renew this instance's entry and check that Redis holds its rooms, four times per expiry.
 
         Count changes are sent at once, and renew the entry too; the check
@@ -1006,24 +1006,24 @@ class RedisStore:
                 continue  # recovered() wakes this task
             rooms, self.unsent = self.unsent, set()
             try:
-                await self.share_here(rooms=rooms)
+                await self._share_here(rooms=rooms)
                 if check:
                     await self.probe()
-            except ERRORS as exc:
+            except _ERRORS as exc:
                 self.unsent |= rooms
                 self.lost(exc)
 
-    async def share_here(self, *, rooms: Iterable[str] = (), full: bool = False) -> None:
+    async def _share_here(self, *, rooms: Iterable[str] = (), full: bool = False) -> None:
         """Send this instance's counts in ``rooms`` (every room if ``full``) and renew its entry."""
-        reply = await self.run_users_script(self.here if full else rooms, full=full)
+        reply = await self._run_users_script(self.here if full else rooms, full=full)
         if reply[0] and not full:
             # Pruned during an outage, or Redis lost its data: send it all.
-            reply = await self.run_users_script(self.here, full=True)
+            reply = await self._run_users_script(self.here, full=True)
         for index in range(1, len(reply), 2):
             room, message = reply[index], reply[index + 1]
             if (shared := self.rooms.get(room)) is not None:
-                self.receive(shared, json.loads(message))
-                self.show(room)
+                self._receive(shared, json.loads(message))
+                self._show(room)
 
     async def probe(self) -> None:
         """Check that Redis holds the history and the rooms' keys it held; resync if not.
@@ -1037,38 +1037,38 @@ class RedisStore:
         rooms = list(self.rooms)
         keys = [HISTORY]
         for room in rooms:
-            keys += self.room_key_names(room)
+            keys += self._room_key_names(room)
         held = "".join("1" if self.rooms[room].exists else "0" for room in rooms)
         reply: list[Any] = await self.scripts["probe"](
-            keys=keys, args=[new_epoch(), self.epoch_channel, self.held_ms, held]
+            keys=keys, args=[new_epoch(), self._epoch_channel, self.held_ms, held]
         )
         if reply[0] != self._epoch:
-            self.start_resync()
+            self._start_resync()
             return
         lost = [rooms[int(position) - 1] for position in reply[1:]]
         for room in lost:
             if (shared := self.rooms.get(room)) is not None and shared.exists:
                 shared.exists = False
-                self.room_lost(shared, room)
+                self._room_lost(shared, room)
         if lost:
-            self.start_resync(lost)
+            self._start_resync(lost)
 
-    async def part(self) -> None:
+    async def _part(self) -> None:
         """What a clean stop owes the others: settle what is in doubt, leave every room."""
         await asyncio.gather(
-            self.settle(), self.run_users_script(leave=True), return_exceptions=True
+            self._settle(), self._run_users_script(leave=True), return_exceptions=True
         )
 
-    async def run_users_script(
+    async def _run_users_script(
         self, rooms: Iterable[str] = (), *, full: bool = False, leave: bool = False
     ) -> list[Any]:
         """Renew (or remove) this instance's entry and send its counts in ``rooms``."""
         counts = [str(item) for room in rooms for item in (room, self.here.get(room, 0))]
         reply: list[Any] = await self.scripts["users"](
-            keys=[INSTANCES, ALIVE, self.instance_key("rooms"), self.instance_key("gone")],
+            keys=[INSTANCES, _ALIVE, self._instance_key("rooms"), self._instance_key("gone")],
             args=[
-                PREFIX,
-                f"{PREFIX}:{self.db}",
+                _PREFIX,
+                f"{_PREFIX}:{self.db}",
                 self.instance,
                 "" if leave else int(self.expiry * REDIS_LAPSE_FRACTION * 1000),
                 int(full),
@@ -1098,53 +1098,53 @@ class RedisStore:
                     confirmed.set_exception(ConnectionError("Redis connection lost"))
         self.confirmations.clear()
 
-    def recovered(self) -> None:
+    def _recovered(self) -> None:
         self.up = True
         log.info("Redis at %s is back: resynced %d room(s)", self.where, len(self.rooms))
         self.beat_now.set()  # counts that changed meanwhile
         for room in self.rooms:
-            self.show(room)
+            self._show(room)
 
-    def unreachable(self) -> str:
+    def _unreachable(self) -> str:
         return f"Redis at {self.where} is unreachable"
 
     # What arrives: replies and published messages, in any order.
 
-    def receive_published(self, channel: str, data: str) -> None:
-        if channel == self.epoch_channel:
+    def _receive_published(self, channel: str, data: str) -> None:
+        if channel == self._epoch_channel:
             if data != self._epoch:
-                self.start_resync()  # a new history: see what Redis holds now
+                self._start_resync()  # a new history: see what Redis holds now
             return
         room = self.by_channel.get(channel)
         if room is None:
             return  # released since; the unsubscription is on its way
         try:
-            self.receive(self.rooms[room], json.loads(data))
+            self._receive(self.rooms[room], json.loads(data))
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed message on %s", channel)
             return
-        self.show(room)
+        self._show(room)
 
-    def receive(self, shared: SharedRoom, message: dict[str, Any]) -> None:
+    def _receive(self, shared: _SharedRoom, message: dict[str, Any]) -> None:
         """Keep what is newer than what is known; ignore what is not."""
         if message["type"] == "state":
             # The single-counter version's messages have no epoch: it shares ours.
             epoch = message.get("epoch", self._epoch)
             if epoch != self._epoch:
-                self.start_resync()  # a new history, or one already left behind
+                self._start_resync()  # a new history, or one already left behind
                 return
             state = RoomState(int(message["value"]), int(message["seq"]), epoch)
             if state.is_newer_than(shared.state):
                 shared.state = state
                 shared.exists = not message.get("forgotten", False)
         elif message["type"] == "users" and int(message["seq"]) > shared.users_seq:
-            self.replace_users(shared, message)
+            self._replace_users(shared, message)
 
-    def replace_users(self, shared: SharedRoom, message: dict[str, Any]) -> None:
+    def _replace_users(self, shared: _SharedRoom, message: dict[str, Any]) -> None:
         shared.users_seq = int(message["seq"])
         shared.users = {instance: int(count) for instance, count in message["users"].items()}
 
-    def show(self, room: str) -> None:
+    def _show(self, room: str) -> None:
         """Hand the hub what changed in ``room`` since it was last told."""
         shared = self.rooms.get(room)
         if self.observer is None or shared is None or not shared.opened:
@@ -1158,25 +1158,25 @@ class RedisStore:
             shared.shown_elsewhere = elsewhere
             self.observer.observe(room, elsewhere=elsewhere)
 
-    def instance_key(self, what: str) -> str:
-        return f"{PREFIX}:instance:{self.instance}:{what}"
+    def _instance_key(self, what: str) -> str:
+        return f"{_PREFIX}:instance:{self.instance}:{what}"
 
-    def room_key_names(self, room: str) -> list[str]:
+    def _room_key_names(self, room: str) -> list[str]:
         """The keys of ``room`` that the read and probe scripts take, in their order."""
         names = room_keys(room, self.db)
         return [names.state, names.users, names.users_seq]
 
 
-def newest(known: RoomState, state: RoomState) -> RoomState:
+def _newest(known: RoomState, state: RoomState) -> RoomState:
     return state if state.is_newer_than(known) else known
 
 
-def glob_escape(text: str) -> str:
+def _glob_escape(text: str) -> str:
     """``text`` as a literal in a Redis MATCH pattern."""
     return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
 
 
-async def subscriptions_confirmed(pubsub: PubSub, count: int) -> None:
+async def _subscriptions_confirmed(pubsub: PubSub, count: int) -> None:
     """Wait for Redis to confirm ``count`` subscriptions; what is published meanwhile is read."""
     async with asyncio.timeout(REDIS_COMMAND_TIMEOUT):
         while count:
@@ -1185,6 +1185,6 @@ async def subscriptions_confirmed(pubsub: PubSub, count: int) -> None:
                 count -= 1
 
 
-async def close_quietly(pubsub: PubSub) -> None:
+async def _close_quietly(pubsub: PubSub) -> None:
     """Drop a subscription's connection; Redis forgets the subscriptions with it."""
     await within(REDIS_DISCONNECT_TIMEOUT, pubsub.aclose(), quiet=True)

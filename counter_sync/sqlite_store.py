@@ -106,18 +106,18 @@ __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteStore"]
 
 log = logging.getLogger("counter_sync.sqlite_store")
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 # "CSYN" in the database header: four bytes at a fixed offset tell a foreign
 # SQLite file from ours without letting SQLite open it (and maybe write to it).
 APPLICATION_ID = 0x4353594E
 SCHEMA_VERSION = 3  # PRAGMA user_version for the layout below
-SINGLE_COUNTER_VERSION = 1  # the layout before rooms: one row, id 0
-ROOMS_VERSION = 2  # one row per room, without versions or sessions
+_SINGLE_COUNTER_VERSION = 1  # the layout before rooms: one row, id 0
+_ROOMS_VERSION = 2  # one row per room, without versions or sessions
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
-HEADER_SIZE = 100
-APPLICATION_ID_OFFSET = 68
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_HEADER_SIZE = 100
+_APPLICATION_ID_OFFSET = 68
 # counter: one row per counter that has changed and is not forgotten, with
 # the seq of its last change and when it was last used (changed, or left:
 # Unix time), indexed for the sweep. meta: the one row of the file's history,
@@ -127,7 +127,7 @@ APPLICATION_ID_OFFSET = 68
 # The CHECKs restate the rules the code keeps, so that a bug or a hand edit
 # fails a statement instead of storing a value no client could be shown.
 # WITHOUT ROWID: the key is the name, so each table is one b-tree instead of two.
-SCHEMA = (
+_SCHEMA = (
     f"""
     CREATE TABLE counter (
         name TEXT PRIMARY KEY NOT NULL,
@@ -157,9 +157,9 @@ SCHEMA = (
     "CREATE INDEX session_by_age ON session (touched)",
 )
 # The columns of each table of each layout, as pragma_table_info lists them.
-TABLES_BY_VERSION = {
-    SINGLE_COUNTER_VERSION: {"counter": ["id", "value"]},
-    ROOMS_VERSION: {"counter": ["name", "value"]},
+_TABLES_BY_VERSION = {
+    _SINGLE_COUNTER_VERSION: {"counter": ["id", "value"]},
+    _ROOMS_VERSION: {"counter": ["name", "value"]},
     SCHEMA_VERSION: {
         "counter": ["name", "value", "seq", "used"],
         "meta": ["id", "epoch", "seq"],
@@ -167,42 +167,42 @@ TABLES_BY_VERSION = {
     },
 }
 # The rows of each layout as (name, value), for the checks before migrating.
-COUNTERS_BY_VERSION = {
-    SINGLE_COUNTER_VERSION: f"SELECT '{DEFAULT_ROOM}' AS name, value FROM counter WHERE id = 0",
-    ROOMS_VERSION: "SELECT name, value FROM counter",
+_COUNTERS_BY_VERSION = {
+    _SINGLE_COUNTER_VERSION: f"SELECT '{DEFAULT_ROOM}' AS name, value FROM counter WHERE id = 0",
+    _ROOMS_VERSION: "SELECT name, value FROM counter",
     SCHEMA_VERSION: "SELECT name, value FROM counter",
 }
-SET_COUNTER = """
+_SET_COUNTER = """
 INSERT INTO counter (name, value, seq, used) VALUES (?, ?, ?, ?)
 ON CONFLICT (name) DO UPDATE SET value = excluded.value, seq = excluded.seq, used = excluded.used
 """
 # A room left: used then, unless something later already counts (a change).
-TOUCH = "UPDATE counter SET used = max(used, ?) WHERE name = ?"
-SET_DONE = """
+_TOUCH = "UPDATE counter SET used = max(used, ?) WHERE name = ?"
+_SET_DONE = """
 INSERT INTO session (room, session, done, touched) VALUES (?, ?, ?, ?)
 ON CONFLICT (room, session) DO UPDATE SET done = excluded.done, touched = excluded.touched
 """
 # The oldest idle sessions first, a bounded number, through the index.
-SWEEP_SESSIONS = """
+_SWEEP_SESSIONS = """
 DELETE FROM session WHERE (room, session) IN (
     SELECT room, session FROM session WHERE touched < ? ORDER BY touched LIMIT ?
 )
 """
 # The counters unused the longest, a bounded number, through the index: the
 # sweep deletes those nobody is in, and marks the others used now.
-STALE_COUNTERS = "SELECT name FROM counter WHERE used < ? ORDER BY used LIMIT ?"
+_STALE_COUNTERS = "SELECT name FROM counter WHERE used < ? ORDER BY used LIMIT ?"
 # Whether a sweep would find anything: two lookups of the oldest entry.
-ANY_STALE = """
+_ANY_STALE = """
 SELECT EXISTS (SELECT 1 FROM session WHERE touched < ?)
     OR EXISTS (SELECT 1 FROM counter WHERE used < ?)
 """
 # Errors after which SQLite has certainly rolled the transaction back: it
 # could not write the WAL (disk full) or never got the write lock.
-KNOWN_ROLLBACKS = ("SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED")
+_KNOWN_ROLLBACKS = ("SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED")
 
 
 @dataclasses.dataclass
-class Pending:
+class _Pending:
     """One :meth:`SqliteStore.commit` call, waiting for the transaction that carries it."""
 
     changes: Sequence[Change]
@@ -230,7 +230,7 @@ class SqliteStore:
         self.session_ttl = session_ttl
         self.forget_after = forget_after
         self.sweep_interval = min(SWEEP_INTERVAL, forget_after)
-        self.worker: Worker | None = None  # started by open()
+        self.worker: _Worker | None = None  # started by open()
         self._epoch = ""  # read from the file by open()
         # Touched on the worker thread only.
         self.connection: sqlite3.Connection | None = None
@@ -240,8 +240,8 @@ class SqliteStore:
         # the loop between two transactions, to offer the next one a sweep.
         self.next_sweep = 0.0
         # Touched on the event loop only.
-        self.queued: list[Pending] = []  # for the next transaction
-        self.committing: list[Pending] = []  # in the transaction under way
+        self.queued: list[_Pending] = []  # for the next transaction
+        self.committing: list[_Pending] = []  # in the transaction under way
         self.committer: asyncio.Task[None] | None = None
         self.write_wanted = False  # a transaction without commits: a sweep, leaves
         self.sweeper: asyncio.Task[None] | None = None
@@ -267,15 +267,15 @@ class SqliteStore:
 
         Raise :exc:`StoreError` with one line if the file cannot be ours.
         """
-        worker = self.worker = Worker()
+        worker = self.worker = _Worker()
         try:
-            how = await worker.call(self.open_file)
-            value, others, sessions = await worker.call(self.summary)
+            how = await worker.call(self._open_file)
+            value, others, sessions = await worker.call(self._summary)
         except BaseException:
-            await worker.call(self.release_file)
+            await worker.call(self._release_file)
             worker.stop()
             raise
-        self.sweeper = asyncio.create_task(self.sweeping())
+        self.sweeper = asyncio.create_task(self._sweeping())
         log.info(
             "state %s: value %d at /, %d other counter(s), %d session(s) (%s)",
             self.name,
@@ -295,7 +295,7 @@ class SqliteStore:
         # Before the read is queued: a sweep queued after it keeps what it read.
         self.loaded.add(room)
         try:
-            state, has_row = await self.read(functools.partial(self.read_row, room))
+            state, has_row = await self._read(functools.partial(self._read_row, room))
         except BaseException:
             self.loaded.discard(room)
             raise
@@ -309,7 +309,7 @@ class SqliteStore:
         No other instance has users. Raise :exc:`StoreUnavailable` if the
         file cannot be read now.
         """
-        return await self.read(functools.partial(self.read_state, room)), 0
+        return await self._read(functools.partial(self._read_state, room)), 0
 
     async def counters(self, prefix: str, after: str, limit: int) -> list[tuple[str, RoomState]]:
         """Up to ``limit`` counters by name, those starting with ``prefix``, after ``after``.
@@ -318,9 +318,9 @@ class SqliteStore:
         (whatever its value, 0 too); a counter only joined has no row. Raise
         :exc:`StoreUnavailable` if the file cannot be read now.
         """
-        return await self.read(functools.partial(self.read_counters, prefix, after, limit))
+        return await self._read(functools.partial(self._read_counters, prefix, after, limit))
 
-    async def read(self, function: Callable[[], T]) -> T:
+    async def _read(self, function: Callable[[], _T]) -> _T:
         """Run a read on the worker thread; :exc:`StoreUnavailable` if it fails."""
         if self.in_doubt is not None or self.closed or self.worker is None:
             # Once in doubt, the server is stopping: nobody new joins it.
@@ -344,12 +344,12 @@ class SqliteStore:
             raise StoreUnavailable(f"{self.name} is closed")
         if not changes:
             return []
-        pending = Pending(changes, asyncio.get_running_loop().create_future())
+        pending = _Pending(changes, asyncio.get_running_loop().create_future())
         self.queued.append(pending)
         if self.committer is None:
             # A task starts on the next loop turn: every commit called in
             # this one is queued by then.
-            self.committer = asyncio.create_task(self.commit_queued())
+            self.committer = asyncio.create_task(self._commit_queued())
         return await pending.done
 
     async def forget(self, room: str) -> RoomState:
@@ -365,9 +365,9 @@ class SqliteStore:
         if self.closed or self.worker is None:
             raise StoreUnavailable(f"{self.name} is closed")
         try:
-            state = await self.worker.call(functools.partial(self.reset, room))
+            state = await self.worker.call(functools.partial(self._reset, room))
         except sqlite3.Error as exc:
-            raise self.failure(exc) from exc
+            raise self._failure(exc) from exc
         self.last_commit_ok = True
         self.with_rows.discard(room)
         self.left.pop(room, None)
@@ -411,28 +411,28 @@ class SqliteStore:
         now = time.time()
         self.left |= dict.fromkeys(self.with_rows, now)
         if self.left and self.worker is not None:
-            self.request_write()
+            self._request_write()
         if self.committer is not None:
             await self.committer
         if self.worker is not None:
-            await self.worker.call(self.release_file)
+            await self.worker.call(self._release_file)
             self.worker.stop()
 
     # The event loop's side of group commit.
 
-    async def sweeping(self) -> None:
+    async def _sweeping(self) -> None:
         """Offer the worker a sweep every interval, for when no commit comes to carry one."""
         while True:
             await asyncio.sleep(self.sweep_interval)
-            self.request_write()
+            self._request_write()
 
-    def request_write(self) -> None:
+    def _request_write(self) -> None:
         """Make a transaction soon even if nothing is committed: a sweep, rooms left."""
         self.write_wanted = True
         if self.committer is None:
-            self.committer = asyncio.create_task(self.commit_queued())
+            self.committer = asyncio.create_task(self._commit_queued())
 
-    async def commit_queued(self) -> None:
+    async def _commit_queued(self) -> None:
         """Commit what is queued, one transaction at a time, until nothing is."""
         assert self.worker is not None
         try:
@@ -446,13 +446,13 @@ class SqliteStore:
                 # no write lock.
                 loaded: frozenset[str] | None = None
                 left: dict[str, float] = {}
-                if not changes or any(map(may_write, changes)):
+                if not changes or any(map(_may_write, changes)):
                     left, self.left = self.left, {}
                     if time.time() >= self.next_sweep:
                         # Taken now, in the loop's order of calls: a load
                         # queued before this write has marked its room already.
                         loaded = frozenset(self.loaded)
-                write = functools.partial(self.write, changes, left, loaded)
+                write = functools.partial(self._write, changes, left, loaded)
                 try:
                     outcomes, more = await self.worker.call(write)
                 except Exception as exc:
@@ -460,27 +460,27 @@ class SqliteStore:
                     # An error not SQLite's was raised before COMMIT ran
                     # (write() has nothing after it), so rolled back: every
                     # caller hears it as it is.
-                    failure = self.failure(exc) if isinstance(exc, sqlite3.Error) else exc
+                    failure = self._failure(exc) if isinstance(exc, sqlite3.Error) else exc
                     for pending in batch:
-                        settle(pending, failure)
+                        _settle(pending, failure)
                     if not batch:
-                        self.sweep_failed(failure)
+                        self._sweep_failed(failure)
                 else:
                     self.last_commit_ok = True
                     self.with_rows.update(
                         change.room
                         for change in changes
-                        if may_write(change) and change.room in self.loaded
+                        if _may_write(change) and change.room in self.loaded
                     )
                     results = iter(outcomes)
                     for pending in batch:
-                        settle(pending, [next(results) for _ in pending.changes])
+                        _settle(pending, [next(results) for _ in pending.changes])
                     # A full sweep: the next batch goes at once.
                     self.write_wanted |= more
                 self.committing = []
             # Queued behind a commit that ended in doubt: the store is done.
             for pending in self.queued:
-                settle(pending, StoreInDoubt(self.in_doubt))
+                _settle(pending, StoreInDoubt(self.in_doubt))
             self.queued = []
         finally:
             # Cancelled (the loop is going away): nobody waits for an answer.
@@ -489,7 +489,7 @@ class SqliteStore:
             self.committing = []
             self.committer = None
 
-    def sweep_failed(self, failure: Exception) -> None:
+    def _sweep_failed(self, failure: Exception) -> None:
         """A transaction nobody waited for failed: say so, at most once per interval.
 
         In doubt, the next commit stops the server, as after any commit.
@@ -502,10 +502,10 @@ class SqliteStore:
             self.sweep_warned_at = now + LOG_INTERVAL
             log.warning("state %s: sweep not done: %s", self.name, failure)
 
-    def failure(self, exc: sqlite3.Error) -> StoreUnavailable | StoreInDoubt:
+    def _failure(self, exc: sqlite3.Error) -> StoreUnavailable | StoreInDoubt:
         """What a failed transaction means: certainly not applied, or in doubt for good."""
         code = getattr(exc, "sqlite_errorname", None) or "no SQLite error code"
-        if code.startswith(KNOWN_ROLLBACKS):
+        if code.startswith(_KNOWN_ROLLBACKS):
             self.last_commit_ok = False
             return StoreUnavailable(f"cannot commit to {self.name}: {exc}")
         self.in_doubt = (
@@ -516,34 +516,34 @@ class SqliteStore:
 
     # The worker thread's side.
 
-    def open_file(self) -> str:
+    def _open_file(self) -> str:
         """Check, lock, then open the file; say whether it was created or loaded."""
-        check_path(self.path, self.name)
-        self.lock = hold_exclusively(self.path, self.name)
+        _check_path(self.path, self.name)
+        self.lock = _hold_exclusively(self.path, self.name)
         try:
             # Only once the header says the file is ours (or empty) may SQLite
             # open it: opening can write, e.g. to roll back a hot journal.
-            check_header(self.lock, self.name)
+            _check_header(self.lock, self.name)
             self.connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
-            return self.prepare(self.connection)
+            return self._prepare(self.connection)
         except sqlite3.Error as exc:
-            raise StoreError(describe(exc, self.name)) from exc
+            raise StoreError(_describe(exc, self.name)) from exc
 
-    def prepare(self, connection: sqlite3.Connection) -> str:
+    def _prepare(self, connection: sqlite3.Connection) -> str:
         connection.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit
         connection.execute("PRAGMA fullfsync = ON")  # macOS: plain fsync stops at the drive cache
         # An empty file, or one whose creation was cut short (SQLite rolls
         # back its hot journal right here), gets the schema.
         how = "loaded"
         if connection.execute("PRAGMA page_count").fetchone()[0] == 0:
-            self.create_schema(connection)
+            self._create_schema(connection)
             how = "new file"
         else:
-            version = check_schema(connection, self.name)
+            version = _check_schema(connection, self.name)
             # Before any write: a refused file is left as it was.
-            check_range(connection, version, self.name)
+            _check_range(connection, version, self.name)
             if version != SCHEMA_VERSION:
-                self.migrate(connection, version)  # which logs its own line
+                self._migrate(connection, version)  # which logs its own line
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"--state {self.name}: SQLite cannot use WAL mode here ({mode})")
@@ -554,26 +554,26 @@ class SqliteStore:
         self.seq = max(int(meta_seq), int(highest))
         return how
 
-    def create_schema(self, connection: sqlite3.Connection) -> None:
+    def _create_schema(self, connection: sqlite3.Connection) -> None:
         # Still in rollback-journal mode: this transaction lands in the main
         # file itself, so the application id is in its header from now on,
         # even if the process dies before the first WAL checkpoint.
         connection.execute("BEGIN IMMEDIATE")
         connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        self.create_tables(connection)
+        self._create_tables(connection)
         connection.execute("COMMIT")
         # The new file's directory entry must be durable too; SQLite syncs the
         # directory for its journals, not for the database file we created.
-        fsync_directory(self.path.absolute().parent)
+        _fsync_directory(self.path.absolute().parent)
 
-    def create_tables(self, connection: sqlite3.Connection) -> None:
+    def _create_tables(self, connection: sqlite3.Connection) -> None:
         """The tables of this layout and a new history, inside the caller's transaction."""
-        for statement in SCHEMA:
+        for statement in _SCHEMA:
             connection.execute(statement)
         connection.execute("INSERT INTO meta (id, epoch, seq) VALUES (0, ?, 0)", (new_epoch(),))
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def migrate(self, connection: sqlite3.Connection, version: int) -> None:
+    def _migrate(self, connection: sqlite3.Connection, version: int) -> None:
         """Move the counters of schema 1 or 2 into this layout, in one transaction.
 
         Every value is kept, at seq 0 of a new epoch (the old layouts had no
@@ -583,9 +583,9 @@ class SqliteStore:
         """
         try:
             connection.execute("BEGIN IMMEDIATE")
-            rows = connection.execute(COUNTERS_BY_VERSION[version]).fetchall()
+            rows = connection.execute(_COUNTERS_BY_VERSION[version]).fetchall()
             connection.execute("DROP TABLE counter")
-            self.create_tables(connection)
+            self._create_tables(connection)
             # A counter at 0 reads the same without a row. The others count
             # as used now: the old layouts did not say when.
             now = time.time()
@@ -595,9 +595,9 @@ class SqliteStore:
             )
             connection.execute("COMMIT")
         except BaseException:
-            rollback(connection)
+            _rollback(connection)
             raise
-        if version == SINGLE_COUNTER_VERSION:
+        if version == _SINGLE_COUNTER_VERSION:
             ((_, value),) = rows
             kept = f"/ keeps its value {value}"
         else:
@@ -610,22 +610,22 @@ class SqliteStore:
             kept,
         )
 
-    def summary(self) -> tuple[int, int, int]:
+    def _summary(self) -> tuple[int, int, int]:
         """The value at ``/``, how many other counters and sessions the file holds, for the log."""
-        connection = self.open_connection()
+        connection = self._open_connection()
         (others,) = connection.execute(
             "SELECT count(*) FROM counter WHERE name != ?", (DEFAULT_ROOM,)
         ).fetchone()
         (sessions,) = connection.execute("SELECT count(*) FROM session").fetchone()
-        return self.read_state(DEFAULT_ROOM).value, int(others), int(sessions)
+        return self._read_state(DEFAULT_ROOM).value, int(others), int(sessions)
 
-    def read_state(self, room: str, latest: int | None = None) -> RoomState:
+    def _read_state(self, room: str, latest: int | None = None) -> RoomState:
         """The state of ``room``; without a row, 0 at ``latest`` (the last seq handed out)."""
-        return self.read_row(room, latest)[0]
+        return self._read_row(room, latest)[0]
 
-    def read_row(self, room: str, latest: int | None = None) -> tuple[RoomState, bool]:
-        """The state of ``room``, as :meth:`read_state`, and whether it has a row."""
-        connection = self.open_connection()
+    def _read_row(self, room: str, latest: int | None = None) -> tuple[RoomState, bool]:
+        """The state of ``room``, as :meth:`_read_state`, and whether it has a row."""
+        connection = self._open_connection()
         row = connection.execute(
             "SELECT value, seq FROM counter WHERE name = ?", (room,)
         ).fetchone()
@@ -633,7 +633,7 @@ class SqliteStore:
             return RoomState(0, self.seq if latest is None else latest, self._epoch), False
         return RoomState(int(row[0]), int(row[1]), self._epoch), True
 
-    def write(
+    def _write(
         self, changes: list[Change], left: dict[str, float], loaded: frozenset[str] | None
     ) -> tuple[list[Outcome], bool]:
         """Apply every change in one transaction, with the rooms ``left`` and maybe a sweep.
@@ -643,14 +643,14 @@ class SqliteStore:
         it is committed, and whether the sweep found more than it may delete
         at once (so another should follow).
         """
-        connection = self.open_connection()
+        connection = self._open_connection()
         now = time.time()
         # A transaction that only reads (sessions that joined) needs no write
         # lock, so an operator's write in a sqlite3 shell does not hold up
         # joins: the caller offers a sweep only to one that writes, or to
         # one of its own, which is taken only if there is something to delete.
-        writes = bool(left) or any(map(may_write, changes))
-        sweep = loaded is not None and (writes or self.anything_stale(connection, now))
+        writes = bool(left) or any(map(_may_write, changes))
+        sweep = loaded is not None and (writes or self._anything_stale(connection, now))
         if loaded is not None and not sweep:
             self.next_sweep = now + self.sweep_interval  # nothing to do: look again later
         if not (changes or writes or sweep):
@@ -660,13 +660,13 @@ class SqliteStore:
             connection.execute("BEGIN IMMEDIATE" if writes or sweep else "BEGIN")
             outcomes = []
             for change in changes:
-                outcome = self.apply(connection, change, seq, now)
+                outcome = self._apply(connection, change, seq, now)
                 seq = max(seq, outcome.state.seq)
                 outcomes.append(outcome)
-            connection.executemany(TOUCH, [(when, room) for room, when in left.items()])
+            connection.executemany(_TOUCH, [(when, room) for room, when in left.items()])
             full = False
             if loaded is not None and sweep:
-                full, forgotten = self.sweep(connection, now, loaded)
+                full, forgotten = self._sweep(connection, now, loaded)
                 if forgotten:
                     seq += 1  # a forgotten room reads as 0 at the latest seq: past its own
             if seq != self.seq:
@@ -674,7 +674,7 @@ class SqliteStore:
             connection.execute("COMMIT")
         except BaseException:
             # SQLite rolls back by itself after most errors (disk full, I/O).
-            rollback(connection)
+            _rollback(connection)
             raise
         self.seq = seq
         if sweep:
@@ -682,7 +682,7 @@ class SqliteStore:
             self.next_sweep = now if full else now + self.sweep_interval
         return outcomes, full
 
-    def apply(
+    def _apply(
         self, connection: sqlite3.Connection, change: Change, seq: int, now: float
     ) -> Outcome:
         """Apply one room's change inside the open transaction, as :class:`MemoryStore` does.
@@ -690,7 +690,7 @@ class SqliteStore:
         ``seq`` is the last one handed out so far; a change of the value takes the next.
         """
         room = change.room
-        state = self.read_state(room, seq)
+        state = self._read_state(room, seq)
         delta = change.delta
         done: dict[str, tuple[int, int]] = {}
         retried = False
@@ -698,14 +698,14 @@ class SqliteStore:
             if batch.session in done:
                 first_before, before = done[batch.session]
             else:
-                first_before = before = self.last_done(connection, room, batch.session)
+                first_before = before = self._last_done(connection, room, batch.session)
             start, after = apply_batch(before, batch)
             retried |= start != batch.first
             delta += sum(batch.deltas[start - batch.first :])
             done[batch.session] = (first_before, after)
         for session in change.lookups:
             if session not in done:
-                last = self.last_done(connection, room, session)
+                last = self._last_done(connection, room, session)
                 done[session] = (last, last)
         # A set sent again must not undo what came after it.
         value = state.value if change.set_to is None or retried else change.set_to
@@ -713,14 +713,14 @@ class SqliteStore:
         if applied and value + delta != state.value:
             state = RoomState(value + delta, seq + 1, self._epoch)
             # Back at 0 too: it is a counter someone uses, listed until forgotten.
-            connection.execute(SET_COUNTER, (room, state.value, state.seq, now))
+            connection.execute(_SET_COUNTER, (room, state.value, state.seq, now))
         for session, (before, after) in done.items():
             if after != before:
-                connection.execute(SET_DONE, (room, session, after, now))
+                connection.execute(_SET_DONE, (room, session, after, now))
         return Outcome(state, applied, done)
 
-    def read_counters(self, prefix: str, after: str, limit: int) -> list[tuple[str, RoomState]]:
-        connection = self.open_connection()
+    def _read_counters(self, prefix: str, after: str, limit: int) -> list[tuple[str, RoomState]]:
+        connection = self._open_connection()
         query = "SELECT name, value, seq FROM counter WHERE name > ?"
         bounds: tuple[str, ...] = (after,)
         if prefix:
@@ -731,9 +731,9 @@ class SqliteStore:
         rows = connection.execute(f"{query} ORDER BY name LIMIT ?", (*bounds, limit)).fetchall()
         return [(name, RoomState(value, seq, self._epoch)) for name, value, seq in rows]
 
-    def reset(self, room: str) -> RoomState:
+    def _reset(self, room: str) -> RoomState:
         """Delete ``room``'s row and give it the next seq, in one transaction."""
-        connection = self.open_connection()
+        connection = self._open_connection()
         seq = self.seq + 1
         try:
             connection.execute("BEGIN IMMEDIATE")
@@ -741,23 +741,23 @@ class SqliteStore:
             connection.execute("UPDATE meta SET seq = ?", (seq,))
             connection.execute("COMMIT")
         except BaseException:
-            rollback(connection)
+            _rollback(connection)
             raise
         self.seq = seq
         return RoomState(0, seq, self._epoch)
 
-    def last_done(self, connection: sqlite3.Connection, room: str, session: str) -> int:
+    def _last_done(self, connection: sqlite3.Connection, room: str, session: str) -> int:
         row = connection.execute(
             "SELECT done FROM session WHERE room = ? AND session = ?", (room, session)
         ).fetchone()
         return 0 if row is None else int(row[0])
 
-    def anything_stale(self, connection: sqlite3.Connection, now: float) -> bool:
+    def _anything_stale(self, connection: sqlite3.Connection, now: float) -> bool:
         """Whether a sweep would find a session or a counter to look at."""
         limits = (now - self.session_ttl, now - self.forget_after)
-        return bool(connection.execute(ANY_STALE, limits).fetchone()[0])
+        return bool(connection.execute(_ANY_STALE, limits).fetchone()[0])
 
-    def sweep(
+    def _sweep(
         self, connection: sqlite3.Connection, now: float, loaded: frozenset[str]
     ) -> tuple[bool, int]:
         """Forget the sessions and counters unused for too long, a bounded number of each.
@@ -765,12 +765,12 @@ class SqliteStore:
         A counter of a room ``loaded`` (someone is in it) is marked used now
         instead. Return whether a batch was full, and how many counters went.
         """
-        cursor = connection.execute(SWEEP_SESSIONS, (now - self.session_ttl, SWEEP_LIMIT))
+        cursor = connection.execute(_SWEEP_SESSIONS, (now - self.session_ttl, SWEEP_LIMIT))
         sessions = cursor.rowcount
         stale = [
             name
             for (name,) in connection.execute(
-                STALE_COUNTERS, (now - self.forget_after, SWEEP_LIMIT)
+                _STALE_COUNTERS, (now - self.forget_after, SWEEP_LIMIT)
             ).fetchall()
         ]
         kept = [(now, name) for name in stale if name in loaded]
@@ -779,12 +779,12 @@ class SqliteStore:
         connection.executemany("DELETE FROM counter WHERE name = ?", gone)
         return max(sessions, len(stale)) >= SWEEP_LIMIT, len(gone)
 
-    def open_connection(self) -> sqlite3.Connection:
+    def _open_connection(self) -> sqlite3.Connection:
         if self.connection is None:
             raise sqlite3.ProgrammingError("the store is not open")
         return self.connection
 
-    def release_file(self) -> None:
+    def _release_file(self) -> None:
         if self.connection is not None:
             try:
                 # The last connection to close checkpoints the WAL into the file.
@@ -799,7 +799,7 @@ class SqliteStore:
             self.lock = None
 
 
-class Worker:
+class _Worker:
     """One daemon thread that makes every call of the store, one at a time, in order.
 
     Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so
@@ -811,9 +811,9 @@ class Worker:
         self.thread = threading.Thread(target=self.run, name="sqlite-store", daemon=True)
         self.thread.start()
 
-    async def call(self, function: Callable[[], T]) -> T:
+    async def call(self, function: Callable[[], _T]) -> _T:
         """Run ``function()`` on the thread; return what it returns, or raise what it raises."""
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
         def run() -> None:
             if not future.set_running_or_notify_cancel():
@@ -838,12 +838,12 @@ class Worker:
             call()
 
 
-def may_write(change: Change) -> bool:
+def _may_write(change: Change) -> bool:
     """Whether a change may write (a value, or an op); lookups only read."""
     return bool(change.delta or change.ops or change.set_to is not None)
 
 
-def settle(pending: Pending, outcome: list[Outcome] | Exception) -> None:
+def _settle(pending: _Pending, outcome: list[Outcome] | Exception) -> None:
     """Give one ``commit`` its answer, unless its caller stopped waiting."""
     if pending.done.done():
         return
@@ -853,7 +853,7 @@ def settle(pending: Pending, outcome: list[Outcome] | Exception) -> None:
         pending.done.set_result(outcome)
 
 
-def rollback(connection: sqlite3.Connection) -> None:
+def _rollback(connection: sqlite3.Connection) -> None:
     # The error that got us here is the one to report; a failed ROLLBACK after
     # it adds nothing (what never committed is discarded at the next start).
     if connection.in_transaction:
@@ -861,7 +861,7 @@ def rollback(connection: sqlite3.Connection) -> None:
             connection.execute("ROLLBACK")
 
 
-def check_path(path: Path, name: str) -> None:
+def _check_path(path: Path, name: str) -> None:
     """Refuse, before touching anything, a path SQLite could not keep the counters in."""
     try:
         info: os.stat_result | None = path.stat()
@@ -875,7 +875,7 @@ def check_path(path: Path, name: str) -> None:
             raise StoreError(f"--state {name}: is a directory; give a file, e.g. {suggestion}")
         if not stat.S_ISREG(info.st_mode):
             raise StoreError(f"--state {name}: is not a regular file")
-        if not writable(path, info):
+        if not _writable(path, info):
             raise StoreError(f"--state {name}: the file is read-only")
     directory = path.absolute().parent
     try:
@@ -884,20 +884,20 @@ def check_path(path: Path, name: str) -> None:
         raise StoreError(f"--state {name}: directory {directory} does not exist") from None
     except OSError as exc:
         raise StoreError(f"--state {name}: directory {directory}: {exc.strerror}") from None
-    if not writable(directory, directory_info):
+    if not _writable(directory, directory_info):
         raise StoreError(
             f"--state {name}: directory {directory} is read-only "
             f"(SQLite creates {path.name}-wal and {path.name}-shm next to the file)"
         )
 
 
-def writable(path: Path, info: os.stat_result) -> bool:
+def _writable(path: Path, info: os.stat_result) -> bool:
     # root passes every access check, so the write bits count too: whoever
     # made a file or directory read-only (chmod a-w) meant it.
     return os.access(path, os.W_OK) and info.st_mode & 0o222 != 0
 
 
-def hold_exclusively(path: Path, name: str) -> int:
+def _hold_exclusively(path: Path, name: str) -> int:
     """Open (creating it empty if missing) and flock the database file itself.
 
     The lock lives on the file the counters live in, not on a sidecar: there is
@@ -924,14 +924,14 @@ def hold_exclusively(path: Path, name: str) -> int:
     return fd
 
 
-def check_header(fd: int, name: str) -> None:
+def _check_header(fd: int, name: str) -> None:
     """Accept an empty file or a counter-sync database, by reading its header only."""
     if os.fstat(fd).st_size == 0:
         return
-    header = os.pread(fd, HEADER_SIZE, 0)
-    if len(header) < HEADER_SIZE or not header.startswith(SQLITE_MAGIC):
+    header = os.pread(fd, _HEADER_SIZE, 0)
+    if len(header) < _HEADER_SIZE or not header.startswith(_SQLITE_MAGIC):
         raise StoreError(f"--state {name}: not a SQLite database; refusing to touch it")
-    offset = APPLICATION_ID_OFFSET
+    offset = _APPLICATION_ID_OFFSET
     application_id = int.from_bytes(header[offset : offset + 4], "big")
     if application_id != APPLICATION_ID:
         raise StoreError(
@@ -940,13 +940,13 @@ def check_header(fd: int, name: str) -> None:
         )
 
 
-def check_schema(connection: sqlite3.Connection, name: str) -> int:
+def _check_schema(connection: sqlite3.Connection, name: str) -> int:
     """Check that our own file is whole and in a layout this code knows; return its version."""
     version = int(connection.execute("PRAGMA user_version").fetchone()[0])
-    if version not in TABLES_BY_VERSION:
-        known = ", ".join(str(each) for each in sorted(TABLES_BY_VERSION))
+    if version not in _TABLES_BY_VERSION:
+        known = ", ".join(str(each) for each in sorted(_TABLES_BY_VERSION))
         raise StoreError(f"--state {name}: schema version {version}; this server knows {known}")
-    for table, expected in TABLES_BY_VERSION[version].items():
+    for table, expected in _TABLES_BY_VERSION[version].items():
         columns = [
             row[0] for row in connection.execute("SELECT name FROM pragma_table_info(?)", (table,))
         ]
@@ -958,25 +958,25 @@ def check_schema(connection: sqlite3.Connection, name: str) -> int:
     # Schema 1 always had its one row, and this layout its meta row: without
     # them there is nothing to migrate, or no history to go on with.
     row_check = {
-        SINGLE_COUNTER_VERSION: "SELECT 1 FROM counter WHERE id = 0",
+        _SINGLE_COUNTER_VERSION: "SELECT 1 FROM counter WHERE id = 0",
         SCHEMA_VERSION: "SELECT 1 FROM meta WHERE id = 0 AND typeof(epoch) = 'text'",
     }.get(version)
     if row_check is not None and connection.execute(row_check).fetchone() is None:
-        table = "counter" if version == SINGLE_COUNTER_VERSION else "meta"
+        table = "counter" if version == _SINGLE_COUNTER_VERSION else "meta"
         raise StoreError(f"--state {name}: marked as counter-sync but its {table} row is missing")
     problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
     if problems != ["ok"]:
         if all(problem.startswith("CHECK constraint failed") for problem in problems):
             # Whole, but a value was edited past the schema's CHECK: say which.
-            check_range(connection, version, name)
+            _check_range(connection, version, name)
         raise StoreError(f"--state {name}: the database is corrupt ({one_line(problems[0])})")
     return version
 
 
-def check_range(connection: sqlite3.Connection, version: int, name: str) -> None:
+def _check_range(connection: sqlite3.Connection, version: int, name: str) -> None:
     """Refuse a file holding a value no client could be shown exactly (say, edited by hand)."""
     row = connection.execute(
-        f"SELECT name, value FROM ({COUNTERS_BY_VERSION[version]}) "
+        f"SELECT name, value FROM ({_COUNTERS_BY_VERSION[version]}) "
         "WHERE typeof(value) != 'integer' OR value NOT BETWEEN ? AND ? LIMIT 1",
         (-MAX_VALUE, MAX_VALUE),
     ).fetchone()
@@ -988,7 +988,7 @@ def check_range(connection: sqlite3.Connection, version: int, name: str) -> None
         )
 
 
-def describe(exc: sqlite3.Error, name: str) -> str:
+def _describe(exc: sqlite3.Error, name: str) -> str:
     """One line for the operator about an error SQLite raised at start-up."""
     code = getattr(exc, "sqlite_errorname", None) or ""
     if code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
@@ -996,7 +996,7 @@ def describe(exc: sqlite3.Error, name: str) -> str:
     return f"--state {name}: cannot open the database ({one_line(str(exc))})"
 
 
-def fsync_directory(directory: Path) -> None:
+def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

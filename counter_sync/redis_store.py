@@ -170,13 +170,13 @@ from counter_sync.store import (
 )
 from counter_sync.tasks import within
 
-__all__ = ["HISTORY", "INSTANCES", "Commit", "RedisStore", "RoomKeys", "room_keys"]
+__all__ = ["HISTORY", "Commit", "RedisStore", "RoomKeys", "room_keys"]
 
 log = logging.getLogger("counter_sync.redis_store")
 
 _PREFIX = "counter-sync"
 HISTORY = f"{_PREFIX}:history"  # hash: epoch, seq
-INSTANCES = f"{_PREFIX}:instances"  # sorted set: instance id -> when its entry lapses (ms)
+_INSTANCES = f"{_PREFIX}:instances"  # sorted set: instance id -> when its entry lapses (ms)
 _ALIVE = f"{_PREFIX}:alive"  # the same, for the single-counter version, which prunes only /
 
 # Errors that mean "Redis cannot be used right now". A Lua error is a
@@ -1065,7 +1065,7 @@ class RedisStore:
         """Renew (or remove) this instance's entry and send its counts in ``rooms``."""
         counts = [str(item) for room in rooms for item in (room, self.here.get(room, 0))]
         reply: list[Any] = await self.scripts["users"](
-            keys=[INSTANCES, _ALIVE, self._instance_key("rooms"), self._instance_key("gone")],
+            keys=[_INSTANCES, _ALIVE, self._instance_key("rooms"), self._instance_key("gone")],
             args=[
                 _PREFIX,
                 f"{_PREFIX}:{self.db}",

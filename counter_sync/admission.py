@@ -224,15 +224,18 @@ class Gate:
         return None
 
     def user_joined(self, address: str) -> None:
+        """Count one more user from ``address`` (see :meth:`over_a_cap`)."""
         self.users_by_address[address_key(address)] += 1
 
     def user_left(self, address: str) -> None:
+        """Count out a user :meth:`user_joined` counted from ``address``."""
         key = address_key(address)
         self.users_by_address[key] -= 1
         if not self.users_by_address[key]:
             del self.users_by_address[key]
 
     def is_trusted(self, ip: str) -> bool:
+        """Whether ``ip`` is a trusted proxy's, believed about ``X-Forwarded-For``."""
         return bool(self.trusted) and _trusted(ip, self.trusted)
 
 

@@ -61,7 +61,10 @@ class _Problem(Exception):
 
 
 def load_keys(path: str) -> list[bytes]:
-    """The API keys in ``path``: one per line; blank lines and ``#`` comments are skipped."""
+    """The API keys in ``path``: one per line; blank lines and ``#`` comments are skipped.
+
+    Raises :exc:`KeyFileError`, one line for the operator, if there is none to read.
+    """
     try:
         lines = Path(path).read_bytes().splitlines()
     except OSError as exc:

@@ -135,7 +135,11 @@ def _open_store(settings: Settings) -> Store:
 
 
 async def start(settings: Settings) -> App:
-    """Start a server (port 0 picks a free port) and return it running."""
+    """Start a server (port 0 picks a free port) and return it running.
+
+    Raises :exc:`~counter_sync.store.StoreError` if the store cannot be opened,
+    :exc:`OSError` if the server cannot listen where the settings say.
+    """
     store = _open_store(settings)
     await store.open()
     hub = Hub(settings, store)

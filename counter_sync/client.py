@@ -108,11 +108,15 @@ class Client:
         return len(self.unacked)
 
     async def plus(self) -> int:
-        """Add one; return the action's op number. It is sent now, or once connected."""
+        """Add one; return the action's op number. It is sent now, or once connected.
+
+        Raises :exc:`TooManyPending`, the action not taken, while ``max_pending``
+        actions wait for their ack.
+        """
         return await self._act("plus")
 
     async def minus(self) -> int:
-        """Subtract one; return the action's op number."""
+        """Subtract one; return the action's op number. As :meth:`plus`, it may raise."""
         return await self._act("minus")
 
     async def _act(self, action: str) -> int:

@@ -221,7 +221,7 @@ class Room:
     def handle(
         self, websocket: Connection, message: str | bytes, limit: RateLimit, warnings: Throttle
     ) -> tuple[str, ...]:
-        """Do what one message asks, or say why not; return the replies to send now.
+        """Do what one message asks, or say why not (no message makes it raise): the replies now.
 
         A change is only noted here: the flush commits it and answers the rest.
         """

@@ -56,13 +56,17 @@ class FlushedRoom(Protocol):
     users: set[Connection]
     state: RoomState
 
-    def users_message(self) -> str: ...
+    def users_message(self) -> str:
+        """The user count event, built from the count at the time of the call."""
 
-    def state_message(self) -> str: ...
+    def state_message(self) -> str:
+        """The state event of :attr:`state`, at the time of the call."""
 
-    def ack_message(self, op: int) -> str: ...
+    def ack_message(self, op: int) -> str:
+        """The event that acknowledges every op up to ``op``."""
 
-    def error_message(self, reason: str, op: int | None = None) -> str: ...
+    def error_message(self, reason: str, op: int | None = None) -> str:
+        """The event that tells one client why its message (``op``, if numbered) failed."""
 
 
 class PassRunner(Protocol):
@@ -73,7 +77,8 @@ class PassRunner(Protocol):
     metrics: Metrics
     supervisor: Supervisor
 
-    def schedule(self, room: RoomFlush) -> None: ...
+    def schedule(self, room: RoomFlush) -> None:
+        """Make sure ``room`` is taken by a pass soon (idempotent); never raises."""
 
 
 @dataclasses.dataclass(slots=True)

@@ -92,7 +92,10 @@ class Hub:
         store.watch(self)
 
     async def open_default_room(self) -> None:
-        """Open ``/`` at start-up and keep it: ``/healthz`` shows its value."""
+        """Open ``/`` at start-up and keep it: ``/healthz`` shows its value.
+
+        Raises :exc:`~counter_sync.store.StoreUnavailable` if the store cannot read it.
+        """
         await self._enter(DEFAULT_ROOM)
 
     def count_here(self) -> int:

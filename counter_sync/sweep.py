@@ -57,10 +57,12 @@ class ConnectionSweep:
         self.supervisor: Supervisor | None = None
 
     def start(self, supervisor: Supervisor) -> None:
+        """Start sweeping, as a task of ``supervisor``'s: a bug in it stops the server."""
         self.supervisor = supervisor
         self.task = supervisor.start(self._run(), name="connection sweep")
 
     async def stop(self) -> None:
+        """Stop sweeping; return once the sweep has ended. Idempotent."""
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -72,7 +72,10 @@ class Grant:
 
 
 def load_secret(path: str) -> bytes:
-    """Read the HS256 secret from ``path``: at least MIN_SECRET_BYTES bytes, outer blanks aside."""
+    """Read the HS256 secret from ``path``: at least MIN_SECRET_BYTES bytes, outer blanks aside.
+
+    Raises :exc:`SecretError`, one line for the operator, if it cannot be used.
+    """
     try:
         secret = Path(path).read_bytes().strip()
     except OSError as exc:
@@ -114,7 +117,10 @@ class Access:
         return Grant(user, can_write, expires)
 
     def decode(self, token: str) -> tuple[str, list[str], bool, float]:
-        """The token's sub, rooms, write permission and expiry, checked: signature and types."""
+        """The token's sub, rooms, write permission and expiry, checked: signature and types.
+
+        Raises :exc:`Denied` (401) for a token that is not valid.
+        """
         assert self.secret is not None
         try:
             claims: dict[str, object] = jwt.decode(

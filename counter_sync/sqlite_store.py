@@ -75,7 +75,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -97,7 +97,7 @@ from counter_sync.store import (
     StoreError,
     StoreInDoubt,
     StoreUnavailable,
-    apply_batch,
+    apply_change,
     new_epoch,
     one_line,
 )
@@ -581,8 +581,7 @@ class SqliteStore:
         same transaction, so a crash leaves either the old layout, migrated
         again at the next start, or the new one.
         """
-        try:
-            connection.execute("BEGIN IMMEDIATE")
+        with _transaction(connection):
             rows = connection.execute(_COUNTERS_BY_VERSION[version]).fetchall()
             connection.execute("DROP TABLE counter")
             self._create_tables(connection)
@@ -593,10 +592,6 @@ class SqliteStore:
                 "INSERT INTO counter (name, value, seq, used) VALUES (?, ?, 0, ?)",
                 [(name, value, now) for name, value in rows if value != 0],
             )
-            connection.execute("COMMIT")
-        except BaseException:
-            _rollback(connection)
-            raise
         if version == _SINGLE_COUNTER_VERSION:
             ((_, value),) = rows
             kept = f"/ keeps its value {value}"
@@ -656,8 +651,7 @@ class SqliteStore:
         if not (changes or writes or sweep):
             return [], False
         seq = self.seq
-        try:
-            connection.execute("BEGIN IMMEDIATE" if writes or sweep else "BEGIN")
+        with _transaction(connection, "BEGIN IMMEDIATE" if writes or sweep else "BEGIN"):
             outcomes = []
             for change in changes:
                 outcome = self._apply(connection, change, seq, now)
@@ -671,11 +665,6 @@ class SqliteStore:
                     seq += 1  # a forgotten room reads as 0 at the latest seq: past its own
             if seq != self.seq:
                 connection.execute("UPDATE meta SET seq = ?", (seq,))
-            connection.execute("COMMIT")
-        except BaseException:
-            # SQLite rolls back by itself after most errors (disk full, I/O).
-            _rollback(connection)
-            raise
         self.seq = seq
         if sweep:
             # Caught up: wait a period. A full batch: the next transaction goes on.
@@ -691,27 +680,11 @@ class SqliteStore:
         """
         room = change.room
         state = self._read_state(room, seq)
-        delta = change.delta
-        done: dict[str, tuple[int, int]] = {}
-        retried = False
-        for batch in change.ops:
-            if batch.session in done:
-                first_before, before = done[batch.session]
-            else:
-                first_before = before = self._last_done(connection, room, batch.session)
-            start, after = apply_batch(before, batch)
-            retried |= start != batch.first
-            delta += sum(batch.deltas[start - batch.first :])
-            done[batch.session] = (first_before, after)
-        for session in change.lookups:
-            if session not in done:
-                last = self._last_done(connection, room, session)
-                done[session] = (last, last)
-        # A set sent again must not undo what came after it.
-        value = state.value if change.set_to is None or retried else change.set_to
-        applied = abs(value + delta) <= MAX_VALUE
-        if applied and value + delta != state.value:
-            state = RoomState(value + delta, seq + 1, self._epoch)
+        value, applied, done = apply_change(
+            change, state.value, lambda session: self._last_done(connection, room, session)
+        )
+        if value != state.value:
+            state = RoomState(value, seq + 1, self._epoch)
             # Back at 0 too: it is a counter someone uses, listed until forgotten.
             connection.execute(_SET_COUNTER, (room, state.value, state.seq, now))
         for session, (before, after) in done.items():
@@ -735,14 +708,9 @@ class SqliteStore:
         """Delete ``room``'s row and give it the next seq, in one transaction."""
         connection = self._open_connection()
         seq = self.seq + 1
-        try:
-            connection.execute("BEGIN IMMEDIATE")
+        with _transaction(connection):
             connection.execute("DELETE FROM counter WHERE name = ?", (room,))
             connection.execute("UPDATE meta SET seq = ?", (seq,))
-            connection.execute("COMMIT")
-        except BaseException:
-            _rollback(connection)
-            raise
         self.seq = seq
         return RoomState(0, seq, self._epoch)
 
@@ -853,9 +821,22 @@ def _settle(pending: _Pending, outcome: list[Outcome] | Exception) -> None:
         pending.done.set_result(outcome)
 
 
+@contextlib.contextmanager
+def _transaction(connection: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """A transaction around the block: committed if it returns, rolled back if it raises."""
+    connection.execute(begin)
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        _rollback(connection)
+        raise
+
+
 def _rollback(connection: sqlite3.Connection) -> None:
-    # The error that got us here is the one to report; a failed ROLLBACK after
-    # it adds nothing (what never committed is discarded at the next start).
+    # SQLite rolls back by itself after most errors (disk full, I/O). The
+    # error that got us here is the one to report; a failed ROLLBACK after it
+    # adds nothing (what never committed is discarded at the next start).
     if connection.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             connection.execute("ROLLBACK")

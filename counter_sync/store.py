@@ -35,7 +35,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from counter_sync.config import FORGET_AFTER, LOG_INTERVAL, MAX_SESSIONS, MAX_VALUE, SESSION_TTL
@@ -54,6 +54,7 @@ __all__ = [
     "StoreInDoubt",
     "StoreUnavailable",
     "apply_batch",
+    "apply_change",
     "new_epoch",
     "one_line",
 ]
@@ -160,6 +161,38 @@ def apply_batch(last_done: int, batch: OpBatch) -> tuple[int, int]:
     if batch.first > last_done + 1:
         return batch.last + 1, last_done
     return max(batch.first, last_done + 1), max(last_done, batch.last)
+
+
+def apply_change(
+    change: Change, value: int, last_done: Callable[[str], int]
+) -> tuple[int, bool, dict[str, tuple[int, int]]]:
+    """What ``change`` makes of ``value``: the new value, whether it was applied, the ops done.
+
+    ``last_done(session)`` is the last op the store holds as done for a
+    session of the room; the ops done are ``(before, after)`` per session.
+    A set sent again does not undo what came after it; a change that would
+    leave ±MAX_VALUE is not applied (the value stays, the ops' numbers are
+    still done). The stores in Python apply it; the Redis script repeats it.
+    """
+    delta = change.delta
+    done: dict[str, tuple[int, int]] = {}
+    retried = False
+    for batch in change.ops:
+        if batch.session in done:
+            first_before, before = done[batch.session]
+        else:
+            first_before = before = last_done(batch.session)
+        start, after = apply_batch(before, batch)
+        retried |= start != batch.first
+        delta += sum(batch.deltas[start - batch.first :])
+        done[batch.session] = (first_before, after)
+    for session in change.lookups:
+        if session not in done:
+            last = last_done(session)
+            done[session] = (last, last)
+    start_value = value if change.set_to is None or retried else change.set_to
+    applied = abs(start_value + delta) <= MAX_VALUE
+    return (start_value + delta if applied else value), applied, done
 
 
 def new_epoch() -> str:
@@ -355,26 +388,12 @@ class MemoryStore:
     def _apply(self, change: Change) -> Outcome:
         room = change.room
         state = self._state(room)
-        delta = change.delta
-        done: dict[str, tuple[int, int]] = {}
-        retried = False
-        for batch in change.ops:
-            before = done[batch.session][1] if batch.session in done else None
-            if before is None:
-                before = self.sessions.last_done(room, batch.session)
-            start, after = apply_batch(before, batch)
-            retried |= start != batch.first
-            delta += sum(batch.deltas[start - batch.first :])
-            done[batch.session] = (done.get(batch.session, (before, 0))[0], after)
-        for session in change.lookups:
-            if session not in done:
-                last = self.sessions.last_done(room, session)
-                done[session] = (last, last)
-        value = change.set_to if change.set_to is not None and not retried else state.value
-        applied = abs(value + delta) <= MAX_VALUE
-        if applied and value + delta != state.value:
+        value, applied, done = apply_change(
+            change, state.value, lambda session: self.sessions.last_done(room, session)
+        )
+        if value != state.value:
             self.seq += 1
-            state = RoomState(value + delta, self.seq, self._epoch)
+            state = RoomState(value, self.seq, self._epoch)
         self._keep(room, state)
         for session, (before, after) in done.items():
             if after != before:

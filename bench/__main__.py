@@ -24,7 +24,7 @@ from bench.loadgen import LoadGen, run_each
 from bench.measure import BenchSettings, measure_join_floor, measure_server
 from bench.proc import ephemeral_ports, raise_fd_limit
 from bench.reporting import RESULTS_DIR, Report, environment, loadavg, say, write_json
-from bench.runs import conclude
+from bench.runs import conclude, end_run
 from bench.senders import SenderWorker
 from bench.servers import JOIN_FLOOR, SERVERS
 from bench.steady_floor import NAME as STEADY_FLOOR
@@ -163,9 +163,7 @@ def run_once(
     if ok:
         floor_us = (run["steady_floor"] or {}).get("cpu_us_per_delivery")
         run["targets"] = targets(measured, floor_us, run["join_floor"], settings)
-    run["seconds"] = time.monotonic() - started
-    run["loadavg_after"] = loadavg()
-    save()
+    end_run(run, started, save)
     return ok
 
 

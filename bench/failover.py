@@ -34,10 +34,10 @@ from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection
 
-from bench.flags import Flag, parse, positive
+from bench.flags import Flag, installed, parse, positive
 from bench.reporting import RESULTS_DIR, Report, environment, fmt, loadavg, table, write_json
 from counter_sync.client import MAX_PENDING, Client
-from testkit.processes import MissingBinary, RedisServer, ServerProcess, find_binary
+from testkit.processes import RedisServer, ServerProcess
 
 __all__ = ["main"]
 
@@ -374,10 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FLAGS,
         argv,
     )
-    try:
-        binary = find_binary(args.redis_server)
-    except MissingBinary as exc:
-        print(f"failover: {exc}", file=sys.stderr)
+    if (binary := installed("failover", args.redis_server)) is None:
         return 1
     report: Report = {"settings": vars(args), "environment": environment(), "runs": []}
     print(

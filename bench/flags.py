@@ -11,14 +11,18 @@ import argparse
 import dataclasses
 import ipaddress
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from counter_sync.flags import OneLineParser
+from testkit.processes import MissingBinary, find_binary
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-__all__ = ["Flag", "loopback", "names_in", "parse", "positive", "settings_from"]
+__all__ = ["Flag", "installed", "loopback", "names_in", "parse", "positive", "settings_from"]
 
 Fields = TypeVar("Fields", bound="DataclassInstance")
 
@@ -42,13 +46,6 @@ class Flag:
     @property
     def dest(self) -> str:
         return self.name.removeprefix("--").replace("-", "_")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line, not the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def positive(kind: type[int | float]) -> Callable[[str], Any]:
@@ -127,6 +124,15 @@ def parse(
         if flag.quick is not None and getattr(args, flag.dest) is None:
             setattr(args, flag.dest, flag.quick if args.quick else flag.default)
     return args
+
+
+def installed(prog: str, name: str) -> str | None:
+    """The path of the program ``name`` a flag gives; None, said in one line, if it is missing."""
+    try:
+        return find_binary(name)
+    except MissingBinary as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
 
 
 def settings_from(cls: type[Fields], args: argparse.Namespace, **extra: Any) -> Fields:

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from bench.flags import Flag, parse, positive
+from bench.flags import Flag, installed, parse, positive
 from bench.reporting import percentile, write_json
-from testkit.processes import MissingBinary, RedisServer, ServerProcess, find_binary
+from testkit.processes import RedisServer, ServerProcess
 
 __all__ = ["main"]
 
@@ -190,10 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FLAGS,
         argv,
     )
-    try:
-        binary = find_binary(args.redis_server)
-    except MissingBinary as exc:
-        print(f"redis_latency: {exc}", file=sys.stderr)
+    if (binary := installed("redis_latency", args.redis_server)) is None:
         return 1
     results = run(args, binary)
     print(

@@ -11,12 +11,12 @@ figure one run really gave.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.reporting import Report, fmt, loadavg, meets, percentile, table, verdict, write_json
 
-__all__ = ["conclude", "median_targets", "medians_table"]
+__all__ = ["conclude", "end_run", "median_targets", "medians_table"]
 
 
 def median_targets(runs: Sequence[Sequence[Report]]) -> list[Report]:
@@ -80,6 +80,13 @@ def medians_table(targets: Sequence[Report]) -> str:
             ]
         )
     return table(rows, align="<<" + ">" * (runs + 1) + "<", indent="  ", rule_after=1)
+
+
+def end_run(run: Report, started: float, save: Callable[[], None]) -> None:
+    """After one run: how long it took and the load average after it, into `run`; then `save`."""
+    run["seconds"] = time.monotonic() - started
+    run["loadavg_after"] = loadavg()
+    save()
 
 
 def conclude(report: Report, output: Path, started: float) -> None:

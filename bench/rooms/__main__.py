@@ -31,7 +31,7 @@ from bench.rooms.floor import measure_rooms_floor
 from bench.rooms.phases import PHASES, Options
 from bench.rooms.report import render, targets
 from bench.rooms.worker import RoomWorker
-from bench.runs import conclude
+from bench.runs import conclude, end_run
 
 __all__ = ["main"]
 
@@ -146,9 +146,7 @@ def run_once(run: Result, o: Options, save: Callable[[], None]) -> bool:
 
     ok = run_each(load, o.phases, measure, run["phases"], save)
     run["targets"] = targets(run["phases"], o)
-    run["seconds"] = time.monotonic() - started
-    run["loadavg_after"] = loadavg()
-    save()
+    end_run(run, started, save)
     return ok
 
 

@@ -25,9 +25,11 @@ __all__ = [
     "SMALL_RCVBUF",
     "RawClient",
     "bound_socket",
+    "check_upgraded",
     "client_frame",
     "connected_socket",
     "raw_websocket",
+    "read_upgrade",
     "tcp_open",
     "upgrade_request",
 ]
@@ -63,6 +65,17 @@ def check_upgraded(head: bytes) -> None:
     if not head.startswith(b"HTTP/1.1 101"):
         status = head.partition(b"\r\n")[0].decode(errors="replace")
         raise ConnectionError(f"refused: {status}")
+
+
+def read_upgrade(sock: socket.socket) -> None:
+    """Read the handshake's response head from ``sock``, blocking; as :func:`check_upgraded`."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        head += chunk
+    check_upgraded(head)
 
 
 def bound_socket(source: str, *, rcvbuf: int | None = None) -> socket.socket:
@@ -114,13 +127,7 @@ def raw_websocket(
         sock.settimeout(timeout)
         sock.connect((HOST, port))
         sock.sendall(upgrade_request(port, path))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed during the handshake")
-            head += chunk
-        check_upgraded(head)
+        read_upgrade(sock)
     except BaseException:
         sock.close()
         raise

@@ -16,7 +16,7 @@ import socket
 import sys
 
 from testkit.processes import TIMEOUT
-from testkit.rawclient import HOST, bound_socket, check_upgraded, upgrade_request
+from testkit.rawclient import HOST, bound_socket, read_upgrade, upgrade_request
 
 __all__ = ["BATCH", "READY", "main"]
 
@@ -59,13 +59,7 @@ def opened(port: int, path: str, count: int) -> list[socket.socket]:
             sock.connect((HOST, port))
             sock.sendall(upgrade_request(port, path))
         for sock in socks:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    raise ConnectionError("closed during the handshake")
-                head += chunk
-            check_upgraded(head)
+            read_upgrade(sock)
     except BaseException:
         for sock in socks:
             sock.close()

@@ -20,6 +20,7 @@ from counter_sync.flush import RoomFlush
 from testkit.processes import TIMEOUT
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
+    http_request,
     join,
     wait_for_event,
     wait_for_users,
@@ -31,22 +32,9 @@ from tests.helpers import (
 PLUS = json.dumps({"action": "plus"})
 
 
-async def http_get(port: int, path: str, accept: str = "") -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    extra = f"Accept: {accept}\r\n" if accept else ""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
-    async with asyncio.timeout(TIMEOUT):
-        response = await reader.read()
-    writer.close()
-    head, _, body = response.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode().split("\r\n")
-    headers = dict(line.split(": ", 1) for line in header_lines)
-    return int(status_line.split()[1]), headers, body
-
-
 async def scrape(port: int) -> dict[str, float]:
     """Every sample of ``/metrics`` by name and labels, e.g. ``actions_total{result=accepted}``."""
-    status, headers, body = await http_get(port, "/metrics")
+    status, headers, body = await http_request(port, "/metrics")
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain")
     samples = {}
@@ -59,7 +47,7 @@ async def scrape(port: int) -> dict[str, float]:
 
 
 async def health(port: int) -> dict[str, object]:
-    status, _, body = await http_get(port, "/healthz")
+    status, _, body = await http_request(port, "/healthz")
     assert status == 200
     result: dict[str, object] = json.loads(body)
     return result
@@ -132,8 +120,8 @@ async def test_broadcasts_and_frames_are_counted(app: App) -> None:
 
 
 async def test_openmetrics_is_served_to_a_scraper_that_asks_for_it(app: App) -> None:
-    status, headers, body = await http_get(
-        app.port, "/metrics", accept="application/openmetrics-text; version=1.0.0"
+    status, headers, body = await http_request(
+        app.port, "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
     )
     assert status == 200
     assert headers["Content-Type"].startswith("application/openmetrics-text")
@@ -148,13 +136,13 @@ async def test_readyz_is_503_while_the_store_fails_and_healthz_stays_200(
 ) -> None:
     state = tmp_path / "counter.sqlite"
     process = server_process("--rate", "0", "--state", str(state))
-    assert (await http_get(process.port, "/readyz"))[0] == 200
+    assert (await http_request(process.port, "/readyz"))[0] == 200
     async with connect(process.url) as client:
         await client.recv(), await client.recv()
         with write_lock_held(state):
             await client.send(PLUS)  # its commit waits for the lock, then fails
             await wait_for_event(client, lambda event: event["type"] == "error")
-            status, _, body = await http_get(process.port, "/readyz")
+            status, _, body = await http_request(process.port, "/readyz")
             assert (status, json.loads(body)) == (
                 503,
                 {"ready": False, "reason": "store unavailable"},
@@ -162,7 +150,7 @@ async def test_readyz_is_503_while_the_store_fails_and_healthz_stays_200(
             assert (await health(process.port))["store"] == "unavailable"
         await client.send(PLUS)
         await wait_for_value(client, 1)
-    assert (await http_get(process.port, "/readyz"))[0] == 200
+    assert (await http_request(process.port, "/readyz"))[0] == 200
 
 
 # --- Graceful drain -------------------------------------------------------------------------
@@ -199,7 +187,7 @@ async def test_drain_spreads_1012_closes_and_refuses_newcomers(
     process.process.send_signal(signal.SIGTERM)
     # At once: not ready, and no newcomers.
     async with asyncio.timeout(1):
-        while (await http_get(process.port, "/readyz"))[0] != 503:  # noqa: ASYNC110
+        while (await http_request(process.port, "/readyz"))[0] != 503:  # noqa: ASYNC110
             await asyncio.sleep(0.01)  # another process: asking is the only way to know
     with pytest.raises(InvalidStatus) as refused:
         await connect(process.url)

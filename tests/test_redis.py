@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from fnmatch import fnmatch
 from typing import Any
 
@@ -41,7 +41,6 @@ from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
     is_state,
     join,
-    require_binary,
     room,
     settled,
     url,
@@ -84,15 +83,7 @@ CHURN_PER_ADDRESS = 20
 StartShared = Callable[..., Awaitable[App]]
 
 
-# --- A throwaway Redis ----------------------------------------------------------
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    redis = RedisServer(require_binary("redis-server"))
-    redis.start()
-    yield redis
-    redis.stop()
+# --- Instances sharing a throwaway Redis (conftest's redis_server) ---------------
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import statistics
 import time
@@ -19,6 +18,7 @@ from testkit.processes import TIMEOUT
 from tests import readers
 from tests.conftest import StartServer
 from tests.helpers import (
+    http_request,
     is_state,
     join,
     reading_clients,
@@ -33,18 +33,8 @@ PLUS = json.dumps({"action": "plus"})
 MINUS = json.dumps({"action": "minus"})
 
 
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
 async def health(app: App) -> dict[str, object]:
-    status, body = await asyncio.to_thread(http_get, app.port, "/healthz")
+    status, _, body = await http_request(app.port, "/healthz")
     assert status == 200
     result: dict[str, object] = json.loads(body)
     return result
@@ -104,7 +94,7 @@ async def test_room_names_are_case_sensitive(app: App) -> None:
     ],
 )
 async def test_other_paths_under_c_are_404_for_page_and_websocket(app: App, path: str) -> None:
-    status, _ = await asyncio.to_thread(http_get, app.port, path)
+    status, _, _ = await http_request(app.port, path)
     assert status == 404
     with pytest.raises(InvalidStatus) as refused:
         await connect(f"ws://127.0.0.1:{app.port}{path}")
@@ -113,7 +103,7 @@ async def test_other_paths_under_c_are_404_for_page_and_websocket(app: App, path
 
 @pytest.mark.parametrize("name", ["a", "x" * 64, "Team_7-b"])
 async def test_valid_names_serve_the_page_and_join(app: App, name: str) -> None:
-    status, body = await asyncio.to_thread(http_get, app.port, f"/c/{name}")
+    status, _, body = await http_request(app.port, f"/c/{name}")
     assert status == 200
     assert body.startswith(b"<!doctype html>")
     client = await join(app, f"/c/{name}")
@@ -166,7 +156,7 @@ async def test_memory_mode_forgets_the_least_used_counter_to_make_room(
     for name in ("a", "b", "c"):
         await click_and_leave(app, name)
     # "c" needed room: "a", used longest ago and empty, was forgotten.
-    _, metrics = await asyncio.to_thread(http_get, app.port, "/metrics")
+    _, _, metrics = await http_request(app.port, "/metrics")
     assert b"counter_sync_counters_forgotten_total 1.0" in metrics
     assert any("forgot 1 counter" in record.getMessage() for record in caplog.records)
     assert is_state(json.loads((await join_raw(app, "/c/c"))[1]), 1)
@@ -202,9 +192,9 @@ async def test_max_rooms_counts_the_rooms_with_users_as_healthz_and_metrics_do(
     app = await start_server(max_rooms=2)
     first = await join(app, "/c/first")
     second = await join(app, "/c/second")  # "/" is empty: it takes no slot
-    _, health = await asyncio.to_thread(http_get, app.port, "/healthz")
+    _, _, health = await http_request(app.port, "/healthz")
     assert json.loads(health)["rooms"] == 2
-    _, metrics = await asyncio.to_thread(http_get, app.port, "/metrics")
+    _, _, metrics = await http_request(app.port, "/metrics")
     assert b"counter_sync_rooms 2.0" in metrics
     with pytest.raises(InvalidStatus) as refused:
         await connect(f"ws://127.0.0.1:{app.port}/c/third")

@@ -46,6 +46,7 @@ from counter_sync.store import Change, MemoryStore, OpBatch, RoomState
 from testkit.processes import ROOT, TIMEOUT, ServerProcess
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
+    http_request,
     is_state,
     join,
     require_binary,
@@ -280,23 +281,12 @@ def snapshot(directory: Path) -> dict[str, bytes | None]:
     }
 
 
-async def http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    """The status code and JSON body of ``GET path`` (``/healthz``, ``/readyz``)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-    async with asyncio.timeout(TIMEOUT):
-        response = await reader.read()
-    writer.close()
-    await writer.wait_closed()
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
-
-
 async def store_health(port: int) -> tuple[int, str]:
     """What the operator's probes say: ``/readyz``'s status and ``/healthz``'s store field."""
-    ready_status, _ = await http_get(port, "/readyz")
-    _, health = await http_get(port, "/healthz")
-    return ready_status, health["store"]
+    ready_status, _, _ = await http_request(port, "/readyz")
+    _, _, health = await http_request(port, "/healthz")
+    store: str = json.loads(health)["store"]
+    return ready_status, store
 
 
 def not_applied(event: dict[str, Any]) -> bool:

@@ -21,7 +21,7 @@ import http.client
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from bench.attack.channel import Channel, describe
 from bench.attack.figures import Figure, Outcome, against, info, pair
@@ -32,7 +32,7 @@ from bench.loadgen import shares
 from bench.proc import CpuWatch
 from bench.reporting import Report, spread_ms
 from testkit.processes import TIMEOUT
-from testkit.rawclient import HOST, connected_socket
+from testkit.rawclient import HOST, connected_socket, upgrade_request
 
 __all__ = [
     "FLAGS",
@@ -241,40 +241,44 @@ async def ordinary_crowd(
     in turn, spread evenly over ``seconds``; then one scrape of ``/metrics``."""
     started = time.monotonic()
 
-    async def at(moment: float) -> None:
+    async def timed(
+        moment: float, limit: float, attempt: Callable[[], Awaitable[Report]]
+    ) -> Report:
+        """``attempt()`` at ``moment``, within ``limit``: what it reports, and how long it took."""
         await asyncio.sleep(max(0.0, started + moment - time.monotonic()))
-
-    async def client(index: int) -> Report:
-        await at(seconds * index / clients)
-        source = f"127.0.0.{CLIENT_FIRST + index % 100}"
         began = time.monotonic()
         try:
-            async with asyncio.timeout(CLIENT_TIMEOUT):
-                reader, writer = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
-                with contextlib.closing(writer):
-                    writer.write(upgrade(port))
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    if not head.startswith(b"HTTP/1.1 101"):
-                        return {"error": head.split(b"\r\n")[0].decode(errors="replace")}
-                    await reader.readexactly(2)  # the first event's frame header: it is in
+            async with asyncio.timeout(limit):
+                result = await attempt()
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             return {"error": describe(exc)}
-        return {"seconds": time.monotonic() - began}
+        return result if "error" in result else {**result, "seconds": time.monotonic() - began}
 
-    async def probe(index: int) -> Report:
-        await at(seconds * index / probes)
+    async def join(source: str) -> Report:
+        reader, writer = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
+        with contextlib.closing(writer):
+            writer.write(upgrade_request(port))
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                return {"error": head.split(b"\r\n")[0].decode(errors="replace")}
+            await reader.readexactly(2)  # the first event's frame header: it is in
+        return {}
+
+    async def probe(source: str) -> Report:
+        status, _ = await request(port, source, HEALTHZ)
+        return {"status": status}
+
+    def client(index: int) -> Awaitable[Report]:
+        source = f"127.0.0.{CLIENT_FIRST + index % 100}"
+        return timed(seconds * index / clients, CLIENT_TIMEOUT, lambda: join(source))
+
+    def prober(index: int) -> Awaitable[Report]:
         source = f"127.0.0.{PROBE_FIRST + index % 50}"
-        began = time.monotonic()
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                status, _ = await request(port, source, HEALTHZ)
-        except (OSError, TimeoutError) as exc:
-            return {"error": describe(exc)}
-        return {"status": status, "seconds": time.monotonic() - began}
+        return timed(seconds * index / probes, PROBE_TIMEOUT, lambda: probe(source))
 
     results = await asyncio.gather(
         asyncio.gather(*(client(index) for index in range(clients))),
-        asyncio.gather(*(probe(index) for index in range(probes))),
+        asyncio.gather(*(prober(index) for index in range(probes))),
     )
     try:
         async with asyncio.timeout(TIMEOUT):
@@ -285,13 +289,6 @@ async def ordinary_crowd(
 
 
 METRICS = b"GET /metrics HTTP/1.1\r\nHost: counter-sync\r\n\r\n"
-
-
-def upgrade(port: int) -> bytes:
-    return (
-        f"GET / HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
 
 
 async def request(port: int, source: str, raw: bytes) -> tuple[int, bytes]:

@@ -5,9 +5,9 @@ The hub commits the changes of every room that flushes in one pass with one
 it: :class:`MemoryStore` below (the default and the model),
 :mod:`counter_sync.sqlite_store` (``--state``: durable) and
 :mod:`counter_sync.redis_store` (``--redis``: shared by several instances).
-Stores import this module and :mod:`counter_sync.config`, nothing else of the
-server, so imports go one way: the server knows the stores, the stores know
-only this interface.
+Stores import this module, :mod:`counter_sync.config` and
+:mod:`counter_sync.tasks`, nothing else of the server, so imports go one way:
+the server knows the stores, the stores know only this interface.
 
 A counter is named by its room: ``"/"`` (:data:`DEFAULT_ROOM`) is the one at
 ``/``, and ``"votes"`` the one at ``/c/votes``.

@@ -252,7 +252,13 @@ class Client:
         A burst of ``RESEND_BURST``, then ``RESEND_RATE`` a second: a hundred
         clicks queued while offline would otherwise be refused past the burst.
         """
-        for index, (op, action) in enumerate(list(self.unacked.items())):
-            if index >= _RESEND_BURST:
+        sent, count = 0, 0  # the last op sent, how many
+        # Not a copy of the list: actions taken while this waits join it, in
+        # order (they are not sent on their own until this returns).
+        while waiting := [op for op in self.unacked if op > sent]:
+            sent = min(waiting)
+            if count >= _RESEND_BURST:
                 await asyncio.sleep(1 / _RESEND_RATE)
-            await websocket.send(json.dumps({"action": action, "op": op}))
+            count += 1
+            if sent in self.unacked:  # an ack or a rejection may have come meanwhile
+                await websocket.send(json.dumps({"action": self.unacked[sent], "op": sent}))

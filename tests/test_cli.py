@@ -17,8 +17,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from counter_sync.flags import Number, build_parser, parse_args
 from counter_sync.config import MAX_VALUE, MIN_MESSAGE_SIZE
+from counter_sync.flags import Number, build_parser, parse_args
 from testkit.processes import ROOT, TIMEOUT, free_port
 from tests.conftest import StartProcess
 from tests.helpers import wait_for_event, wait_until

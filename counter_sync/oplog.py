@@ -86,6 +86,9 @@ class OpLog:
         if batch.first > before + 1 and after == before:  # skipped ahead: nothing applied
             errors = [(OUT_OF_ORDER, op) for op in range(batch.first, batch.last + 1)]
             self.received = after  # what may come next: after + 1
+        elif not self.reasons and applied:  # the common case, without a loop per op
+            fresh = batch.deltas[max(0, before + 1 - batch.first) :]
+            counted = len(fresh) - fresh.count(0)
         else:
             for op in range(max(batch.first, before + 1), batch.last + 1):
                 reason = self.reasons.pop(op, None)
@@ -96,8 +99,9 @@ class OpLog:
                         reason = OUT_OF_RANGE
                 if reason is not None:
                     errors.append((reason, op))
-        for op in range(batch.first, batch.last + 1):
-            self.reasons.pop(op, None)
+        if self.reasons:
+            for op in range(batch.first, batch.last + 1):
+                self.reasons.pop(op, None)
         self.done = max(self.done or 0, after)
         return errors, self.done, counted
 

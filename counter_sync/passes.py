@@ -67,6 +67,8 @@ class Flusher:
         self.dirty[room] = None
         if self.committing is not None:
             return  # the pass after the commit takes it
+        if self.next_pass is not None and room.next_at >= self.next_pass_at:
+            return  # the pass planned takes it (called for each action: kept cheap)
         loop = asyncio.get_running_loop()
         if self.next_pass is not None:
             if self.next_pass_at <= loop.time() or room.ready_at() >= self.next_pass_at:

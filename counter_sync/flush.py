@@ -170,9 +170,8 @@ class RoomFlush:
 
     def take_op(self, websocket: Connection, op: int, delta: int, reason: str | None) -> str | None:
         """Take a session's op (``reason``: why it was rejected before the store); reply now?"""
-        oplog = self.oplogs[websocket]
-        self.uncommitted -= oplog.forget_done()
-        answer = oplog.take(op, delta if reason is None else 0, reason)
+        # Ops waiting that the store holds as done were forgotten when it said so.
+        answer = self.oplogs[websocket].take(op, delta if reason is None else 0, reason)
         if answer is True:
             if reason is None:
                 self.uncommitted += delta
@@ -323,6 +322,7 @@ class RoomFlush:
         for websocket, oplog, batch in taken.batches:
             before, after = outcome.done[batch.session]
             errors, ack, applied = oplog.committed(batch, before, after, applied=outcome.applied)
+            self.uncommitted -= oplog.forget_done()  # ops taken meanwhile, done elsewhere
             counted += applied
             answers = replies.setdefault(websocket, [])
             answers.extend(room.error_message(reason, op) for reason, op in errors)

@@ -46,13 +46,14 @@ class OpLog:
         to the store, whose ack is coming. An int: an ack to send at once (a
         retry of a done op). A str: an error (the op skipped ahead).
         """
-        if self.done is not None and op <= self.done:
-            return self.done
-        if op <= self.received:
-            return False
-        last = max(self.received, self.done or 0)
-        if (self.done is not None or self.received) and op != last + 1:
-            return OUT_OF_ORDER
+        done, received = self.done, self.received
+        if op != received + 1 or done is None or op <= done:  # not simply the next in line
+            if done is not None and op <= done:
+                return done
+            if op <= received:
+                return False
+            if (done is not None or received) and op != max(received, done or 0) + 1:
+                return OUT_OF_ORDER
         if not self.deltas:
             self.first = op
         self.deltas.append(delta)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 
 from counter_sync.config import MIN_PACING_DELAY
@@ -51,9 +52,10 @@ class Flusher:
         self.supervisor = supervisor
         self.on_doubt = on_doubt  # a commit's outcome is unknown: the hub stops the server
         self.dirty: dict[RoomFlush, None] = {}  # an ordered set: first come, first flushed
-        # The next pass, called soon or at a paced room's time, and when.
+        # The next pass, called soon or at a paced room's time, and when
+        # (-inf: on the next loop turn, before any room's time).
         self.next_pass: asyncio.Handle | None = None
-        self.next_pass_at = 0.0
+        self.next_pass_at = -math.inf
         self.committing: asyncio.Task[None] | None = None  # a store that waits
         # The memory store commits at once: its passes need no task.
         self.commit_now = store.apply_all if isinstance(store, MemoryStore) else None
@@ -74,7 +76,7 @@ class Flusher:
             if self.next_pass_at <= loop.time() or room.ready_at() >= self.next_pass_at:
                 return
             self.next_pass.cancel()  # a paced room's timer: this one is due sooner
-        self.next_pass_at = loop.time()
+        self.next_pass_at = -math.inf
         self.next_pass = loop.call_soon(self._run)
 
     def _plan(self) -> None:

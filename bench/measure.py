@@ -307,6 +307,7 @@ def ingest_once(
     }
     sent = list(load.ask(calls, s.timeout).values())
     started = min(r["started"] for r in sent)
+    writing = max(r["writing"] for r in sent)
     progress = load.wait("value", s.timeout)
     acks = load.each("senders_wait", s.timeout, mode=mode, limit=s.timeout)
     used = usage.stop()
@@ -331,6 +332,7 @@ def ingest_once(
         "ack_frames": sum(r["acks"] for r in acks),
         "error_events": sum(r["errors"] for r in acks),  # to the senders: listeners send nothing
         "seconds": seconds,
+        "writing_seconds": writing,
         "actions_per_second": actions / seconds if seconds else None,
         **used,
         "server_cpu_seconds": cpu,

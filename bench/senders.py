@@ -86,13 +86,16 @@ class Sender(WSListener):
             self.acked_at = now
             self.group.changed.set()
 
-    def send(self, transport: WSTransport) -> None:
-        """One more action, numbered after the last one with a session."""
-        self.sent += 1
-        if self.session:
-            transport.send(WSMsgType.TEXT, b'{"action": "plus", "op": %d}' % self.sent)
-        else:
-            transport.send(WSMsgType.TEXT, PLUS)
+    def next_actions(self, count: int) -> list[bytes]:
+        """The next ``count`` actions, numbered after the last one with a session.
+
+        Built before the burst starts, so that the clock measures the server
+        and not this process formatting numbers.
+        """
+        first, self.sent = self.sent + 1, self.sent + count
+        if not self.session:
+            return [PLUS] * count
+        return [b'{"action": "plus", "op": %d}' % op for op in range(first, self.sent + 1)]
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closed = True
@@ -142,13 +145,22 @@ class SenderWorker(Worker):
             sender.acked_at = None
             sender.acks = 0
         self.sender_group.errors = 0
+        bursts = [
+            (sender.transport, sender.next_actions(count))
+            for sender in senders
+            if sender.transport is not None  # as filtered above: for mypy
+        ]
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         started = time.monotonic()
-        for _ in range(count):
-            for sender in senders:
-                assert sender.transport is not None
-                sender.send(sender.transport)
-        return {"started": started, "senders": len(senders), "sent": count * len(senders)}
+        for index in range(count):
+            for transport, actions in bursts:
+                transport.send(WSMsgType.TEXT, actions[index])
+        return {
+            "started": started,
+            "writing": time.monotonic() - started,  # how long this process took to write them
+            "senders": len(senders),
+            "sent": count * len(senders),
+        }
 
     async def senders_wait(self, mode: str, limit: float) -> Reply:
         """With sessions, wait until every sender's last op is acked; the errors either way."""

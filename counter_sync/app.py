@@ -144,11 +144,7 @@ async def start(settings: Settings) -> App:
     await store.open()
     hub = Hub(settings, store)
     await hub.open_default_room()
-    watch = ConnectionSweep(
-        ping_interval=settings.ping_interval or None,
-        ping_timeout=settings.ping_timeout or None,
-        connections=hub.every_user,
-    )
+    watch = hub.sweep
     connection = functools.partial(Connection, gate=hub.gate, metrics=hub.metrics)
     server = await serve(
         hub.handler,  # type: ignore[arg-type]  # it gets a Connection: create_connection

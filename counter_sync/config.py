@@ -307,16 +307,17 @@ MAX_API_PAGE = 1000
 # An API write's Idempotency-Key: what client libraries send (a UUID, usually)
 # fits many times over; the key is hashed into a session id, whatever its length.
 MAX_IDEMPOTENCY_KEY = 255
-# Seconds between two sweeps over every connection (the silent ones, the
-# expired tokens): one sweep for all instead of a timer each, and a second is
-# as late as a liveness drop or a token's expiry may come.
+# Seconds between two ticks of the sweep that looks after every connection
+# (keepalive, the liveness deadline, expired tokens; each connection only when
+# its next deadline comes): one sweep for all instead of a timer each, and a
+# second is as late as a liveness drop or a token's expiry may come.
 SWEEP_PERIOD = 1.0
 # Seconds between two looks at the event loop's lag (the lag histogram of
 # /metrics): often enough to catch a stall of a fraction of a second, at the
 # cost of four wake-ups a second.
 LAG_PERIOD = 0.25
-# Connections the sweep looks at per event-loop turn: a slice costs about a
-# millisecond, so 19,000 connections never hold the loop for long at once.
+# Connections due at one tick that the sweep looks at per event-loop turn: a
+# slice costs about a millisecond, so 19,000 due at once never hold the loop.
 SWEEP_SLICE = 1000
 # Connections one token's user may hold on an instance at once: a person has a
 # few tabs and devices, not a hundred; beyond, 429.

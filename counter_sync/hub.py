@@ -30,6 +30,7 @@ from counter_sync.logs import fields
 from counter_sync.metrics import Metrics
 from counter_sync.passes import Flusher
 from counter_sync.store import DEFAULT_ROOM, MemoryStore, RoomState, Store, StoreUnavailable
+from counter_sync.sweep import ConnectionSweep
 from counter_sync.tasks import Supervisor
 from counter_sync.tokens import Access, Denied, Grant
 
@@ -76,6 +77,11 @@ class Hub:
         self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.supervisor = Supervisor(self._crashed)
         self.collector = Collector()
+        # Keepalive, the liveness deadline and expired tokens, for every user.
+        self.sweep = ConnectionSweep(
+            ping_interval=settings.ping_interval or None,
+            ping_timeout=settings.ping_timeout or None,
+        )
         self.fan_out = FanOut(self.metrics, self.supervisor)
         self.flusher = Flusher(
             store, self.fan_out, self.metrics, self.supervisor, on_doubt=self._store_in_doubt
@@ -261,6 +267,7 @@ class Hub:
             await websocket.close(CloseCode.TRY_AGAIN_LATER, refusal.reason)
             return
         self.connections += 1
+        self.sweep.watch(websocket)
         self.gate.user_joined(address)
         limit = self.gate.users.join(user, websocket.loop.time())
         try:
@@ -277,6 +284,7 @@ class Hub:
                 self.occupied -= not room.users
         finally:
             self.connections -= 1
+            self.sweep.forget(websocket)
             self.gate.user_left(address)
             self.gate.users.leave(user)
             self.collector.connection_closed(self.connections)

@@ -24,6 +24,7 @@ from counter_sync.config import CLOSE_TIMEOUT, WRITE_BUFFER_LIMIT, Settings
 from counter_sync.connection import Connection
 from counter_sync.web import PAGE
 from testkit.processes import TIMEOUT
+from testkit.rawclient import RawClient, client_frame
 from tests.conftest import StartServer
 from tests.helpers import (
     is_state,
@@ -164,6 +165,39 @@ async def test_half_open_peer_is_dropped_by_the_keepalive_ping(
     )
     assert any("keepalive ping timeout" in line for line in log_lines(caplog, logging.INFO))
     silent.transport.abort()
+
+
+async def test_a_quiet_client_that_answers_pings_is_pinged_each_interval_and_kept(
+    start_server: StartServer,
+) -> None:
+    # The sweep looks at a connection only when its next deadline comes: one
+    # heard from (a pong) must be put back for the next ping, again and again.
+    app = await start_server(ping_interval=0.2, ping_timeout=0.2)
+    client = await RawClient.connect(app.port)
+    loop = asyncio.get_running_loop()
+    pings, end = 0, loop.time() + 1.5
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(end):
+                    opcode, length = struct.unpack("!BB", await client.reader.readexactly(2))
+                    payload = await client.reader.readexactly(length & 0x7F)
+            except TimeoutError:
+                break
+            assert opcode & 0x0F != 0x8, f"closed: {payload!r}"
+            if opcode & 0x0F == 0x9:  # a ping: answered as a browser would
+                pings += 1
+                await client.send(client_frame(0xA, payload))
+        # Silent for 1.5 s, seven intervals: pinged after each, never failed.
+        assert pings >= 5
+        await client.send(client_frame(0x1, b'{"action": "sync"}'))
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                opcode, length = struct.unpack("!BB", await client.reader.readexactly(2))
+                if b'"state"' in await client.reader.readexactly(length & 0x7F):
+                    break
+    finally:
+        client.abort()
 
 
 # --- Bad input ----------------------------------------------------------------

@@ -37,7 +37,7 @@ BASELINE = "inline-broadcast"
 SUBJECT = "counter-sync"
 # A load generator worker this busy may have been the bottleneck (table: *).
 SATURATED = 0.9
-# Issue 18: connections one process must hold (the open-files hard limit here is 20,000).
+# Connections one process must hold (the open-files hard limit here is 20,000).
 CAPACITY_GOAL = 19_000
 
 
@@ -85,7 +85,7 @@ def targets(
 ) -> list[Report]:
     """The project's targets, each as measured value, bound, and verdict.
 
-    Issue 18's goals come first, each against its floor measured in the same
+    The goals against floors come first, each floor measured in the same
     run: the join storm against the bare websockets server's, steady CPU
     against the steady floor's (a ``send()`` loop to the same listeners,
     `floor_us` per delivery); then the garbage collector's longest

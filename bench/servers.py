@@ -82,7 +82,7 @@ SERVERS: dict[str, ServerSpec] = {
                 "--new-rooms-per-ip",
                 "100000",
             ),
-            # Issue 18's capacity: 19,000 users in one process whose open-files
+            # The capacity target: 19,000 users in one process whose open-files
             # hard limit is 20,000, with the capacity phase's handshakes in
             # flight (CAPACITY_CONCURRENCY) under the pending cap.
             capacity_argv=(

@@ -44,7 +44,8 @@ __all__ = [
     "silent_crowd",
 ]
 
-# Who attacks from where: issue 14's set-up. (The load generator uses 127.0.1.x.)
+# Who attacks from where, each kind from its own loopback addresses (the load
+# generator uses 127.0.1.x).
 SILENT_NETWORK = "127.0.0."  # 127.0.0.2 to .51: the silent sockets
 SILENT_FIRST = 2
 CLIENT_FIRST = 100  # 127.0.0.100 to .199: the ordinary clients, one address each in turn

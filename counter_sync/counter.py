@@ -104,11 +104,7 @@ class BadMessage(ValueError):
 
 
 class Message(NamedTuple):
-    """A valid client message: the action, and its op number if the client numbers them.
-
-    A named tuple, not a frozen dataclass: one is made per message, and a
-    frozen dataclass takes three times as long to make.
-    """
+    """A valid message: its action, and its op number if numbered (a named tuple: cheap to make)."""
 
     action: str
     op: int | None = None

@@ -210,3 +210,32 @@ def test_the_operations_flags_table_names_no_flag_the_command_line_lacks() -> No
 def test_the_readme_is_at_most_250_lines() -> None:
     lines = README.read_text(encoding="utf-8").count("\n")
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move reference to docs/"
+
+
+# A house you can read in an evening: the learner's module on a few screens,
+# no module or bench file that has to be read in pieces. Only the two stores,
+# each a backend in full, may run longer.
+LEARNERS_MODULE_MAX_LINES = 300
+MODULE_MAX_LINES = 500
+BENCH_FILE_MAX_LINES = 600
+LONG_MODULES = {"sqlite_store.py", "redis_store.py"}
+
+
+def line_count(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8").splitlines())
+
+
+def test_the_learners_module_and_every_other_file_stay_within_their_length() -> None:
+    assert line_count(ROOT / "counter_sync" / "counter.py") <= LEARNERS_MODULE_MAX_LINES
+    long = {
+        path.name: line_count(path)
+        for path in (ROOT / "counter_sync").glob("*.py")
+        if path.name not in LONG_MODULES and line_count(path) > MODULE_MAX_LINES
+    }
+    assert not long, f"modules over {MODULE_MAX_LINES} lines: {long}"
+    long_bench = {
+        str(path.relative_to(ROOT)): line_count(path)
+        for path in (ROOT / "bench").rglob("*.py")
+        if line_count(path) > BENCH_FILE_MAX_LINES
+    }
+    assert not long_bench, f"bench files over {BENCH_FILE_MAX_LINES} lines: {long_bench}"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.compare import available, draw_chart, render_table, targets
+from bench.compare import SUBJECT, available, draw_chart, render_table, targets
 from bench.flags import Flag, loopback, names_in, parse, positive, settings_from
 from bench.floor import measure_floor
 from bench.loadgen import LoadGen, run_each
@@ -26,7 +26,7 @@ from bench.proc import ephemeral_ports, raise_fd_limit
 from bench.reporting import RESULTS_DIR, Report, environment, loadavg, say, write_json
 from bench.runs import conclude, end_run
 from bench.senders import SenderWorker
-from bench.servers import JOIN_FLOOR, SERVERS
+from bench.servers import BASELINE, JOIN_FLOOR, SERVERS, checkout_spec
 from bench.steady_floor import NAME as STEADY_FLOOR
 from bench.steady_floor import measure_steady_floor
 
@@ -51,6 +51,11 @@ FLAGS = (
     Flag("--timeout", "seconds any other phase may take", positive(float), 60.0, quick=15.0),
     Flag("--runs", "times to run the whole comparison (targets: medians)", positive(int), 3, 1),
     Flag("--servers", "comma-separated servers to run", names_in(SERVERS), ",".join(SERVERS)),
+    Flag(
+        "--baseline",
+        f"also run the server.py of this checkout (git worktree add PATH REV) as {BASELINE}",
+        Path,
+    ),
     Flag("--workers", "load generator processes for the listeners", positive(int), 2),
     Flag("--host", "loopback address the servers listen on", loopback, "127.0.0.1"),
     Flag("--output", "JSON results", Path, RESULTS_DIR / "latest.json"),
@@ -78,6 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     names, skipped = available(args.servers, install=not args.no_install)
+    if args.baseline is not None:
+        if not (args.baseline / "server.py").is_file():
+            print(f"python -m bench: --baseline: no server.py in {args.baseline}", file=sys.stderr)
+            return 2
+        # Side by side with this checkout's server: a change's before and after.
+        SERVERS[BASELINE] = checkout_spec(args.baseline)
+        names.insert(names.index(SUBJECT) + 1 if SUBJECT in names else 0, BASELINE)
     for name, reason in skipped.items():
         print(f"{name}: skipped ({reason})", file=sys.stderr)
 

@@ -17,11 +17,13 @@ from pathlib import Path
 from testkit.processes import ROOT, LoggedProcess, free_port
 
 __all__ = [
+    "BASELINE",
     "JOIN_FLOOR",
     "NODE_DIR",
     "SERVERS",
     "RunningServer",
     "ServerSpec",
+    "checkout_spec",
     "node_ready",
     "start_server",
 ]
@@ -112,6 +114,46 @@ SERVERS: dict[str, ServerSpec] = {
         ),
     )
 }
+
+
+# The name `--baseline` gives counter-sync from another checkout.
+BASELINE = "counter-sync-baseline"
+
+
+def checkout_spec(root: Path, name: str = BASELINE) -> ServerSpec:
+    """Counter-sync's command with the ``server.py`` of the checkout at ``root``.
+
+    To measure a commit before a change under the same bench, side by side:
+    the flags that server does not know (read from its ``--help``) are left
+    out, each with its value.
+    """
+    spec = SERVERS["counter-sync"]
+    script = str(root / "server.py")
+    known = subprocess.run(
+        [sys.executable, script, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    return dataclasses.replace(
+        spec,
+        name=name,
+        description=f"server.py of {root}",
+        argv=_known_only(spec.argv, known, script),
+        capacity_argv=_known_only(spec.capacity_argv, known, script),
+    )
+
+
+def _known_only(words: tuple[str, ...], known: str, script: str) -> tuple[str, ...]:
+    """``words`` with ``script`` for server.py, less each flag (and its value) not in ``known``."""
+    kept: list[str] = []
+    rest = list(words)
+    while rest:
+        word = rest.pop(0)
+        if word == "server.py":
+            kept.append(script)
+        elif word.startswith("--") and word not in known:
+            rest.pop(0)  # its value goes with it
+        else:
+            kept.append(word)
+    return tuple(kept)
 
 
 # The join storm's floor (not a peer: it speaks no protocol, it only completes handshakes).

@@ -24,7 +24,7 @@ from bench.reporting import percentile
 from bench.runs import median_targets
 from bench.scrape import gc_pauses, parse_exposition
 from bench.senders import MODES
-from bench.servers import SERVERS
+from bench.servers import BASELINE, SERVERS
 from bench.steady_floor import accept_key, opening_response
 from testkit.processes import ROOT
 from tests.helpers import require_module, unavailable
@@ -53,6 +53,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "--senders", str(SENDERS), "--actions-per-sender", str(ACTIONS_PER_SENDER),
         "--ingest-reps", str(INGEST_REPS),
         "--timeout", "30", "--capacity-timeout", "30",
+        "--baseline", str(ROOT),  # this checkout again: the baseline's plumbing
         "--output", str(output),
     ]  # fmt: skip
     run = subprocess.run(
@@ -71,7 +72,7 @@ def first(smoke: dict[str, Any]) -> dict[str, Any]:
     return run
 
 
-@pytest.mark.parametrize("server", list(SERVERS))
+@pytest.mark.parametrize("server", [*SERVERS, BASELINE])
 def test_server_starts_and_every_phase_converges(server: str, first: dict[str, Any]) -> None:
     if (reason := UNAVAILABLE.get(server)) is not None:
         unavailable(f"{server}: {reason}")

@@ -227,7 +227,6 @@ class RoomFlush:
         batches: list[tuple[Connection, OpLog, OpBatch]] = []
         for websocket in self.with_ops:
             oplog = self.oplogs[websocket]
-            self.uncommitted -= oplog.forget_done()
             if (batch := oplog.batch()) is not None:
                 batches.append((websocket, oplog, batch))
             if oplog.gone:

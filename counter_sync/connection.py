@@ -81,6 +81,7 @@ class Connection(ServerConnection):
         "room",
         "session",
         "unread",
+        "write_fd",
     )
 
     def __init__(
@@ -118,9 +119,14 @@ class Connection(ServerConnection):
         self.pinged_at = 0.0  # when the sweep last pinged it (loop time)
         self.head_seen = b""  # the end of the request head so far
         self.intake: _BodyIntake | None = None  # an API write's body, taken aside
-        # The socket's descriptor, for fan-out to write to directly while the
-        # transport holds nothing (see FanOut._write_slice); -1: never (TLS).
+        # The socket's descriptor; -1 with TLS, whose bytes the transport encrypts.
         self.fd = -1
+        # The descriptor fan-out may write to directly (see FanOut._write_slice):
+        # the socket's while the connection is open and its transport holds no
+        # bytes, so that nothing written directly can overtake them; else -1.
+        # Kept here, in the one object fan-out reads anyway: looking at the
+        # protocol and the transport for every write cost a third of the write.
+        self.write_fd = -1
         # Set by whoever ends the connection on purpose: how (a disconnects
         # metric kind), and why, for the log.
         self.ended_by: str | None = None
@@ -174,6 +180,7 @@ class Connection(ServerConnection):
         self.gate.end_handshake(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.write_fd = -1
         super().connection_lost(exc)
         self._end_handshake()
 
@@ -240,6 +247,24 @@ class Connection(ServerConnection):
                     self.transport.write_eof()
             else:
                 self.transport.close()
+        # Every change of the protocol's state comes with bytes to send (the
+        # handshake's response, a close frame) or with the end of the connection.
+        self.check_direct()
+
+    def check_direct(self) -> None:
+        """Let fan-out write to the socket directly, or not: after each write through the transport.
+
+        Direct writes must not overtake bytes the transport holds, nor follow
+        a close frame, nor go to a descriptor the transport closed (the
+        number may already be another connection's).
+        """
+        transport = self.transport
+        direct = (
+            self.protocol.state is State.OPEN
+            and not transport.is_closing()
+            and not transport.get_write_buffer_size()
+        )
+        self.write_fd = self.fd if direct else -1
 
     # Read-side backpressure.
 

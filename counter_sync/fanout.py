@@ -101,7 +101,7 @@ class FanOut:
         extras = delivery.extras
         for websocket in delivery.newcomers:
             sent, skipped = self._tally(
-                self._write(websocket, delivery.welcome + extras.pop(websocket, b""), audience),
+                self._send(websocket, delivery.welcome + extras.pop(websocket, b""), audience),
                 sent,
                 skipped,
             )
@@ -151,36 +151,33 @@ class FanOut:
     ) -> tuple[int, int]:
         """Write ``everyone`` (and any extras) to each connection that keeps up.
 
-        The hot path: one value to a whole room. Inlined, because a call per
-        connection would cost as much as the write itself.
+        The hot path: one value to a whole room, straight to the kernel with
+        ``os.write`` (a ``transport.write`` costs 20% more) where the
+        connection allows it (``Connection.write_fd``); anything else goes
+        the long way, :meth:`_write`. Inlined, because a call per connection
+        would cost as much as the write itself.
         """
         everyone, extras, lagging = delivery.everyone, delivery.extras, self.lagging
-        open_, write = State.OPEN, os.write
+        write = os.write
         for websocket in websockets:
-            if websocket.paused_for_writes or (lagging and websocket in lagging):
-                # Over WRITE_BUFFER_LIMIT: skipped now, caught up once drained.
-                if websocket not in lagging:
-                    self._start_catch_up(websocket, audience)
-                skipped += 1
-                continue
-            if websocket.protocol.state is not open_:
-                continue
             data = everyone
             if extras and (extra := extras.pop(websocket, b"")):
                 data += extra
-            transport = websocket.transport
+            fd = websocket.write_fd
+            if fd < 0 or (lagging and websocket in lagging) or websocket.transport.is_closing():
+                sent, skipped = self._tally(self._write(websocket, data, audience), sent, skipped)
+                continue
             try:
-                # Straight to the kernel while the transport holds nothing (the
-                # bytes keep their order): a transport.write costs 20% more.
-                if websocket.fd < 0 or transport.get_write_buffer_size():
-                    transport.write(data)
-                elif (written := write(websocket.fd, data)) < len(data):
-                    transport.write(data[written:])  # the kernel's buffer is full
+                written = write(fd, data)
             except BlockingIOError:
-                transport.write(data)
-            except Exception as exc:
+                written = 0
+            except OSError as exc:  # reset by the peer: the transport sees it too
+                websocket.write_fd = -1
                 log.warning("%s skipped: %s", websocket.client, exc)
                 continue
+            if written < len(data):  # the kernel's buffer is full: the transport keeps the rest
+                websocket.transport.write(data[written:])
+                websocket.write_fd = -1
             sent += 1
         return sent, skipped
 
@@ -190,18 +187,38 @@ class FanOut:
             return sent, skipped
         return (sent + 1, skipped) if written else (sent, skipped + 1)
 
+    def _send(self, websocket: Connection, data: bytes, audience: Audience) -> bool | None:
+        """Write ``data`` to one connection, directly if it allows it; as :meth:`_write` says."""
+        fd = websocket.write_fd
+        if fd < 0 or websocket in self.lagging or websocket.transport.is_closing():
+            return self._write(websocket, data, audience)
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            websocket.write_fd = -1
+            log.warning("%s skipped: %s", websocket.client, exc)
+            return None
+        if written < len(data):
+            websocket.transport.write(data[written:])
+            websocket.write_fd = -1
+        return True
+
     def _write(self, websocket: Connection, data: bytes, audience: Audience) -> bool | None:
-        """Write ``data`` unless the connection lags; True if written, False if skipped.
+        """Write through the transport unless the connection lags: True written, False skipped.
 
         None: not open, nothing to do. Like ``broadcast()``, one failure never
-        stops the others.
+        stops the others. A connection over ``WRITE_BUFFER_LIMIT`` is skipped
+        and caught up once it drains; one whose transport has drained gets
+        the direct path back.
         """
-        if websocket.protocol.state is not State.OPEN:
+        transport = websocket.transport
+        if websocket.protocol.state is not State.OPEN or transport.is_closing():
             return None
         if websocket in self.lagging:
             return False
-        transport = websocket.transport
-        if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+        if websocket.paused_for_writes or transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self._start_catch_up(websocket, audience)
             return False
         try:
@@ -209,6 +226,7 @@ class FanOut:
         except Exception as exc:
             log.warning("%s skipped: %s", websocket.client, exc)
             return None
+        websocket.check_direct()
         return True
 
     def _count(self, sent: int, skipped: int) -> None:

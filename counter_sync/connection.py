@@ -180,7 +180,7 @@ class Connection(ServerConnection):
         self.gate.end_handshake(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.write_fd = -1
+        self.write_fd = -1  # the loop closes the descriptor once this returns
         super().connection_lost(exc)
         self._end_handshake()
 
@@ -255,8 +255,9 @@ class Connection(ServerConnection):
         """Let fan-out write to the socket directly, or not: after each write through the transport.
 
         Direct writes must not overtake bytes the transport holds, nor follow
-        a close frame, nor go to a descriptor the transport closed (the
-        number may already be another connection's).
+        a close frame. The descriptor itself is closed by the event loop
+        (asyncio's and uvloop's alike) only after ``connection_lost``, which
+        stops them first: its number may be another connection's next.
         """
         transport = self.transport
         direct = (

@@ -164,7 +164,7 @@ class FanOut:
             if extras and (extra := extras.pop(websocket, b"")):
                 data += extra
             fd = websocket.write_fd
-            if fd < 0 or (lagging and websocket in lagging) or websocket.transport.is_closing():
+            if fd < 0 or (lagging and websocket in lagging):
                 sent, skipped = self._tally(self._write(websocket, data, audience), sent, skipped)
                 continue
             try:
@@ -190,7 +190,7 @@ class FanOut:
     def _send(self, websocket: Connection, data: bytes, audience: Audience) -> bool | None:
         """Write ``data`` to one connection, directly if it allows it; as :meth:`_write` says."""
         fd = websocket.write_fd
-        if fd < 0 or websocket in self.lagging or websocket.transport.is_closing():
+        if fd < 0 or websocket in self.lagging:
             return self._write(websocket, data, audience)
         try:
             written = os.write(fd, data)

@@ -39,6 +39,8 @@ from tests.helpers import (
     join,
     raw_http,
     room,
+    settled,
+    value,
     wait_for_event,
     wait_for_users,
     wait_for_value,
@@ -523,6 +525,43 @@ async def test_a_client_that_keeps_sending_past_its_rate_limit_is_closed_with_10
     await wait_for_users(bystander, 1)
     await bystander.send(PLUS)
     await wait_for_event(bystander, lambda event: event.get("value", 0) >= 1)
+
+
+async def read_frame(client: RawClient) -> tuple[int, bytes]:
+    """The next frame the server sent: its opcode and payload."""
+    head = await client.reader.readexactly(2)
+    length = head[1] & 0x7F
+    if length == 126:
+        length = struct.unpack("!H", await client.reader.readexactly(2))[0]
+    return head[0] & 0x0F, await client.reader.readexactly(length)
+
+
+async def test_a_connection_the_server_is_closing_is_sent_nothing_after_its_close_frame(
+    start_server: StartServer,
+) -> None:
+    # Closed for its rate, the flooder holds back its own close frame: the
+    # server waits for it, with the flooder still in the room, while the
+    # bystander's actions go on.
+    app = await start_server(rate=1.0, burst=5)
+    bystander = await join(app)
+    flooder = await RawClient.connect(app.port)
+    await wait_for_users(bystander, 2)
+    await flooder.send(flooder.frames(0x1, PLUS.encode(), 50))
+    async with asyncio.timeout(TIMEOUT):
+        while (await read_frame(flooder))[0] != 0x8:
+            pass
+    await wait_until(lambda: settled(app))
+    await bystander.send(PLUS)
+    await wait_for_value(bystander, value(app) + 1)
+    assert len(room(app).users) == 2, "the flooder left before the broadcast"
+    await flooder.send(flooder.frames(0x8, struct.pack("!H", 1000), 1))
+    after: list[int] = []
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionResetError):
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                after.append((await read_frame(flooder))[0])
+    assert after == []
+    flooder.abort()
 
 
 async def test_a_message_that_crosses_the_servers_close_frame_ends_quietly(

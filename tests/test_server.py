@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import http.client
 import json
 import logging
-import os
 import random
-import socket
 import struct
 import termios
 from typing import Any
@@ -21,7 +18,6 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.protocol import State
 
 from counter_sync.app import App, start
 from counter_sync.config import CLOSE_TIMEOUT, WRITE_BUFFER_LIMIT, Settings
@@ -149,37 +145,6 @@ async def test_abrupt_disconnect_unregisters_and_notifies_others(
         for line in log_lines(caplog, logging.INFO)
     )
     assert not log_lines(caplog, logging.ERROR)
-
-
-async def test_a_broadcast_writes_nothing_to_the_descriptor_of_a_transport_just_closed(
-    app: App,
-) -> None:
-    # Between a transport's close and its connection_lost, a turn or more
-    # later, the connection is still in its room and its protocol still
-    # open; the descriptor's number may already be another connection's
-    # (accepted meanwhile: the kernel hands out the lowest free number).
-    watcher = await join(app)
-    closed = server_side(app, await join(app))
-    driver = server_side(app, watcher)
-    await wait_for_users(watcher, 2)
-    number = closed.fd
-    closed.transport.abort()
-    newcomer, peer = socket.socketpair()
-    os.dup2(newcomer.fileno(), number)  # the number is now another socket's
-    try:
-        room(app).flush.add(driver, +1)
-        await app.hub.flusher.drain()  # the pass runs at once, before connection_lost
-        peer.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            peer.recv(1024)
-        await wait_for_value(watcher, 1)
-    finally:
-        await wait_until(lambda: closed.protocol.state is State.CLOSED)
-        with contextlib.suppress(OSError):  # closed with the transport's socket, or not yet
-            if os.fstat(number).st_ino == os.fstat(newcomer.fileno()).st_ino:
-                os.close(number)
-        newcomer.close()
-        peer.close()
 
 
 async def test_half_open_peer_is_dropped_by_the_keepalive_ping(

@@ -106,9 +106,11 @@ class FanOut:
                 skipped,
             )
         rest: list[Connection] = []
-        if delivery.everyone:
+        if delivery.everyone and delivery.newcomers:
             welcomed = set(delivery.newcomers)
             rest = [ws for ws in delivery.targets if ws not in welcomed]
+        elif delivery.everyone:
+            rest = delivery.targets  # a list of its own, taken for this delivery
         else:  # nothing for everyone: only those with extras
             rest = list(extras)
         first, rest = rest[:BROADCAST_SLICE], rest[BROADCAST_SLICE:]

@@ -131,6 +131,7 @@ class RoomFlush:
         self.users_at = 0.0  # no broadcast of the user count alone before this one
         self.delivering = False
         self.retry: asyncio.TimerHandle | None = None
+        self.state_frame: tuple[RoomState | None, bytes] = (None, b"")
 
     # What the room notes, each asking for a pass.
 
@@ -255,7 +256,10 @@ class RoomFlush:
             self.users_dirty = False
             self.users_at = now + USERS_PERIOD
         # The users now are the ones this pass writes to; one who joins
-        # while it commits is a newcomer of the next pass.
+        # while it commits is a newcomer of the next pass. A pass that can
+        # write nothing to everyone (no count, no change: in a join storm,
+        # most passes only welcome newcomers) needs no copy of them.
+        to_everyone = users_changed or change is not None or observed is not None
         return Taken(
             self,
             change,
@@ -263,7 +267,7 @@ class RoomFlush:
             batches,
             lookups,
             newcomers,
-            list(self.room.users),
+            list(self.room.users) if to_everyone else [],
             users_changed,
             observed,
         )
@@ -389,7 +393,7 @@ class RoomFlush:
         room = self.room
         newcomers = [ws for ws in taken.newcomers if ws in room.users]
         users = text_frame(room.users_message()) if taken.users_changed or newcomers else b""
-        state = text_frame(room.state_message()) if state_changed or newcomers else b""
+        state = self._state_frame() if state_changed or newcomers else b""
         for websocket in newcomers:
             self.unwelcomed.discard(websocket)
             if (held := self.held.pop(websocket, None)) is not None:
@@ -401,7 +405,8 @@ class RoomFlush:
         }
         for websocket in replies.keys() & self.unwelcomed:  # joined during the commit
             self.held.setdefault(websocket, []).extend(replies[websocket])
-        self.flusher.metrics.broadcasts.inc(taken.users_changed + state_changed)
+        if taken.users_changed or state_changed:
+            self.flusher.metrics.broadcasts.inc(taken.users_changed + state_changed)
         delivery = Delivery(
             taken.targets,
             everyone=(users if taken.users_changed else b"") + (state if state_changed else b""),
@@ -414,6 +419,13 @@ class RoomFlush:
             return
         self.delivering = True
         self.flusher.fan_out.deliver(delivery, self, self._delivered)
+
+    def _state_frame(self) -> bytes:
+        """The room's state as a frame, built once per state: a join storm welcomes with it."""
+        state = self.room.state
+        if self.state_frame[0] is not state:
+            self.state_frame = (state, text_frame(self.room.state_message()))
+        return self.state_frame[1]
 
     def _delivered(self, busy: float) -> None:
         """The pass's writes are done: pace the next one, or let the room go if nobody is in it."""

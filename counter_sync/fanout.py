@@ -190,7 +190,11 @@ class FanOut:
         return (sent + 1, skipped) if written else (sent, skipped + 1)
 
     def _send(self, websocket: Connection, data: bytes, audience: Audience) -> bool | None:
-        """Write ``data`` to one connection, directly if it allows it; as :meth:`_write` says."""
+        """Write ``data`` to one connection, directly if it allows it; as :meth:`_write` says.
+
+        The loop of :meth:`_write_slice` for one connection (a newcomer's
+        welcome), kept apart so that the loop stays inlined.
+        """
         fd = websocket.write_fd
         if fd < 0 or websocket in self.lagging:
             return self._write(websocket, data, audience)

@@ -89,6 +89,7 @@ __all__ = [
     "SWEEP_PERIOD",
     "SWEEP_SLICE",
     "USERS_PERIOD",
+    "WELCOME_PERIOD",
     "WRITE_BUFFER_LIMIT",
     "Settings",
 ]
@@ -204,6 +205,10 @@ FLUSH_PAUSE_RATIO = 2
 # value and a newcomer's first messages never wait for it; a count a tenth of
 # a second late is not seen as late.
 USERS_PERIOD = 0.1
+# Seconds between two passes of a room that only welcome newcomers: in a join
+# storm a pass ran for every join or two and cost a third of the join's CPU.
+# A newcomer's first messages wait at most this long; a value never waits.
+WELCOME_PERIOD = 0.002
 # Connections a broadcast writes to per event-loop turn: a big room's
 # broadcast yields between slices, so a small room's flush is never held up
 # for more than one slice (about 2 ms of writes).

@@ -38,7 +38,13 @@ from typing import Protocol
 
 from websockets.frames import CloseCode
 
-from counter_sync.config import FLUSH_PAUSE_RATIO, MAX_VALUE, STORE_RETRY_DELAY, USERS_PERIOD
+from counter_sync.config import (
+    FLUSH_PAUSE_RATIO,
+    MAX_VALUE,
+    STORE_RETRY_DELAY,
+    USERS_PERIOD,
+    WELCOME_PERIOD,
+)
 from counter_sync.connection import Connection
 from counter_sync.fanout import Delivery, FanOut, text_frame
 from counter_sync.metrics import Metrics
@@ -129,6 +135,7 @@ class RoomFlush:
         self.elsewhere = 0
         self.next_at = 0.0  # pacing: no pass before this loop time
         self.users_at = 0.0  # no broadcast of the user count alone before this one
+        self.welcomes_at = 0.0  # no pass that only welcomes newcomers before this one
         self.delivering = False
         self.retry: asyncio.TimerHandle | None = None
         self.state_frame: tuple[RoomState | None, bytes] = (None, b"")
@@ -214,8 +221,12 @@ class RoomFlush:
         )
 
     def ready_at(self) -> float:
-        """The loop time from which a pass may take this room (pacing, and the user count's)."""
-        if self.users_dirty and self.room.users and not self._has_news():
+        """The loop time from which a pass may take this room (pacing, the count's, welcomes')."""
+        if self.senders or self.with_ops or self.observed:
+            return self.next_at  # a change: at once
+        if self.newcomers or self.unknown:
+            return max(self.next_at, self.welcomes_at)
+        if self.users_dirty and self.room.users:
             return max(self.next_at, self.users_at)
         return self.next_at  # nobody left to tell: the room goes at once
 
@@ -245,12 +256,14 @@ class RoomFlush:
             )
         newcomers, self.newcomers = self.newcomers, []
         observed, self.observed = self.observed, None
+        now = asyncio.get_running_loop().time()
+        if newcomers or lookups:
+            self.welcomes_at = now + WELCOME_PERIOD
         if self.users_dirty:
             self.flusher.store.share_users(self.room.name, len(self.room.users))
         # Everyone is told the user count at most every USERS_PERIOD: in a
         # join storm, every join would otherwise be a broadcast to the whole
         # room. A newcomer gets the current count in its welcome anyway.
-        now = asyncio.get_running_loop().time()
         users_changed = self.users_dirty and (now >= self.users_at or not self.room.users)
         if users_changed:
             self.users_dirty = False

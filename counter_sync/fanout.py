@@ -97,14 +97,10 @@ class FanOut:
         ``on_done`` is called from a task.
         """
         began = time.thread_time()
-        sent = skipped = 0
         extras = delivery.extras
-        for websocket in delivery.newcomers:
-            sent, skipped = self._tally(
-                self._send(websocket, delivery.welcome + extras.pop(websocket, b""), audience),
-                sent,
-                skipped,
-            )
+        sent, skipped = self._write_slice(
+            delivery.newcomers, delivery.welcome, extras, audience, 0, 0
+        )
         rest: list[Connection] = []
         if delivery.everyone and delivery.newcomers:
             welcomed = set(delivery.newcomers)
@@ -114,7 +110,7 @@ class FanOut:
         else:  # nothing for everyone: only those with extras
             rest = list(extras)
         first, rest = rest[:BROADCAST_SLICE], rest[BROADCAST_SLICE:]
-        sent, skipped = self._write_slice(first, delivery, audience, sent, skipped)
+        sent, skipped = self._write_slice(first, delivery.everyone, extras, audience, sent, skipped)
         self._count(sent, skipped)
         busy = time.thread_time() - began
         if not rest:
@@ -137,7 +133,12 @@ class FanOut:
             await asyncio.sleep(0)
             began = time.thread_time()
             sent, skipped = self._write_slice(
-                rest[start : start + BROADCAST_SLICE], delivery, audience, 0, 0
+                rest[start : start + BROADCAST_SLICE],
+                delivery.everyone,
+                delivery.extras,
+                audience,
+                0,
+                0,
             )
             self._count(sent, skipped)
             busy += time.thread_time() - began
@@ -146,21 +147,22 @@ class FanOut:
     def _write_slice(
         self,
         websockets: list[Connection],
-        delivery: Delivery,
+        everyone: bytes,
+        extras: dict[Connection, bytes],
         audience: Audience,
         sent: int,
         skipped: int,
     ) -> tuple[int, int]:
-        """Write ``everyone`` (and any extras) to each connection that keeps up.
+        """Write ``everyone`` (and its extras, taken out) to each connection that keeps up.
 
-        The hot path: one value to a whole room, straight to the kernel with
-        ``os.write`` (a ``transport.write`` costs 20% more) where the
-        connection allows it (``Connection.write_fd``); anything else goes
-        the long way, :meth:`_write`. Inlined, because a call per connection
+        The hot path: one value to a whole room (or the welcome to its
+        newcomers), straight to the kernel with ``os.write`` (a
+        ``transport.write`` costs 20% more) where the connection allows it
+        (``Connection.write_fd``); anything else goes the long way,
+        :meth:`_write`. Inlined, because a call per connection
         would cost as much as the write itself.
         """
-        everyone, extras, lagging = delivery.everyone, delivery.extras, self.lagging
-        write = os.write
+        lagging, write = self.lagging, os.write
         for websocket in websockets:
             data = everyone
             if extras and (extra := extras.pop(websocket, b"")):
@@ -188,28 +190,6 @@ class FanOut:
         if written is None:
             return sent, skipped
         return (sent + 1, skipped) if written else (sent, skipped + 1)
-
-    def _send(self, websocket: Connection, data: bytes, audience: Audience) -> bool | None:
-        """Write ``data`` to one connection, directly if it allows it; as :meth:`_write` says.
-
-        The loop of :meth:`_write_slice` for one connection (a newcomer's
-        welcome), kept apart so that the loop stays inlined.
-        """
-        fd = websocket.write_fd
-        if fd < 0 or websocket in self.lagging:
-            return self._write(websocket, data, audience)
-        try:
-            written = os.write(fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            websocket.write_fd = -1
-            log.warning("%s skipped: %s", websocket.client, exc)
-            return None
-        if written < len(data):
-            websocket.transport.write(data[written:])
-            websocket.write_fd = -1
-        return True
 
     def _write(self, websocket: Connection, data: bytes, audience: Audience) -> bool | None:
         """Write through the transport unless the connection lags: True written, False skipped.

@@ -20,6 +20,7 @@ __all__ = [
     "BASELINE",
     "JOIN_FLOOR",
     "NODE_DIR",
+    "ROOMS_LIBRARY_FLOOR",
     "SERVERS",
     "RunningServer",
     "ServerSpec",
@@ -161,6 +162,13 @@ JOIN_FLOOR = ServerSpec(
     "bare-websockets",
     "websockets serve(), a handler that awaits the close",
     (sys.executable, "-m", "bench.peers.handshake_only"),
+)
+
+# The rooms fan-out's library floor (not a peer: rooms, the value, nothing else).
+ROOMS_LIBRARY_FLOOR = ServerSpec(
+    "bare-websockets-rooms",
+    "websockets serve(), a room per path, broadcast() per action",
+    (sys.executable, "-m", "bench.peers.rooms_bare"),
 )
 
 

@@ -79,6 +79,22 @@ def test_fanout_floors_deliver_every_frame_over_as_many_sockets(smoke: dict[str,
     assert fanout["x_room_floor"] is not None, "the target's ratio, taken in the same run"
 
 
+def test_the_bare_websockets_rooms_server_does_the_same_work_in_the_same_run(
+    smoke: dict[str, Any],
+) -> None:
+    fanout = phase(smoke, "fanout")
+    library = fanout["library_floor"]
+    assert "bench.peers.rooms_bare" in library["server"]
+    assert library["join"]["connected"] == library["server_users"] == fanout["join"]["connected"]
+    assert library["actions"] == fanout["actions"]
+    assert library["check"]["exact"] == library["check"]["listeners"]
+    assert library["converged"]
+    assert library["x_room_floor"] is not None
+    assert fanout["x_library_floor"] == pytest.approx(
+        fanout["cpu_us_per_delivery"] / library["cpu_us_per_delivery"]
+    )
+
+
 def test_the_rooms_floor_sends_masked_client_frames() -> None:
     frame = action_frame()
     assert frame[0] == 0x81 and frame[1] == 0x80 | 18, "FIN + text, masked, 18-byte payload"

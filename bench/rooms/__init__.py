@@ -12,6 +12,8 @@ each figure, its target and a verdict (JSON in bench/results/rooms.json);
    rooms floor measured in the same run (:mod:`bench.rooms.floor`: one epoll
    loop that reads each action and writes its room's sockets), and shown
    beside floor.py's socket.send rounds; the delivery delay is reported.
+   Then the same work is measured on the plainest websockets server for it
+   (:mod:`bench.peers.rooms_bare`): the library's own floor.
 2. cost: the server's CPU per action in one 10-user room, first alone, then
    with 10,000 other users in idle rooms, several times each.
 3. memory: with --state, 10,000 room names joined and left once each; the

@@ -20,7 +20,7 @@ from bench.listeners import Reply
 from bench.loadgen import LoadGen, LoadGenError, Usage, shares
 from bench.proc import Sampler, cpu_seconds, rss_bytes, wait_idle
 from bench.reporting import Report, say, spread_ms
-from bench.servers import SERVERS, RunningServer, ServerSpec, start_server
+from bench.servers import ROOMS_LIBRARY_FLOOR, SERVERS, RunningServer, ServerSpec, start_server
 
 __all__ = [
     "PHASES",
@@ -111,14 +111,19 @@ def server_command(spec: ServerSpec, host: str) -> str:
 
 @contextlib.contextmanager
 def running(
-    name: str, extra: tuple[str, ...], load: LoadGen, o: Options, result: Result
+    name: str,
+    extra: tuple[str, ...],
+    load: LoadGen,
+    o: Options,
+    result: Result,
+    *,
+    base: ServerSpec = SERVERS["counter-sync"],
 ) -> Iterator[RunningServer]:
-    """A fresh server for one phase: the bench's counter-sync command with `extra` flags.
+    """A fresh server for one phase: the bench's `base` command (counter-sync) with `extra` flags.
 
     Its command line goes in ``result["server"]``. Afterwards the server is
     stopped and the load processes drop their connections.
     """
-    base = SERVERS["counter-sync"]
     spec = ServerSpec(f"rooms-{name}", base.description, (*base.argv, *extra))
     result["server"] = server_command(spec, o.host)
     server = start_server(spec, o.host, o.log_dir / f"{spec.name}.log", timeout=20)
@@ -190,13 +195,34 @@ def phase_fanout(load: LoadGen, o: Options, floors: Floors) -> Result:
     """Rooms x connections, one action per room per 1/rate s; exact values, CPU, delays.
 
     `floors` are floor.py's figure and the rooms floor's (None when skipped): the
-    target is the ratio to the rooms floor, measured in the same run.
+    target is the ratio to the rooms floor, measured in the same run. With
+    the floors, the same work is then asked of the plainest server on the
+    library's asyncio API (``ROOMS_LIBRARY_FLOOR``), and measured the same
+    way: what the library itself costs, next to what counter-sync adds.
     """
-    names = [f"fan-{o.tag}-{i}" for i in range(o.rooms)]
+    result = fan_out("fanout", SERVERS["counter-sync"], NO_PINGS, load, o, floors)
+    if o.floor:
+        library = fan_out("fanout-library", ROOMS_LIBRARY_FLOOR, (), load, o, floors)
+        ours, theirs = result["cpu_us_per_delivery"], library["cpu_us_per_delivery"]
+        result["library_floor"] = library
+        result["x_library_floor"] = ours / theirs if ours and theirs else None
+    return result
+
+
+def fan_out(
+    name: str,
+    base: ServerSpec,
+    extra: tuple[str, ...],
+    load: LoadGen,
+    o: Options,
+    floors: Floors,
+) -> Result:
+    """The fan-out phase's work, on a fresh server run by `base` with `extra` flags."""
+    names = [f"{name}-{o.tag}-{i}" for i in range(o.rooms)]
     hands = deal(names, o.workers)
     result: Result = {"rooms": o.rooms, "per_room": o.per_room}
-    with running("fanout", NO_PINGS, load, o, result) as server:
-        say(f"fan-out: joining {o.rooms} rooms x {o.per_room}")
+    with running(name, extra, load, o, result, base=base) as server:
+        say(f"{name}: joining {o.rooms} rooms x {o.per_room} on {base.name}")
         plan = {w: dict.fromkeys(hand, o.per_room) for w, hand in enumerate(hands)}
         result["join"] = join(load, server.url, plan, dict(enumerate(hands)), o)
         result["server_users"] = healthz(server)["users"]
@@ -204,7 +230,7 @@ def phase_fanout(load: LoadGen, o: Options, floors: Floors) -> Result:
         actions = o.actions_per_room
         each = {w: ("expect_added", {"added": actions, "record": True}) for w in range(o.workers)}
         ask_all(load, each, 5)
-        say(f"fan-out: {actions} actions per room at {o.rate:g}/s")
+        say(f"{name}: {actions} actions per room at {o.rate:g}/s")
         usage = Usage(server, load)
         start_at = time.monotonic() + 0.5
         index = {name: i for i, name in enumerate(names)}

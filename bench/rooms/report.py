@@ -17,6 +17,9 @@ Result = Report
 TARGETS = (
     ("fanout_exact", "fan-out: connections on their room's exact value", "==", "all"),
     ("fanout_floor", "fan-out: server CPU per delivery (x rooms floor)", "<=", 1.5),
+    # The same goal asked of the plainest server on the library's asyncio API:
+    # whether it is within reach of any server built on it.
+    ("fanout_library", "fan-out: bare websockets rooms server (x rooms floor)", "<=", 1.5),
     ("cost_ratio", "cost per action: with the others / alone (median)", "<=", 1.2),
     ("memory_growth", "memory: RSS after the rooms - before (MiB)", "<=", 4.0),
     ("isolation_p99", "isolation: small room p99 during the bursts (ms)", "<", 100.0),
@@ -31,6 +34,7 @@ def targets(phases: dict[str, Result], o: Options) -> list[Result]:
     measured: Result = {
         "fanout_exact": fan.get("converged") if fan_check else None,
         "fanout_floor": fan.get("x_room_floor"),
+        "fanout_library": (fan.get("library_floor") or {}).get("x_room_floor"),
         "cost_ratio": cost.get("ratio"),
         "memory_growth": memory.get("growth_mib"),
         "isolation_p99": (isolation.get("bursting") or {}).get("p99_ms"),
@@ -78,6 +82,22 @@ def lines_fanout(r: Result) -> list[str]:
         f"   (floor.py's socket.send rounds: {fmt(r['floor_us_per_delivery'])} us"
         f" -> x{fmt(r['x_floor'])})",
         f"   CPU busy: server {r['server_busy']:.0%}, busiest load process {r['loadgen_busy']:.0%}",
+        *lines_library_floor(r),
+    ]
+
+
+def lines_library_floor(r: Result) -> list[str]:
+    """The same work on the bare websockets rooms server, if it was measured."""
+    library = r.get("library_floor")
+    if not library:
+        return []
+    check = library["check"]
+    return [
+        f"   bare websockets rooms server ({library['server']}):"
+        f" {fmt(library['cpu_us_per_delivery'])} us per delivery"
+        f" -> x{fmt(library['x_room_floor'])} the rooms floor;"
+        f" exact {fmt(check['exact'])} of {fmt(check['listeners'])};"
+        f" counter-sync x{fmt(r['x_library_floor'])} it",
     ]
 
 

@@ -1,0 +1,84 @@
+"""The plainest websockets.asyncio rooms server: the fan-out phase's work and nothing else.
+
+A room per path (``/c/<name>``): a set of connections and a value. A join
+gets the users count and the value; each ``plus`` or ``minus`` adds to the
+value and ``broadcast()``s it to the room at once. No coalescing, no caps, no
+keepalive (the fan-out phase turns counter-sync's off too), no logs per
+connection, no metrics: what a server built on the library's asyncio API
+pays at least for the same deliveries, to set beside counter-sync's figure
+and the rooms floor in one run (``python -m bench.rooms``). Where it matters
+it runs as counter-sync does: compression off, counter-sync's listen backlog,
+and uvloop when counter-sync would use it, as the join storm's floor
+(:mod:`bench.peers.handshake_only`).
+
+Run: ``python -m bench.peers.rooms_bare --host 127.0.0.1 --port 8765``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from http import HTTPStatus
+
+from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.http11 import Request, Response
+
+from bench.peers.peer import command_line
+from counter_sync.cli import event_loop_runner
+from counter_sync.config import LISTEN_BACKLOG
+
+__all__ = ["handler", "healthz", "main"]
+
+LOG = logging.getLogger(__name__)
+DELTAS = {"plus": 1, "minus": -1}
+ROOMS: dict[str, set[ServerConnection]] = {}
+VALUES: dict[str, int] = {}
+
+
+def healthz(connection: ServerConnection, request: Request) -> Response | None:
+    """``/healthz``: the users connected, as the bench asks counter-sync."""
+    if request.path != "/healthz":
+        return None
+    users = sum(len(users) for users in ROOMS.values())
+    return connection.respond(HTTPStatus.OK, json.dumps({"users": users}) + "\n")
+
+
+async def handler(websocket: ServerConnection) -> None:
+    """Join the path's room, get its users count and value, then change it and tell the room."""
+    name = websocket.request.path if websocket.request else "/"
+    users = ROOMS.setdefault(name, set())
+    users.add(websocket)
+    try:
+        await websocket.send(json.dumps({"type": "users", "count": len(users)}))
+        await websocket.send(json.dumps({"type": "state", "value": VALUES.get(name, 0)}))
+        async for message in websocket:
+            delta = DELTAS.get(json.loads(message).get("action"), 0)
+            VALUES[name] = value = VALUES.get(name, 0) + delta
+            broadcast(users, json.dumps({"type": "state", "value": value}))
+    finally:
+        users.discard(websocket)
+        if not users:
+            del ROOMS[name]
+
+
+async def main(host: str, port: int) -> int:
+    async with serve(
+        handler,
+        host,
+        port,
+        compression=None,
+        backlog=LISTEN_BACKLOG,
+        ping_interval=None,
+        process_request=healthz,
+    ) as server:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
+        LOG.info("listening on %s:%d", host, port)
+        await server.wait_closed()
+    return 0
+
+
+if __name__ == "__main__":
+    args = command_line((__doc__ or "").splitlines()[0], LOG)
+    event_loop_runner()(main(args.host, args.port))

@@ -29,6 +29,7 @@ __all__ = [
     "available",
     "draw_chart",
     "join_floor_line",
+    "join_sketch_line",
     "render_table",
     "targets",
 ]
@@ -356,6 +357,20 @@ def join_floor_line(join_floor: Report) -> str:
     )
 
 
+def join_sketch_line(join_sketch: Report, floor_seconds: float | None) -> str:
+    """The sans-I/O sketch's join storm in one sentence, as a multiple of the floor's."""
+    j = join_sketch.get("join")
+    if j is None:
+        return f"join storm, sans-I/O sketch: failed ({'; '.join(join_sketch.get('errors', []))})"
+    first = j["first_message_seconds"]
+    ratio = first / floor_seconds if first and floor_seconds else None
+    return (
+        f"join storm, sans-I/O sketch ({join_sketch['description']}): every first message"
+        f" of {fmt(j['connected'])} in {fmt(first)} s, x{fmt(ratio)} the floor's handshakes;"
+        f" server CPU {fmt(j['cpu_us_per_handshake'])} us per handshake"
+    )
+
+
 def render_table(report: Report, settings: BenchSettings, skipped: dict[str, str]) -> str:
     """One run's table, its floors, what went wrong, and its targets."""
     servers: Report = report["servers"]
@@ -379,6 +394,8 @@ def render_table(report: Report, settings: BenchSettings, skipped: dict[str, str
         lines.append(floor_line(drain_floor))
     if join_floor:
         lines.append(join_floor_line(join_floor))
+    if join_sketch := report.get("join_sketch"):
+        lines.append(join_sketch_line(join_sketch, floors[2]))
     for name, result in servers.items():
         for error in result.get("errors", []):
             lines.append(f"{name}: {error}")

@@ -32,7 +32,7 @@ from bench.loadgen import LoadGen, LoadGenError, Usage
 from bench.proc import listen_overflows, rss_bytes, wait_idle
 from bench.reporting import Report, say, spread_ms
 from bench.senders import MODES
-from bench.servers import JOIN_FLOOR, RunningServer, ServerSpec, start_server
+from bench.servers import JOIN_FLOOR, SANSIO_SKETCH, RunningServer, ServerSpec, start_server
 
 __all__ = ["BenchSettings", "measure_join_floor", "measure_server"]
 
@@ -118,6 +118,18 @@ def measure_join_floor(load: LoadGen, settings: BenchSettings) -> Result:
         out["join"] = phase_join(server, load, s, protocol=False)
 
     in_session(JOIN_FLOOR, session_join, load, settings, result)
+    return result
+
+
+def measure_join_sketch(load: LoadGen, settings: BenchSettings) -> Result:
+    """The join storm against the sans-I/O sketch, to every first message as counter-sync's."""
+    result: Result = {"description": SANSIO_SKETCH.description}
+
+    def session_join(server: RunningServer, load: LoadGen, s: BenchSettings, out: Result) -> None:
+        say(f"join storm: {s.listeners} listeners, the sans-I/O sketch")
+        out["join"] = phase_join(server, load, s)
+
+    in_session(SANSIO_SKETCH, session_join, load, settings, result)
     return result
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "JOIN_FLOOR",
     "NODE_DIR",
     "ROOMS_LIBRARY_FLOOR",
+    "SANSIO_SKETCH",
     "SERVERS",
     "RunningServer",
     "ServerSpec",
@@ -169,6 +170,14 @@ ROOMS_LIBRARY_FLOOR = ServerSpec(
     "bare-websockets-rooms",
     "websockets serve(), a room per path, broadcast() per action",
     (sys.executable, "-m", "bench.peers.rooms_bare"),
+)
+
+# A sketch of the design named for the goals not met: the library's sans-I/O
+# protocol under a plain asyncio.Protocol, no task per connection.
+SANSIO_SKETCH = ServerSpec(
+    "sansio-sketch",
+    "websockets' ServerProtocol in data_received, no task per connection",
+    (sys.executable, "-m", "bench.peers.sansio"),
 )
 
 

@@ -125,6 +125,16 @@ def test_join_floor_completes_every_handshake(first: dict[str, Any]) -> None:
     assert floor["join"]["cpu_us_per_handshake"] > 0
 
 
+def test_the_sans_io_sketch_sends_every_first_message_in_the_join_storm(
+    first: dict[str, Any],
+) -> None:
+    sketch = first["join_sketch"]
+    assert "errors" not in sketch, sketch.get("errors")
+    assert sketch["join"]["connected"] == LISTENERS
+    assert sketch["join"]["first_messages"] == LISTENERS
+    assert sketch["join"]["reached"] == LISTENERS, "each saw the users count of everyone"
+
+
 @pytest.mark.parametrize("server", list(SERVERS))
 def test_ingest_counts_every_action_plain_and_with_sessions_on_counter_sync_only(
     server: str, first: dict[str, Any]

@@ -95,6 +95,17 @@ def test_the_bare_websockets_rooms_server_does_the_same_work_in_the_same_run(
     )
 
 
+def test_the_sans_io_sketch_does_the_same_work_exactly(smoke: dict[str, Any]) -> None:
+    fanout = phase(smoke, "fanout")
+    sketch = fanout["sansio_sketch"]
+    assert "bench.peers.sansio" in sketch["server"]
+    assert sketch["join"]["connected"] == sketch["server_users"] == fanout["join"]["connected"]
+    assert sketch["actions"] == fanout["actions"]
+    assert sketch["check"]["exact"] == sketch["check"]["listeners"]
+    assert sketch["check"]["missing"] == 0
+    assert sketch["converged"]
+
+
 def test_the_rooms_floor_sends_masked_client_frames() -> None:
     frame = action_frame()
     assert frame[0] == 0x81 and frame[1] == 0x80 | 18, "FIN + text, masked, 18-byte payload"

@@ -20,7 +20,14 @@ from bench.listeners import Reply
 from bench.loadgen import LoadGen, LoadGenError, Usage, shares
 from bench.proc import Sampler, cpu_seconds, rss_bytes, wait_idle
 from bench.reporting import Report, say, spread_ms
-from bench.servers import ROOMS_LIBRARY_FLOOR, SERVERS, RunningServer, ServerSpec, start_server
+from bench.servers import (
+    ROOMS_LIBRARY_FLOOR,
+    SANSIO_SKETCH,
+    SERVERS,
+    RunningServer,
+    ServerSpec,
+    start_server,
+)
 
 __all__ = [
     "PHASES",
@@ -206,6 +213,7 @@ def phase_fanout(load: LoadGen, o: Options, floors: Floors) -> Result:
         ours, theirs = result["cpu_us_per_delivery"], library["cpu_us_per_delivery"]
         result["library_floor"] = library
         result["x_library_floor"] = ours / theirs if ours and theirs else None
+        result["sansio_sketch"] = fan_out("fanout-sketch", SANSIO_SKETCH, (), load, o, floors)
     return result
 
 

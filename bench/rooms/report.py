@@ -98,6 +98,19 @@ def lines_library_floor(r: Result) -> list[str]:
         f" -> x{fmt(library['x_room_floor'])} the rooms floor;"
         f" exact {fmt(check['exact'])} of {fmt(check['listeners'])};"
         f" counter-sync x{fmt(r['x_library_floor'])} it",
+        *lines_sketch(r.get("sansio_sketch")),
+    ]
+
+
+def lines_sketch(sketch: Result | None) -> list[str]:
+    """The same work on the sans-I/O sketch (``bench/peers/sansio.py``), if it was measured."""
+    if not sketch:
+        return []
+    check = sketch["check"]
+    return [
+        f"   sans-I/O sketch ({sketch['server']}): {fmt(sketch['cpu_us_per_delivery'])} us per"
+        f" delivery -> x{fmt(sketch['x_room_floor'])} the rooms floor;"
+        f" exact {fmt(check['exact'])} of {fmt(check['listeners'])}",
     ]
 
 

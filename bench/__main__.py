@@ -21,12 +21,12 @@ from bench.compare import SUBJECT, available, draw_chart, render_table, targets
 from bench.flags import Flag, loopback, names_in, parse, positive, settings_from
 from bench.floor import measure_floor
 from bench.loadgen import LoadGen, run_each
-from bench.measure import BenchSettings, measure_join_floor, measure_join_sketch, measure_server
+from bench.measure import BenchSettings, measure_join_beside, measure_join_floor, measure_server
 from bench.proc import ephemeral_ports, raise_fd_limit
 from bench.reporting import RESULTS_DIR, Report, environment, loadavg, say, write_json
 from bench.runs import conclude, end_run
 from bench.senders import SenderWorker
-from bench.servers import BASELINE, JOIN_FLOOR, SANSIO_SKETCH, SERVERS, checkout_spec
+from bench.servers import BASELINE, JOIN_BESIDE, JOIN_FLOOR, SERVERS, checkout_spec
 from bench.steady_floor import NAME as STEADY_FLOOR
 from bench.steady_floor import measure_steady_floor
 
@@ -137,12 +137,13 @@ def run_once(
             connections=settings.listeners, rate=settings.rate, duration=settings.duration
         )
     load = LoadGen(workers=settings.workers, host=settings.host, kind=SenderWorker)
+    beside = {spec.name: spec for spec in JOIN_BESIDE.values()}
 
     def measure(name: str) -> Report:
         if name == JOIN_FLOOR.name:
             return measure_join_floor(load, settings)
-        if name == SANSIO_SKETCH.name:
-            return measure_join_sketch(load, settings)
+        if name in beside:
+            return measure_join_beside(beside[name], load, settings)
         if name == STEADY_FLOOR:
             say(f"steady floor: send() loop to {settings.listeners} listeners")
             try:
@@ -169,10 +170,11 @@ def run_once(
             return {"errors": [f"{type(exc).__name__}: {exc}"]}
 
     measured: Report = {}
-    order = [JOIN_FLOOR.name, SANSIO_SKETCH.name, STEADY_FLOOR, *names] if floors else names
+    order = [JOIN_FLOOR.name, *beside, STEADY_FLOOR, *names] if floors else names
     ok = run_each(load, order, measure, measured, save)
     run["join_floor"] = measured.pop(JOIN_FLOOR.name, None)
-    run["join_sketch"] = measured.pop(SANSIO_SKETCH.name, None)
+    for key, spec in JOIN_BESIDE.items():
+        run[key] = measured.pop(spec.name, None)
     run["steady_floor"] = measured.pop(STEADY_FLOOR, None)
     run["servers"] = measured
     if ok:

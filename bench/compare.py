@@ -18,7 +18,7 @@ from bench.floor import floor_line
 from bench.ingest import Target, ingest_rows, ingest_targets
 from bench.measure import BenchSettings
 from bench.reporting import Report, fmt, meets, ratio, table, targets_table, verdict
-from bench.servers import NODE_DIR, node_ready
+from bench.servers import JOIN_BESIDE, NODE_DIR, node_ready
 from bench.steady_floor import steady_floor_line
 from testkit.processes import ROOT
 
@@ -28,8 +28,8 @@ __all__ = [
     "SUBJECT",
     "available",
     "draw_chart",
+    "join_beside_line",
     "join_floor_line",
-    "join_sketch_line",
     "render_table",
     "targets",
 ]
@@ -357,15 +357,15 @@ def join_floor_line(join_floor: Report) -> str:
     )
 
 
-def join_sketch_line(join_sketch: Report, floor_seconds: float | None) -> str:
-    """The sans-I/O sketch's join storm in one sentence, as a multiple of the floor's."""
-    j = join_sketch.get("join")
+def join_beside_line(name: str, result: Report, floor_seconds: float | None) -> str:
+    """A join storm measured beside the floor (`name` says whose), as a multiple of the floor's."""
+    j = result.get("join")
     if j is None:
-        return f"join storm, sans-I/O sketch: failed ({'; '.join(join_sketch.get('errors', []))})"
+        return f"join storm, {name}: failed ({'; '.join(result.get('errors', []))})"
     first = j["first_message_seconds"]
     ratio = first / floor_seconds if first and floor_seconds else None
     return (
-        f"join storm, sans-I/O sketch ({join_sketch['description']}): every first message"
+        f"join storm, {name} ({result['description']}): every first message"
         f" of {fmt(j['connected'])} in {fmt(first)} s, x{fmt(ratio)} the floor's handshakes;"
         f" server CPU {fmt(j['cpu_us_per_handshake'])} us per handshake"
     )
@@ -394,8 +394,9 @@ def render_table(report: Report, settings: BenchSettings, skipped: dict[str, str
         lines.append(floor_line(drain_floor))
     if join_floor:
         lines.append(join_floor_line(join_floor))
-    if join_sketch := report.get("join_sketch"):
-        lines.append(join_sketch_line(join_sketch, floors[2]))
+    for key, spec in JOIN_BESIDE.items():
+        if beside := report.get(key):
+            lines.append(join_beside_line(spec.name, beside, floors[2]))
     for name, result in servers.items():
         for error in result.get("errors", []):
             lines.append(f"{name}: {error}")

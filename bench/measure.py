@@ -32,7 +32,7 @@ from bench.loadgen import LoadGen, LoadGenError, Usage
 from bench.proc import listen_overflows, rss_bytes, wait_idle
 from bench.reporting import Report, say, spread_ms
 from bench.senders import MODES
-from bench.servers import JOIN_FLOOR, SANSIO_SKETCH, RunningServer, ServerSpec, start_server
+from bench.servers import JOIN_FLOOR, RunningServer, ServerSpec, start_server
 
 __all__ = ["BenchSettings", "measure_join_floor", "measure_server"]
 
@@ -121,15 +121,15 @@ def measure_join_floor(load: LoadGen, settings: BenchSettings) -> Result:
     return result
 
 
-def measure_join_sketch(load: LoadGen, settings: BenchSettings) -> Result:
-    """The join storm against the sans-I/O sketch, to every first message as counter-sync's."""
-    result: Result = {"description": SANSIO_SKETCH.description}
+def measure_join_beside(spec: ServerSpec, load: LoadGen, settings: BenchSettings) -> Result:
+    """The join storm against `spec`, to every first message as counter-sync's: beside the floor."""
+    result: Result = {"description": spec.description}
 
     def session_join(server: RunningServer, load: LoadGen, s: BenchSettings, out: Result) -> None:
-        say(f"join storm: {s.listeners} listeners, the sans-I/O sketch")
+        say(f"join storm: {s.listeners} listeners, {spec.name}")
         out["join"] = phase_join(server, load, s)
 
-    in_session(SANSIO_SKETCH, session_join, load, settings, result)
+    in_session(spec, session_join, load, settings, result)
     return result
 
 

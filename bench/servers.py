@@ -18,6 +18,7 @@ from testkit.processes import ROOT, LoggedProcess, free_port
 
 __all__ = [
     "BASELINE",
+    "JOIN_BESIDE",
     "JOIN_FLOOR",
     "NODE_DIR",
     "ROOMS_LIBRARY_FLOOR",
@@ -179,6 +180,11 @@ SANSIO_SKETCH = ServerSpec(
     "websockets' ServerProtocol in data_received, no task per connection",
     (sys.executable, "-m", "bench.peers.sansio"),
 )
+
+# Measured after the join storm's floor, each to every first message as
+# counter-sync is (the key of its result in a run): the plainest server on
+# the library's asyncio API that sends them, and the sketch.
+JOIN_BESIDE = {"join_library": ROOMS_LIBRARY_FLOOR, "join_sketch": SANSIO_SKETCH}
 
 
 def node_ready() -> str | None:

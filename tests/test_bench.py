@@ -125,14 +125,16 @@ def test_join_floor_completes_every_handshake(first: dict[str, Any]) -> None:
     assert floor["join"]["cpu_us_per_handshake"] > 0
 
 
-def test_the_sans_io_sketch_sends_every_first_message_in_the_join_storm(
-    first: dict[str, Any],
+@pytest.mark.parametrize("key", ["join_library", "join_sketch"])
+def test_beside_the_join_floor_every_first_message_is_timed(
+    key: str, first: dict[str, Any]
 ) -> None:
-    sketch = first["join_sketch"]
-    assert "errors" not in sketch, sketch.get("errors")
-    assert sketch["join"]["connected"] == LISTENERS
-    assert sketch["join"]["first_messages"] == LISTENERS
-    assert sketch["join"]["reached"] == LISTENERS, "each saw the users count of everyone"
+    beside = first[key]
+    assert "errors" not in beside, beside.get("errors")
+    assert beside["join"]["connected"] == LISTENERS
+    assert beside["join"]["first_messages"] == LISTENERS
+    assert beside["join"]["first_message_seconds"] > 0
+    assert beside["join"]["reached"] == LISTENERS, "each saw the users count of everyone"
 
 
 @pytest.mark.parametrize("server", list(SERVERS))

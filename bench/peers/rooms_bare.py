@@ -1,15 +1,17 @@
 """The plainest websockets.asyncio rooms server: the fan-out phase's work and nothing else.
 
 A room per path (``/c/<name>``): a set of connections and a value. A join
-gets the users count and the value; each ``plus`` or ``minus`` adds to the
-value and ``broadcast()``s it to the room at once. No coalescing, no caps, no
-keepalive (the fan-out phase turns counter-sync's off too), no logs per
-connection, no metrics: what a server built on the library's asyncio API
-pays at least for the same deliveries, to set beside counter-sync's figure
-and the rooms floor in one run (``python -m bench.rooms``). Where it matters
-it runs as counter-sync does: compression off, counter-sync's listen backlog,
-and uvloop when counter-sync would use it, as the join storm's floor
-(:mod:`bench.peers.handshake_only`).
+gets the users count and the value, and the room its new users count (at
+most every ``USERS_PERIOD``, as counter-sync sends it); each ``plus`` or
+``minus`` adds to the value and ``broadcast()``s it to the room at once.
+No coalescing, no caps, no keepalive (the fan-out phase turns
+counter-sync's off too), no logs per connection, no metrics: what a server
+built on the library's asyncio API pays at least for the same work, to set
+beside counter-sync's figure and the floors in one run (``python -m
+bench.rooms``, and the join storm of ``python -m bench``). Where it matters
+it runs as counter-sync does: compression off, counter-sync's listen
+backlog, and uvloop when counter-sync would use it, as the join storm's
+floor (:mod:`bench.peers.handshake_only`).
 
 Run: ``python -m bench.peers.rooms_bare --host 127.0.0.1 --port 8765``.
 """
@@ -27,7 +29,7 @@ from websockets.http11 import Request, Response
 
 from bench.peers.peer import command_line
 from counter_sync.cli import event_loop_runner
-from counter_sync.config import LISTEN_BACKLOG
+from counter_sync.config import LISTEN_BACKLOG, USERS_PERIOD
 
 __all__ = ["handler", "healthz", "main"]
 
@@ -35,6 +37,7 @@ LOG = logging.getLogger(__name__)
 DELTAS = {"plus": 1, "minus": -1}
 ROOMS: dict[str, set[ServerConnection]] = {}
 VALUES: dict[str, int] = {}
+COUNT_DUE: set[str] = set()  # rooms whose users count goes out at the end of the period
 
 
 def healthz(connection: ServerConnection, request: Request) -> Response | None:
@@ -50,6 +53,7 @@ async def handler(websocket: ServerConnection) -> None:
     name = websocket.request.path if websocket.request else "/"
     users = ROOMS.setdefault(name, set())
     users.add(websocket)
+    count_changed(name)
     try:
         await websocket.send(json.dumps({"type": "users", "count": len(users)}))
         await websocket.send(json.dumps({"type": "state", "value": VALUES.get(name, 0)}))
@@ -59,8 +63,23 @@ async def handler(websocket: ServerConnection) -> None:
             broadcast(users, json.dumps({"type": "state", "value": value}))
     finally:
         users.discard(websocket)
-        if not users:
+        if users:
+            count_changed(name)
+        else:
             del ROOMS[name]
+
+
+def count_changed(name: str) -> None:
+    """Tell the room its users count soon: once per ``USERS_PERIOD``, as counter-sync does."""
+    if name not in COUNT_DUE:
+        COUNT_DUE.add(name)
+        asyncio.get_running_loop().call_later(USERS_PERIOD, send_count, name)
+
+
+def send_count(name: str) -> None:
+    COUNT_DUE.discard(name)
+    if users := ROOMS.get(name):
+        broadcast(users, json.dumps({"type": "users", "count": len(users)}))
 
 
 async def main(host: str, port: int) -> int:

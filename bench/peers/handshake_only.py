@@ -14,15 +14,11 @@ Run: ``python -m bench.peers.handshake_only --host 127.0.0.1 --port 8765``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 
-from bench.peers.peer import command_line
-from counter_sync.cli import event_loop_runner
-from counter_sync.config import LISTEN_BACKLOG
+from bench.peers.peer import run_bare
 
 __all__ = ["handler"]
 
@@ -34,14 +30,5 @@ async def handler(websocket: ServerConnection) -> None:
     await websocket.wait_closed()
 
 
-async def main(host: str, port: int) -> int:
-    async with serve(handler, host, port, compression=None, backlog=LISTEN_BACKLOG) as server:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
-        LOG.info("listening on %s:%d", host, port)
-        await server.wait_closed()
-    return 0
-
-
 if __name__ == "__main__":
-    args = command_line((__doc__ or "").splitlines()[0], LOG)
-    event_loop_runner()(main(args.host, args.port))
+    run_bare(handler, __doc__, LOG)

@@ -14,10 +14,14 @@ import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 
-__all__ = ["USERS", "command_line", "run"]
+from counter_sync.cli import event_loop_runner
+from counter_sync.config import LISTEN_BACKLOG
+
+__all__ = ["USERS", "command_line", "run", "run_bare"]
 
 # The same listen backlog for every peer (Node's default is 511, asyncio's 100):
 # the join storm should measure handshake work, not SYN retransmit timers.
@@ -99,3 +103,29 @@ async def main(notify: Notify, description: str) -> None:
 def run(notify: Notify, doc: str | None) -> None:
     """Serve the counter with ``notify`` until SIGTERM; ``doc``'s first line is the help."""
     asyncio.run(main(notify, (doc or "").splitlines()[0]))
+
+
+Handler = Callable[[ServerConnection], Awaitable[None]]
+
+
+def run_bare(handler: Handler, doc: str | None, log: logging.Logger, **options: Any) -> None:
+    """Serve ``handler`` as counter-sync runs until SIGTERM: a floor's server, not a peer.
+
+    Compression off, counter-sync's listen backlog, and uvloop when
+    counter-sync would use it; ``options`` go to ``serve()``. ``doc``'s first
+    line is the help, ``log`` says when it listens.
+    """
+    args = command_line((doc or "").splitlines()[0], log)
+    event_loop_runner()(_serve_bare(handler, args.host, args.port, log, options))
+
+
+async def _serve_bare(
+    handler: Handler, host: str, port: int, log: logging.Logger, options: dict[str, Any]
+) -> int:
+    async with serve(
+        handler, host, port, compression=None, backlog=LISTEN_BACKLOG, **options
+    ) as server:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
+        log.info("listening on %s:%d", host, port)
+        await server.wait_closed()
+    return 0

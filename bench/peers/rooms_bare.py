@@ -21,17 +21,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 from http import HTTPStatus
 
-from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.http11 import Request, Response
 
-from bench.peers.peer import command_line
-from counter_sync.cli import event_loop_runner
-from counter_sync.config import LISTEN_BACKLOG, USERS_PERIOD
+from bench.peers.peer import run_bare
+from counter_sync.config import USERS_PERIOD
 
-__all__ = ["handler", "healthz", "main"]
+__all__ = ["handler", "healthz"]
 
 LOG = logging.getLogger(__name__)
 DELTAS = {"plus": 1, "minus": -1}
@@ -82,22 +80,5 @@ def send_count(name: str) -> None:
         broadcast(users, json.dumps({"type": "users", "count": len(users)}))
 
 
-async def main(host: str, port: int) -> int:
-    async with serve(
-        handler,
-        host,
-        port,
-        compression=None,
-        backlog=LISTEN_BACKLOG,
-        ping_interval=None,
-        process_request=healthz,
-    ) as server:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
-        LOG.info("listening on %s:%d", host, port)
-        await server.wait_closed()
-    return 0
-
-
 if __name__ == "__main__":
-    args = command_line((__doc__ or "").splitlines()[0], LOG)
-    event_loop_runner()(main(args.host, args.port))
+    run_bare(handler, __doc__, LOG, ping_interval=None, process_request=healthz)

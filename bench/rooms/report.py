@@ -68,7 +68,7 @@ def lines_fanout(r: Result) -> list[str]:
     check, delays, joined = r["check"], r["check"]["delays"], r["join"]
     wrong = f"  ({'; '.join(check['wrong'])})" if check["wrong"] else ""
     missing = f", {fmt(check['missing'])} never seen" if check["missing"] else ""
-    return [
+    lines = [
         f"   joined {fmt(joined['connected'])} of {fmt(joined['planned'])}"
         f" in {joined['seconds']:.1f} s (server counts {fmt(r['server_users'])} users);"
         f" {fmt(r['actions'])} actions sent, latest {fmt(r['late_send_max_ms'])} ms late",
@@ -82,34 +82,23 @@ def lines_fanout(r: Result) -> list[str]:
         f"   (floor.py's socket.send rounds: {fmt(r['floor_us_per_delivery'])} us"
         f" -> x{fmt(r['x_floor'])})",
         f"   CPU busy: server {r['server_busy']:.0%}, busiest load process {r['loadgen_busy']:.0%}",
-        *lines_library_floor(r),
+        *line_beside("bare websockets rooms server", r.get("library_floor")),
+        *line_beside("sans-I/O sketch", r.get("sansio_sketch")),
     ]
+    if r.get("x_library_floor") is not None:
+        ratio = fmt(r["x_library_floor"])
+        lines.append(f"   counter-sync: x{ratio} the bare websockets rooms server")
+    return lines
 
 
-def lines_library_floor(r: Result) -> list[str]:
-    """The same work on the bare websockets rooms server, if it was measured."""
-    library = r.get("library_floor")
-    if not library:
+def line_beside(name: str, other: Result | None) -> list[str]:
+    """The same work on another server (`name`), measured beside counter-sync, if it was."""
+    if not other:
         return []
-    check = library["check"]
+    check = other["check"]
     return [
-        f"   bare websockets rooms server ({library['server']}):"
-        f" {fmt(library['cpu_us_per_delivery'])} us per delivery"
-        f" -> x{fmt(library['x_room_floor'])} the rooms floor;"
-        f" exact {fmt(check['exact'])} of {fmt(check['listeners'])};"
-        f" counter-sync x{fmt(r['x_library_floor'])} it",
-        *lines_sketch(r.get("sansio_sketch")),
-    ]
-
-
-def lines_sketch(sketch: Result | None) -> list[str]:
-    """The same work on the sans-I/O sketch (``bench/peers/sansio.py``), if it was measured."""
-    if not sketch:
-        return []
-    check = sketch["check"]
-    return [
-        f"   sans-I/O sketch ({sketch['server']}): {fmt(sketch['cpu_us_per_delivery'])} us per"
-        f" delivery -> x{fmt(sketch['x_room_floor'])} the rooms floor;"
+        f"   {name} ({other['server']}): {fmt(other['cpu_us_per_delivery'])} us per"
+        f" delivery -> x{fmt(other['x_room_floor'])} the rooms floor;"
         f" exact {fmt(check['exact'])} of {fmt(check['listeners'])}",
     ]
 

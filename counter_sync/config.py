@@ -35,6 +35,8 @@ __all__ = [
     "HTTP_RATE",
     "LAG_PERIOD",
     "LISTEN_BACKLOG",
+    "LOG_BATCH_LINES",
+    "LOG_FLUSH_DELAY",
     "LOG_INTERVAL",
     "MAX_API_BODY",
     "MAX_API_HEAD",
@@ -124,6 +126,10 @@ HANDSHAKE_TIMEOUT_UNDER_PRESSURE = 2.0
 # Seconds between two warnings about one connection's input or one
 # address's refused handshakes; the next says how many were held back.
 LOG_INTERVAL = 10.0
+# Log lines are written together: a line waits at most LOG_FLUSH_DELAY seconds,
+# or until LOG_BATCH_LINES wait (an ERROR is written at once, with them).
+LOG_FLUSH_DELAY = 0.05
+LOG_BATCH_LINES = 256
 # When the open-files limit is too low for the caps and cannot be raised, the
 # listen backlog and the pending handshakes get this share of what is left
 # each (users the rest), but never fewer than FITTED_MINIMUM: a queue of a few

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from counter_sync.config import LOG_INTERVAL, MAX_LOG_KEYS
+from counter_sync.config import LOG_BATCH_LINES, LOG_FLUSH_DELAY, LOG_INTERVAL, MAX_LOG_KEYS
 
 __all__ = ["Throttle", "ThrottleByKey", "fields", "setup_logging"]
 
@@ -104,13 +104,16 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes the lines of one event-loop turn together: one write, not one per line.
+class _BatchHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes lines in batches: one write per ``LOG_FLUSH_DELAY``, not one per line.
 
-    A join storm logs a line per connection; written one by one, each is a
-    system call. Lines wait at most until the end of the loop turn that made
-    them; an ERROR or worse, or a line logged with no loop running, is written
-    at once with what waits (a crash loses nothing worth reading).
+    A join storm logs a line per connection, one or two per loop turn;
+    written one by one, each costs a system call, and those calls were a
+    twentieth of a join's time. A line waits at most ``LOG_FLUSH_DELAY``,
+    or until ``LOG_BATCH_LINES`` wait; an ERROR or worse, or a line logged
+    with no loop running, is written at once with what waits (a crash loses
+    nothing worth reading), and so is what waits at exit (logging's own
+    shutdown flushes every handler).
     """
 
     def __init__(self) -> None:
@@ -123,14 +126,13 @@ class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        if len(self.waiting) == 1 and record.levelno < logging.ERROR:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-                return
-            except RuntimeError:
-                pass  # no loop: now
-        if record.levelno >= logging.ERROR or len(self.waiting) == 1:
+        if record.levelno >= logging.ERROR or len(self.waiting) >= LOG_BATCH_LINES:
             self.flush()
+        elif len(self.waiting) == 1:
+            try:
+                asyncio.get_running_loop().call_later(LOG_FLUSH_DELAY, self.flush)
+            except RuntimeError:
+                self.flush()  # no loop: now
 
     def flush(self) -> None:
         with self.lock or contextlib.nullcontext():  # other threads log too (SQLite's)
@@ -149,7 +151,7 @@ def setup_logging(log_format: str, *, levels: Mapping[str, int] | None = None) -
     """
     logging._srcfile = None  # the logging docs' own advice ("Optimization")
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = _TurnHandler()
+    handler = _BatchHandler()
     if log_format == "json":
         formatter: logging.Formatter = _JsonFormatter()
         formatter.converter = time.gmtime

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import signal
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from counter_sync import logs
 from counter_sync.app import App
 from counter_sync.flush import RoomFlush
+from counter_sync.logs import setup_logging
 from testkit.processes import TIMEOUT
 from tests.conftest import StartProcess, StartServer
 from tests.helpers import (
@@ -256,6 +260,70 @@ async def test_a_bug_in_a_background_task_is_logged_once_with_its_traceback_and_
     errors = [record for record in caplog.records if record.levelno == logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
     assert "a bug in the flush" in "".join(traceback.format_exception(*errors[0].exc_info))
+
+
+# --- Logs -------------------------------------------------------------------------------------
+
+
+class _Writes(io.StringIO):
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+
+@pytest.fixture
+def log_writes() -> Iterator[list[str]]:
+    """The server's log set up as ``python server.py`` sets it up, into a list of writes."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    library = logging.getLogger("websockets")
+    library_level = library.level
+    setup_logging("text", levels={"websockets": logging.WARNING})  # as counter_sync.cli
+    stream = _Writes()
+    handler = root.handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    yield stream.writes
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    library.setLevel(library_level)
+
+
+async def test_log_lines_are_written_together_an_error_at_once_with_them(
+    app: App, log_writes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs, "LOG_FLUSH_DELAY", 3600.0)  # no write comes from the timer
+    clients = [await join(app) for _ in range(5)]  # each in loop turns of its own
+    assert log_writes == []
+    logging.getLogger("counter_sync").error("an error")
+    assert len(log_writes) == 1
+    lines = log_writes[0].splitlines()
+    assert [line.split(" ", 3)[-1] for line in lines[:5]] == [
+        f"{client.transport.get_extra_info('sockname')[0]}:"
+        f"{client.transport.get_extra_info('sockname')[1]} connected to / ({n} here)"
+        for n, client in enumerate(clients, 1)
+    ]
+    assert lines[5].endswith("ERROR an error")
+
+
+async def test_log_lines_wait_for_a_delay_or_a_batch_whichever_is_first(
+    app: App, log_writes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs, "LOG_BATCH_LINES", 3)
+    monkeypatch.setattr(logs, "LOG_FLUSH_DELAY", 3600.0)
+    for _ in range(6):
+        await join(app)
+    assert [len(write.splitlines()) for write in log_writes] == [3, 3]
+    monkeypatch.setattr(logs, "LOG_FLUSH_DELAY", 0.01)
+    await join(app)  # the first line of a new batch sets the timer
+    await wait_until(lambda: len(log_writes) == 3)
+    assert [len(write.splitlines()) for write in log_writes] == [3, 3, 1]
 
 
 # --- JSON logs --------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ class Connection(ServerConnection):
         "gate",
         "grant",
         "head_seen",
+        "held_response",
         "intake",
         "last_heard",
         "metrics",
@@ -127,6 +128,9 @@ class Connection(ServerConnection):
         # Kept here, in the one object fan-out reads anyway: looking at the
         # protocol and the transport for every write cost a third of the write.
         self.write_fd = -1
+        # The handshake's 101 response, held back to go in one write with the
+        # first messages (see hold_response); None until it is sent.
+        self.held_response: bytes | None = None
         # Set by whoever ends the connection on purpose: how (a disconnects
         # metric kind), and why, for the log.
         self.ended_by: str | None = None
@@ -239,8 +243,10 @@ class Connection(ServerConnection):
         """
         writes = self.protocol.data_to_send()
         data = b"".join(writes)
-        if data:
-            self.transport.write(data)
+        if self.held_response is None and self.protocol.state is State.OPEN:
+            self.hold_response(data)
+        elif data:
+            self.write(data)
         if not all(writes):
             if self.transport.can_write_eof():
                 with contextlib.suppress(Exception):  # uvloop may raise RuntimeError
@@ -250,6 +256,30 @@ class Connection(ServerConnection):
         # Every change of the protocol's state comes with bytes to send (the
         # handshake's response, a close frame) or with the end of the connection.
         self.check_direct()
+
+    def hold_response(self, response: bytes) -> None:
+        """Hold the handshake's 101 back, to be written with the first messages in one write.
+
+        A write is a system call, a tenth of a join's time: the pass that
+        welcomes the newcomer, on the next loop turn, writes the response
+        and the users count and state together (:meth:`write`). Whatever is
+        written first takes it along; should nothing be by the turn after
+        that (a room whose store is still opening), it goes alone.
+        """
+        self.held_response = response
+        self.loop.call_soon(self.loop.call_soon, self._release_response)
+
+    def _release_response(self) -> None:
+        if self.held_response and not self.transport.is_closing():
+            self.write(b"")
+            self.check_direct()
+
+    def write(self, data: bytes) -> None:
+        """Write ``data`` through the transport, after the handshake's response if still held."""
+        if self.held_response:
+            data, self.held_response = self.held_response + data, b""
+        if data:
+            self.transport.write(data)
 
     def check_direct(self) -> None:
         """Let fan-out write to the socket directly, or not: after each write through the transport.
@@ -261,7 +291,8 @@ class Connection(ServerConnection):
         """
         transport = self.transport
         direct = (
-            self.protocol.state is State.OPEN
+            not self.held_response
+            and self.protocol.state is State.OPEN
             and not transport.is_closing()
             and not transport.get_write_buffer_size()
         )

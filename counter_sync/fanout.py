@@ -208,7 +208,7 @@ class FanOut:
             self._start_catch_up(websocket, audience)
             return False
         try:
-            transport.write(data)
+            websocket.write(data)  # with the handshake's response, if it is held
         except Exception as exc:
             log.warning("%s skipped: %s", websocket.client, exc)
             return None

@@ -8,6 +8,7 @@ import http.client
 import json
 import logging
 import random
+import socket
 import struct
 import termios
 from typing import Any
@@ -68,6 +69,21 @@ async def test_a_new_client_gets_the_user_count_then_the_state(app: App) -> None
         state = json.loads(await client.recv())
         assert (state["type"], state["value"]) == ("state", 0)
         assert isinstance(state["seq"], int) and isinstance(state["epoch"], str)
+
+
+# struct tcp_info (linux/tcp.h): tcpi_data_segs_out, the segments that carried data.
+TCPI_DATA_SEGS_OUT = 156
+
+
+async def test_the_handshake_response_and_the_first_messages_go_in_one_segment(
+    app: App,
+) -> None:
+    # A write is a system call: a join storm pays one per newcomer, not three.
+    await join(app)  # once it has read users and state
+    (newcomer,) = room(app).users
+    sock = newcomer.transport.get_extra_info("socket")
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_DATA_SEGS_OUT + 4)
+    assert struct.unpack_from("I", info, TCPI_DATA_SEGS_OUT)[0] == 1  # no Nagle: one per write
 
 
 async def test_plus_and_minus_reach_three_clients(app: App) -> None:

@@ -260,16 +260,17 @@ class Connection(ServerConnection):
     def hold_response(self, response: bytes) -> None:
         """Hold the handshake's 101 back, to be written with the first messages in one write.
 
-        A write is a system call, a tenth of a join's time: the pass that
-        welcomes the newcomer, on the next loop turn, writes the response
-        and the users count and state together (:meth:`write`). Whatever is
-        written first takes it along; should nothing be by the turn after
-        that (a room whose store is still opening), it goes alone.
+        A write is a system call, a tenth of a join's time. The pass that
+        welcomes the newcomer (within ``WELCOME_PERIOD`` in a join storm)
+        writes the response, the users count and the state together
+        (:meth:`write`); so does whatever else is written first (a close,
+        a ping). Where the hub must wait before that (a room's store still
+        opening), it lets the response go alone: :meth:`release_response`.
         """
         self.held_response = response
-        self.loop.call_soon(self.loop.call_soon, self._release_response)
 
-    def _release_response(self) -> None:
+    def release_response(self) -> None:
+        """Write the handshake's response now if it is held, alone."""
         if self.held_response and not self.transport.is_closing():
             self.write(b"")
             self.check_direct()

@@ -270,6 +270,8 @@ class Hub:
         self.sweep.watch(websocket)
         self.gate.user_joined(address)
         limit = self.gate.users.join(user, websocket.loop.time())
+        if name not in self.rooms:  # its store may take a while to open it
+            websocket.release_response()  # so the handshake ends now, not then
         try:
             room = await self._enter(name)
         except StoreUnavailable as exc:

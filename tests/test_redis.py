@@ -25,11 +25,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.frames import CloseCode
 
 from counter_sync.app import App
 from counter_sync.client import Client
 from counter_sync.config import (
     MAX_VALUE,
+    REDIS_COMMAND_TIMEOUT,
     REDIS_RECONNECT_LAST,
     REDIS_RENEWALS_PER_EXPIRY,
     REDIS_STOP_TIMEOUT,
@@ -659,6 +661,23 @@ async def test_dropped_connections_to_redis_neither_lose_nor_double_an_action(
     assert not_counted > 0  # the blip did hit some actions
     assert stored == sent * len(clients) - not_counted
     assert [last_value(seen) for seen in events] == [stored] * len(clients)
+
+
+async def test_a_room_whose_store_does_not_answer_ends_the_handshake_at_once_then_closes(
+    start_shared: StartShared, redis_server: RedisServer
+) -> None:
+    a = await start_shared()
+    assert redis_server.child is not None
+    redis_pid = redis_server.child.pid
+    os.kill(redis_pid, signal.SIGSTOP)  # Redis accepts connections and answers nothing
+    try:
+        # The 101 goes before the room is opened, not with its first messages.
+        url = f"ws://127.0.0.1:{a.port}/c/unopened"
+        async with connect(url, open_timeout=REDIS_COMMAND_TIMEOUT / 2) as client:
+            await client.wait_closed()  # once opening the room timed out
+        assert client.close_code == CloseCode.TRY_AGAIN_LATER
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
 
 
 async def test_readyz_answers_503_while_redis_is_down_and_200_once_it_is_back(

@@ -203,7 +203,7 @@ SOCKET_SEND_BUFFER = 16 * 1024
 # Kernel receive buffer per connection: a client's messages are tiny, and a
 # flood of pings is read (and answered) at most this much at a time.
 SOCKET_RECEIVE_BUFFER = 16 * 1024
-# Under load, the pause after a broadcast is this many times its CPU time, so
+# Under load, the pause after a broadcast is this many times its writes' time, so
 # broadcasting takes at most a third of the time and the rest goes to reading
 # clients and handshakes. Measured with the bench (join storm, N=1000): no
 # pause 5-7 s, 1x 1.1-1.2 s, 2x 0.92-0.95 s, 3x 0.89-0.97 s but slower bursts.

@@ -22,7 +22,7 @@ What a pass promises, room by room:
   once per pass) only after the store committed them; an op that was not
   applied gets an error naming it; a retry counts once (the store checks).
 * Paced under load. After a room's delivery, its next pass waits twice as
-  long as the delivery's CPU time took (``FLUSH_PAUSE_RATIO``): at low load
+  long as the delivery's writes took (``FLUSH_PAUSE_RATIO``): at low load
   microseconds, under a flood a third of the loop at most, so that reading
   clients and handshakes keep going.
 * Isolated. A big room is written in slices, one per loop turn; the pass does

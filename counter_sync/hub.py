@@ -76,7 +76,7 @@ class Hub:
         # change was applied (see StoreInDoubt), or a bug in a background task.
         self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.supervisor = Supervisor(self._crashed)
-        self.collector = Collector()
+        self.collector = Collector(self.count_here)
         # Keepalive, the liveness deadline and expired tokens, for every user.
         self.sweep = ConnectionSweep(
             ping_interval=settings.ping_interval or None,

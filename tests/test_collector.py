@@ -15,10 +15,10 @@ from tests.helpers import http_request, join, room, wait_until
 
 
 @pytest.mark.parametrize("generation", [0, 2])
-async def test_what_survives_any_collection_is_frozen_out_of_the_next(
+async def test_what_survives_a_full_collection_or_any_while_users_grow_is_frozen(
     app: App, generation: int
 ) -> None:
-    clients = [await join(app) for _ in range(20)]
+    clients = [await join(app) for _ in range(20)]  # more than at any freeze before
     gc.collect(generation)
     assert gc.get_freeze_count() > 0
     # A connection open before that collection is looked at by no other.
@@ -55,6 +55,18 @@ async def test_closed_connections_frozen_before_they_closed_are_freed_once_enoug
     await wait_until(lambda: len(first) == 0)  # thawed and collected in full
 
 
+async def test_a_young_collection_without_more_users_than_before_freezes_nothing(
+    app: App,
+) -> None:
+    client = await join(app)
+    gc.collect(0)  # one more user than at any freeze: frozen
+    cycle = _Cycle()  # short-lived, as most of what steady traffic makes
+    gc.collect(0)  # no more users: left to the generations
+    assert any(obj is cycle for obj in gc.get_objects(1))
+    del cycle
+    client.transport.abort()
+
+
 class _Cycle:
     """Garbage only the cyclic collector frees: it refers to itself."""
 
@@ -69,9 +81,9 @@ async def test_frozen_garbage_is_freed_after_enough_collections_without_any_clos
     monkeypatch.setattr(collector, "GC_FREEZES_PER_THAW", app.hub.collector.freezes + 5)
     cycle = _Cycle()
     gone = weakref.WeakSet([cycle])
-    gc.collect(0)  # alive now: frozen
+    gc.collect()  # alive now: frozen
     del cycle  # garbage the collector cannot see
     for _ in range(4):
-        gc.collect(0)
+        gc.collect()
     assert len(gone) == 1  # still frozen: 5 collections froze what they found
     await wait_until(lambda: len(gone) == 0)  # thawed and collected by the loop

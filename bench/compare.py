@@ -278,6 +278,12 @@ def rows(
             return "-"
         return fmt(dig(r, "capacity", "gc", "generations", "2", "collections"))
 
+    def collecting(r: Report) -> str:
+        generations = dig(r, "capacity", "gc", "generations")
+        if generations is None:
+            return "-"
+        return fmt(sum(g["seconds"] for g in generations.values()) * 1e3)
+
     def capped(r: Report) -> str:
         c = r.get("capacity")
         if c is None or dig(r, "capacity", "gc") is None:  # only counter-sync fits its caps
@@ -339,6 +345,7 @@ def rows(
         ("  its delay p99 / max (ms)", update_delays),
         ("  longest GC pause while joining (ms)", gc_longest),
         ("  full collections while joining", full_collections),
+        ("  time in collections while joining (ms)", collecting),
         ("  caps lowered to fit open files", capped),
     ]
 

@@ -264,8 +264,9 @@ class Connection(ServerConnection):
         welcomes the newcomer (within ``WELCOME_PERIOD`` in a join storm)
         writes the response, the users count and the state together
         (:meth:`write`); so does whatever else is written first (a close,
-        a ping). Where the hub must wait before that (a room's store still
-        opening), it lets the response go alone: :meth:`release_response`.
+        a ping). Where the welcome must wait (a room's store still opening,
+        a big room's broadcast and the pause after it), the response goes
+        alone at once: :meth:`release_response`.
         """
         self.held_response = response
 

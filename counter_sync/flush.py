@@ -151,6 +151,10 @@ class RoomFlush:
             self.unknown.add(websocket)
         self.users_dirty = True
         self.flusher.schedule(self)
+        if self.delivering or self.next_at > asyncio.get_running_loop().time():
+            # Its welcome waits for a big room's broadcast and the pause
+            # after it: its handshake need not (see Connection.hold_response).
+            websocket.release_response()
 
     def leave(self, websocket: Connection) -> None:
         """A user left: the next pass sends the new count, and commits what it sent."""

@@ -12,6 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from counter_sync import flush
 from counter_sync.app import App
 from counter_sync.config import BROADCAST_SLICE
 from testkit.processes import TIMEOUT
@@ -23,6 +24,7 @@ from tests.helpers import (
     join,
     reading_clients,
     room,
+    url,
     wait_for_event,
     wait_for_users,
     wait_for_value,
@@ -289,6 +291,18 @@ async def test_a_connection_refused_during_a_handshake_storm_gets_1013(
             outcomes.append(closed.rcvd.code if closed.rcvd else None)
     assert outcomes.count("open") == 1
     assert outcomes.count(1013) == len(opened) - 1
+
+
+async def test_a_newcomers_handshake_does_not_wait_for_its_rooms_paused_welcome(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After each delivery the room pauses a million times its writes' time:
+    # seconds, as a big room's broadcast would make it pause for a while.
+    monkeypatch.setattr(flush, "FLUSH_PAUSE_RATIO", 1_000_000)
+    await join(app)  # its welcome was a delivery: the room pauses now
+    # The handshake's 101 goes at once, not with the welcome after the pause.
+    newcomer = await connect(url(app), open_timeout=1.0)
+    newcomer.transport.abort()
 
 
 @pytest.mark.parametrize("where", ["while a commit waits for the disk", "between slices"])

@@ -146,14 +146,13 @@ MAX_LOG_KEYS = 4096
 # Sweeps of the connections per ping interval: a silent peer is pinged at most
 # a quarter of the interval late (and failed or dropped as late).
 SWEEPS_PER_DEADLINE = 4
-# What survives a full garbage collection, or a young one while more connections are
-# open than ever before,
-# is frozen (see counter_sync.collector). Everything is thawed and collected in
-# full once connections that closed since the last thaw add up to GC_THAW_SHARE
-# of those open, and at least GC_THAW_MINIMUM, or once GC_FREEZES_PER_THAW
-# collections froze what they found: this bounds the frozen garbage, and the long
-# collection that frees it comes after churn, or after hours of traffic (a join
-# storm of 19,000 makes about 1,700 young collections).
+# What survives a full garbage collection, or a young one while more connections
+# are open than ever before, is frozen (see counter_sync.collector). Everything is
+# thawed and collected in full once connections that closed since the last thaw
+# add up to GC_THAW_SHARE of those open, and at least GC_THAW_MINIMUM, or once
+# GC_FREEZES_PER_THAW collections froze what they found: this bounds the frozen
+# garbage, and the long collection that frees it comes after churn, or after
+# hours of traffic.
 GC_THAW_SHARE = 0.25
 GC_THAW_MINIMUM = 1000
 GC_FREEZES_PER_THAW = 10_000

@@ -169,7 +169,7 @@ JOIN_FLOOR = ServerSpec(
 # The rooms fan-out's library floor (not a peer: rooms, the value, nothing else).
 ROOMS_LIBRARY_FLOOR = ServerSpec(
     "bare-websockets-rooms",
-    "websockets serve(), a room per path, broadcast() per action",
+    "websockets serve(), a room per path, each frame built once and written to each transport",
     (sys.executable, "-m", "bench.peers.rooms_bare"),
 )
 

@@ -377,6 +377,7 @@ class Usage:
         return {
             "wall_seconds": wall,
             "server_cpu_seconds": server,
+            "server_kernel_share": self.server.kernel_share(),
             "server_busy": server / wall,
             "loadgen_busy": max(loadgen) / wall,
         }

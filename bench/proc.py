@@ -24,10 +24,12 @@ __all__ = [
     "cpu_seconds",
     "ephemeral_ports",
     "kernel_memory",
+    "kernel_share",
     "listen_overflows",
     "open_files",
     "raise_fd_limit",
     "rss_bytes",
+    "user_and_system_seconds",
     "wait_idle",
     "waiting_seconds",
 ]
@@ -90,10 +92,26 @@ def cpu_seconds(pid: int) -> float:
 
 def stat_cpu_seconds(pid: int) -> float:
     """utime+stime from /proc/PID/stat (tick resolution): the fallback."""
+    return sum(user_and_system_seconds(pid))
+
+
+def user_and_system_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime from /proc/PID/stat: the process's own CPU and the kernel's for it.
+
+    In ticks (10 ms): over a phase of seconds of CPU, fine enough for the
+    share of it spent in the kernel (system calls, the TCP stack).
+    """
     with open(f"/proc/{pid}/stat") as f:
         # The command name may hold spaces; the fields we want follow its ')'.
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def kernel_share(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The share of the CPU between two (user, system) readings that was the kernel's."""
+    user, system = after[0] - before[0], after[1] - before[1]
+    return system / (user + system) if user + system > 0 else None
 
 
 def waiting_seconds(pid: int) -> float:
@@ -155,10 +173,15 @@ class CpuWatch:
         self.pid = pid
         self.started = time.monotonic()
         self.cpu = cpu_seconds(pid)
+        self.split = user_and_system_seconds(pid)
 
     def seconds(self) -> float:
         """CPU seconds used since the start."""
         return cpu_seconds(self.pid) - self.cpu
+
+    def kernel_share(self) -> float | None:
+        """The share of the CPU since the start spent in the kernel, from ticks."""
+        return kernel_share(self.split, user_and_system_seconds(self.pid))
 
     def busy(self) -> float:
         """CPU seconds over wall seconds since the start: 1.0 is one core all the time."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from bench.compare import CAPACITY_GOAL, available
 from bench.floor import state_frame
 from bench.ingest import SESSION_SERVERS
+from bench.proc import kernel_share, user_and_system_seconds
 from bench.reporting import percentile
 from bench.runs import median_targets
 from bench.scrape import gc_pauses, parse_exposition
@@ -287,3 +289,26 @@ def test_percentile_is_the_nearest_rank_a_value_that_was_observed() -> None:
     assert percentile([7.0], 0.99) == 7.0
     with pytest.raises(ValueError):
         percentile([], 0.5)
+
+
+def test_the_kernels_share_of_a_process_cpu_is_read_from_its_own_accounting() -> None:
+    # One child spends its time in system calls, another in Python: the
+    # kernel's share told for each must say which is which.
+    def share_of(code: str) -> float | None:
+        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+        try:
+            before = user_and_system_seconds(child.pid)
+            time.sleep(0.6)
+            after = user_and_system_seconds(child.pid)
+        finally:
+            child.kill()
+            child.wait()
+        return kernel_share(before, after)
+
+    syscalls = share_of(
+        "import os\nfd = os.open('/dev/zero', os.O_RDONLY)\nwhile True: os.read(fd, 1 << 20)"
+    )
+    python = share_of("while True: sum(range(1000))")
+    assert syscalls is not None and syscalls > 0.5
+    assert python is not None and python < 0.5
+    assert kernel_share((1.0, 2.0), (1.0, 2.0)) is None, "no CPU, no share"

@@ -32,10 +32,10 @@ from multiprocessing.connection import Connection
 
 from bench.flags import Flag, parse, positive
 from bench.floor import FIRST_VALUE, state_frame
-from bench.proc import raise_fd_limit
+from bench.proc import kernel_share, raise_fd_limit
 from bench.reporting import Report, fmt
 
-__all__ = ["action_frame", "measure_rooms_floor", "rooms_floor_line"]
+__all__ = ["action_frame", "in_kernel", "measure_rooms_floor", "rooms_floor_line"]
 
 # Seconds from the go to the first action: every socket is registered by then.
 LEAD = 0.5
@@ -145,11 +145,11 @@ def measure_rooms_floor(
             sock.setblocking(False)
         groups = [listeners[i * per_room : (i + 1) * per_room] for i in range(rooms)]
         parent.send(time.monotonic() + LEAD)
-        cpu_start = time.process_time()
+        cpu_start, times_start = time.process_time(), os.times()
         handled, would_block = serve_rooms(
             selector, actors, groups, actions, LEAD + duration + timeout
         )
-        cpu = time.process_time() - cpu_start
+        cpu, times = time.process_time() - cpu_start, os.times()
         paced = parent.recv() if parent.poll(timeout) else {}
     finally:
         pacer.join(timeout)
@@ -174,6 +174,7 @@ def measure_rooms_floor(
         "cpu_seconds": cpu,
         "cpu_us_per_action": cpu / max(1, handled) * 1e6,
         "cpu_us_per_message": cpu / messages * 1e6,
+        "kernel_share": kernel_share(times_start[:2], times[:2]),
     }
 
 
@@ -226,7 +227,15 @@ def rooms_floor_line(floor: Report) -> str:
         f"frame, {fmt(floor['cpu_us_per_action'])} us per action ({fmt(floor['delivered'])} of "
         f"{fmt(floor['messages'])} delivered, {fmt(floor['actions_handled'])} of "
         f"{fmt(floor['actions'])} actions, over {fmt(floor['connections'])} sockets)"
+        f"{in_kernel(floor.get('kernel_share'), floor['cpu_us_per_action'])}"
     )
+
+
+def in_kernel(share: float | None, us_per_action: float | None) -> str:
+    """How much of an action's CPU was the kernel's, as a clause: '' if not known."""
+    if share is None or us_per_action is None:
+        return ""
+    return f"; {share:.0%} in the kernel ({fmt(share * us_per_action)} us per action)"
 
 
 FLAGS = (

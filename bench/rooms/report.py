@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from bench.floor import floor_line
 from bench.reporting import Report, fmt, meets, targets_table, verdict
-from bench.rooms.floor import rooms_floor_line
+from bench.rooms.floor import in_kernel, rooms_floor_line
 from bench.rooms.phases import Options
 
 __all__ = ["TARGETS", "render", "targets"]
@@ -79,6 +79,7 @@ def lines_fanout(r: Result) -> list[str]:
         f" = {fmt(r['cpu_us_per_delivery'])} us each ({fmt(r['cpu_us_per_action'])} us per"
         f" action); rooms floor {fmt(r['room_floor_us_per_delivery'])} us"
         f" -> x{fmt(r['x_room_floor'])}",
+        *kernel_line("server CPU", r),
         f"   (floor.py's socket.send rounds: {fmt(r['floor_us_per_delivery'])} us"
         f" -> x{fmt(r['x_floor'])})",
         f"   CPU busy: server {r['server_busy']:.0%}, busiest load process {r['loadgen_busy']:.0%}",
@@ -91,6 +92,12 @@ def lines_fanout(r: Result) -> list[str]:
     return lines
 
 
+def kernel_line(name: str, r: Result) -> list[str]:
+    """`name`'s share of CPU in the kernel as a line of its own, if it was measured."""
+    clause = in_kernel(r.get("server_kernel_share"), r["cpu_us_per_action"])
+    return [f"   {name}: {clause.removeprefix('; ')}"] if clause else []
+
+
 def line_beside(name: str, other: Result | None) -> list[str]:
     """The same work on another server (`name`), measured beside counter-sync, if it was."""
     if not other:
@@ -99,7 +106,8 @@ def line_beside(name: str, other: Result | None) -> list[str]:
     return [
         f"   {name} ({other['server']}): {fmt(other['cpu_us_per_delivery'])} us per"
         f" delivery -> x{fmt(other['x_room_floor'])} the rooms floor;"
-        f" exact {fmt(check['exact'])} of {fmt(check['listeners'])}",
+        f" exact {fmt(check['exact'])} of {fmt(check['listeners'])}"
+        f"{in_kernel(other.get('server_kernel_share'), other['cpu_us_per_action'])}",
     ]
 
 

@@ -29,22 +29,19 @@ import http
 import ipaddress
 import logging
 import math
-import resource
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 from urllib.parse import SplitResult, urlsplit
 
 from counter_sync.config import (
-    FD_HEADROOM,
-    FITTED_MINIMUM,
-    FITTED_SHARE,
     HANDSHAKE_TIMEOUT_UNDER_PRESSURE,
     MAX_LOG_KEYS,
     MAX_RATED_ADDRESSES,
     PENDING_PRESSURE,
     Settings,
 )
+from counter_sync.deadlines import Deadlines
 
 __all__ = [
     "Evictable",
@@ -56,7 +53,6 @@ __all__ = [
     "TokenBucket",
     "UserLimits",
     "address_key",
-    "fit_to_open_files",
     "origin_allowed",
     "split_origin",
 ]
@@ -85,6 +81,9 @@ class Evictable(Protocol):
     def evict(self) -> None:
         """Reset the connection now; the gate has already counted it out."""
 
+    def expire(self) -> None:
+        """Reset the connection, whose handshake's deadline passed, and end its handshake."""
+
 
 class Gate:
     """Counts handshakes in progress and users per client address, and says who may pass."""
@@ -100,6 +99,8 @@ class Gate:
         # the first, found without a scan (an OrderedDict pops either end in O(1)).
         self.silent: OrderedDict[Evictable, None] = OrderedDict()
         self.handshakes_by_address: Counter[str] = Counter()
+        # Each handshake's deadline: one timer for them all, not one each.
+        self.deadlines: Deadlines[Evictable] = Deadlines(self._expired)
         self.users_by_address: Counter[str] = Counter()
         self.requests = RequestRate(settings.http_rate, settings.http_burst)
         # Rooms nobody is in here, opened per address: a budget a minute.
@@ -137,7 +138,13 @@ class Gate:
         self.pending[connection] = key
         self.silent[connection] = None
         self.handshakes_by_address[key] += 1
+        self.deadlines.set(connection, self.handshake_timeout())
         return True
+
+    def _expired(self, connection: Evictable) -> None:
+        """A handshake's deadline passed: count it out, and reset it."""
+        self.end_handshake(connection)
+        connection.expire()
 
     def shut_out(self, peer_ip: str, now: float) -> bool:
         """Whether a connection from ``peer_ip`` is to be reset as soon as it is accepted.
@@ -159,6 +166,7 @@ class Gate:
         if key is None:
             return
         self.silent.pop(connection, None)
+        self.deadlines.discard(connection)
         self.handshakes_by_address[key] -= 1
         if not self.handshakes_by_address[key]:
             del self.handshakes_by_address[key]
@@ -307,64 +315,6 @@ def _cannot_be_rebound(hostname: str) -> bool:
     if hostname == "localhost" or hostname.endswith(".localhost"):
         return True
     return _valid_ip(hostname)
-
-
-def fit_to_open_files(settings: Settings) -> Settings:
-    """Raise the open-files limit to what the caps need, or lower what fits to it.
-
-    Every user and every handshake in progress is an open file, and so,
-    briefly, is every connection the kernel queued for accept: the event loop
-    accepts a whole queue at once, refused ones included, and asyncio's own
-    loop stops accepting for a second when accept() runs out of files. The
-    queue (the listen backlog) holds no file until then, so it gives way
-    first: it is shortened to the files left over by the users and pending
-    handshakes, down to FITTED_MINIMUM; only then are the caps lowered.
-    """
-    needed = settings.max_users + settings.max_pending + settings.listen_backlog + FD_HEADROOM
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
-    if soft >= needed:
-        return settings
-    spare = soft - FD_HEADROOM
-    left_over = spare - settings.max_users - settings.max_pending
-    if left_over >= FITTED_MINIMUM:  # the caps fit: a shorter queue is enough
-        fitted = dataclasses.replace(settings, listen_backlog=left_over)
-        log.info(
-            "open-files limit %d: listen backlog %d (of %d) beside --max-users %d and "
-            "--max-pending %d",
-            soft,
-            left_over,
-            settings.listen_backlog,
-            settings.max_users,
-            settings.max_pending,
-        )
-        return fitted
-    share = max(FITTED_MINIMUM, int(spare * FITTED_SHARE))
-    backlog = min(settings.listen_backlog, share)
-    pending = min(settings.max_pending, share)
-    users = max(1, spare - backlog - pending)
-    fitted = dataclasses.replace(
-        settings,
-        max_users=min(settings.max_users, users),
-        max_pending=pending,
-        listen_backlog=backlog,
-    )
-    log.warning(
-        "open-files limit %d is below the %d that --max-users %d, --max-pending %d and a "
-        "listen backlog of %d need: serving up to %d users, %d pending handshakes, backlog %d "
-        "(raise the limit: ulimit -n, or LimitNOFILE in a systemd unit)",
-        soft,
-        needed,
-        settings.max_users,
-        settings.max_pending,
-        settings.listen_backlog,
-        fitted.max_users,
-        fitted.max_pending,
-        fitted.listen_backlog,
-    )
-    return fitted
 
 
 class RateLimit:

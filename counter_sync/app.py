@@ -161,7 +161,9 @@ async def start(settings: Settings) -> App:
         ping_interval=None,
         ping_timeout=None,
         close_timeout=CLOSE_TIMEOUT,
-        open_timeout=settings.handshake_timeout,
+        # The handshake's deadline (--handshake-timeout) is the gate's, one
+        # timer for all of them (Gate.admit_handshake), not one per handshake.
+        open_timeout=None,
         write_limit=WRITE_BUFFER_LIMIT,
         # asyncio's default of 100 pending connections drops SYNs when many
         # clients reconnect at once (after a restart), costing each a 1 s retry.

@@ -20,11 +20,11 @@ from typing import Any
 
 from websockets.frames import CloseCode
 
-from counter_sync.admission import fit_to_open_files
 from counter_sync.app import App, start
 from counter_sync.config import Settings
 from counter_sync.flags import parse_args
 from counter_sync.logs import setup_logging
+from counter_sync.openfiles import fit_to_open_files
 from counter_sync.store import StoreError
 
 __all__ = ["CannotListen", "main", "run"]

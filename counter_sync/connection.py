@@ -69,6 +69,7 @@ class Connection(ServerConnection):
         "fd",
         "gate",
         "grant",
+        "handshake_task",
         "head_seen",
         "held_response",
         "intake",
@@ -135,6 +136,8 @@ class Connection(ServerConnection):
         # metric kind), and why, for the log.
         self.ended_by: str | None = None
         self.drop_reason: str | None = None
+        # The task running the handshake, for the gate to cancel at its deadline.
+        self.handshake_task: asyncio.Task[Any] | None = None
 
     # Admission before the handshake: count it, or refuse it at once; the
     # gate may evict a silent one (see Gate.admit_handshake) to make room.
@@ -165,17 +168,25 @@ class Connection(ServerConnection):
         self.metrics.handshakes_rejected.labels("silent").inc()
         self.transport.abort()
 
+    def expire(self) -> None:
+        """Reset this connection: its handshake's deadline passed (see :meth:`Gate._expire`).
+
+        As the library's own deadline would, the handshake is cancelled
+        wherever it waits (a request's body that never comes, a store).
+        """
+        self.transport.abort()
+        if self.handshake_task is not None:
+            self.handshake_task.cancel()
+
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        # Its deadline is the gate's (--handshake-timeout from the accept,
+        # less under pressure), kept by one timer for every handshake: the
+        # library's own is off, a timer per handshake.
+        self.handshake_task = asyncio.current_task()
         try:
-            # The library's own deadline is --handshake-timeout; when the
-            # pending handshakes crowd their cap, a new one gets less.
-            timeout = self.gate.handshake_timeout()
-            if timeout < self.gate.settings.handshake_timeout:
-                async with asyncio.timeout(timeout):
-                    await super().handshake(*args, **kwargs)
-            else:  # no second timer for every handshake
-                await super().handshake(*args, **kwargs)
+            await super().handshake(*args, **kwargs)
         finally:
+            self.handshake_task = None
             self._end_handshake()
             if self.request is not None and self.response is not None:
                 self.metrics.count_http(self.endpoint, self.response.status_code)

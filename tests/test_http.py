@@ -231,6 +231,31 @@ async def test_a_handshake_started_under_pressure_gets_the_shorter_deadline(
         sock.close()
 
 
+async def test_an_api_write_whose_body_never_comes_ends_at_the_handshake_deadline(
+    start_server: StartServer,
+) -> None:
+    # The deadline is the gate's one timer for every handshake: it must end
+    # the handshake wherever it waits, here for a body, and not only reset
+    # the socket, or the waiting task would stay for good.
+    key = "backend-key-0123456789"
+    app = await start_server(api_keys=(key.encode(),), handshake_timeout=0.5)
+    tasks_before = len(app.server.handler_tasks)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    sock = await connected_socket(app.port, "127.0.0.2")
+    sock.send(
+        b"POST /api/counters/votes HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {key}\r\n".encode()
+        + b'Content-Length: 10\r\n\r\n{"add"'  # 6 of its 10 bytes
+    )
+    async with asyncio.timeout(TIMEOUT):
+        await closed_by_server(sock)
+    assert 0.5 <= loop.time() - started < 1.5
+    await wait_until(lambda: len(app.server.handler_tasks) == tasks_before)
+    assert (await ask(app.port)).status == 200  # and the server carries on
+    sock.close()
+
+
 async def reopen_silently(port: int, source: str, opened: list[socket.socket]) -> None:
     """Hold one silent socket from ``source``; open another each time the server drops it."""
     while True:

@@ -312,3 +312,24 @@ def test_the_kernels_share_of_a_process_cpu_is_read_from_its_own_accounting() ->
     assert syscalls is not None and syscalls > 0.5
     assert python is not None and python < 0.5
     assert kernel_share((1.0, 2.0), (1.0, 2.0)) is None, "no CPU, no share"
+
+
+def test_interleaved_join_storms_time_every_server_in_every_round() -> None:
+    require_module("picows", "the bench's load generator needs it: run bench/setup")
+    command = [sys.executable, "-m", "bench.joins", "-n", "20", "--rounds", "2"]
+    command += ["--baseline", str(ROOT), "--timeout", "30"]  # this checkout again: the plumbing
+    run = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("  ")]
+    names = [row.split(":")[0].strip() for row in rows]
+    assert names == [
+        "bare-websockets",
+        "counter-sync",
+        f"baseline {ROOT.name}",
+        "bare-websockets-rooms",
+        "sansio-sketch",
+    ]
+    assert rows[0].startswith("  bare-websockets: x floor per round 1, 1;")
+    assert all(row.count(",") >= 1 and "us per handshake" in row for row in rows)

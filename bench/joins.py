@@ -73,20 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(PROG, "Join storms, interleaved over fresh servers.", FLAGS, argv)
     raise_fd_limit()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    s = BenchSettings(
+    s = BenchSettings.for_tool(
         host=args.host,
         listeners=args.listeners,
-        burst=1,
-        rate=1.0,
-        duration=1.0,
-        max_connections=args.listeners,
-        capacity_timeout=args.timeout,
-        capacity_concurrency=200,
-        timeout=args.timeout,
         workers=args.workers,
-        senders=1,
-        actions_per_sender=1,
-        ingest_reps=1,
+        timeout=args.timeout,
         log_dir=RESULTS_DIR,
     )
     specs = [JOIN_FLOOR, checkout_spec(ROOT, "counter-sync")]

@@ -62,6 +62,29 @@ class BenchSettings:
     ingest_reps: int
     log_dir: Path
 
+    @classmethod
+    def for_tool(
+        cls, *, host: str, listeners: int, workers: int, timeout: float, log_dir: Path,
+        rate: float = 1.0, duration: float = 1.0,
+    ) -> BenchSettings:  # fmt: skip
+        """Settings for a tool that runs only join storms (and a steady phase): the rest unused."""
+        return cls(
+            host=host,
+            listeners=listeners,
+            burst=1,
+            rate=rate,
+            duration=duration,
+            max_connections=listeners,
+            capacity_timeout=timeout,
+            capacity_concurrency=200,
+            timeout=timeout,
+            workers=workers,
+            senders=1,
+            actions_per_sender=1,
+            ingest_reps=1,
+            log_dir=log_dir,
+        )
+
     @property
     def steady_actions(self) -> int:
         return max(1, round(self.rate * self.duration))

@@ -110,21 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     raise_fd_limit()
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    settings = BenchSettings(
+    settings = BenchSettings.for_tool(
         host=args.host,
         listeners=args.listeners,
-        burst=1,
+        workers=args.workers,
+        timeout=args.timeout,
+        log_dir=args.output_dir,
         rate=args.rate,
         duration=args.duration,
-        max_connections=args.listeners,
-        capacity_timeout=args.timeout,
-        capacity_concurrency=200,
-        timeout=args.timeout,
-        workers=args.workers,
-        senders=1,
-        actions_per_sender=1,
-        ingest_reps=1,
-        log_dir=args.output_dir,
     )
     join_path = args.output_dir / "profile-join.txt"
     steady_path = args.output_dir / "profile-steady.txt"

@@ -169,7 +169,7 @@ class Connection(ServerConnection):
         self.transport.abort()
 
     def expire(self) -> None:
-        """Reset this connection: its handshake's deadline passed (see :meth:`Gate._expire`).
+        """Reset this connection: its handshake's deadline passed (the gate's ``Deadlines``).
 
         As the library's own deadline would, the handshake is cancelled
         wherever it waits (a request's body that never comes, a store).
